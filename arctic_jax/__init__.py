@@ -1,0 +1,1 @@
+"""arctic-jax: fast LLM inference on JAX and Pallas."""

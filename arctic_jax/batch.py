@@ -1,0 +1,142 @@
+"""The flat, ragged token batch of one model step, and its host-side builder.
+
+One ``StepBatch`` serves prefill, chunked prefill, decode and mixed steps.
+Sizes are padded to buckets so that a run compiles a bounded set of programs:
+T tokens, S sequences, R logits rows, MP page-table columns.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from arctic_jax.pytree import pytree_dataclass
+
+
+@pytree_dataclass
+class StepBatch:
+    tokens: jax.Array          # [T] int32 token ids (padding: 0)
+    positions: jax.Array       # [T] int32 position of each token in its sequence
+    slot_mapping: jax.Array    # [T] int32 page * page_size + offset; -1 for padding
+    seq_ids: jax.Array         # [T] int32 index of each token's sequence (padding: 0)
+    page_tables: jax.Array     # [S, MP] int32 pages of each sequence (padding: 0)
+    query_start: jax.Array     # [S + 1] int32 offsets of each sequence's tokens
+    kv_lens: jax.Array         # [S] int32 KV length after this step (padding: 0)
+    logits_indices: jax.Array  # [R] int32 token indices whose logits are returned
+
+
+class BatchTooLargeError(ValueError):
+    """A step does not fit the largest compiled bucket."""
+
+
+def _default_buckets(limit: int, start: int) -> tuple[int, ...]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    out.append(limit)
+    return tuple(sorted(set(out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Padded sizes that steps are rounded up to; each is compiled once."""
+
+    tokens: tuple[int, ...]
+    seqs: tuple[int, ...]
+    pages: tuple[int, ...]
+
+    @classmethod
+    def for_limits(cls, max_tokens: int, max_seqs: int, max_pages_per_seq: int,
+                   min_tokens: int = 16) -> "Buckets":
+        """Powers of two up to each limit (the limit itself included)."""
+        return cls(tokens=_default_buckets(max_tokens, min(min_tokens, max_tokens)),
+                   seqs=_default_buckets(max_seqs, 1),
+                   pages=_default_buckets(max_pages_per_seq, min(8, max_pages_per_seq)))
+
+    @staticmethod
+    def pick(n: int, sizes: Sequence[int], what: str) -> int:
+        for s in sizes:
+            if s >= n:
+                return s
+        raise BatchTooLargeError(f"{n} {what} exceed the largest bucket {sizes[-1]}")
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every (T, S, MP) combination a run may use (S <= T)."""
+        return [(t, s, p) for t in self.tokens for s in self.seqs if s <= t for p in self.pages]
+
+
+@dataclasses.dataclass
+class SequenceChunk:
+    """One sequence's share of a step.
+
+    ``tokens`` are new tokens starting at position ``start``; the KV of the
+    ``start`` earlier positions is already in the cache. ``pages`` must cover
+    ``start + len(tokens)`` positions. ``logits_at`` lists chunk-relative
+    indices whose logits are wanted (the last token by default; empty for a
+    prefill chunk that is not the last).
+    """
+
+    tokens: Sequence[int]
+    start: int
+    pages: Sequence[int]
+    logits_at: Sequence[int] | None = None
+
+    def wanted(self) -> Sequence[int]:
+        return (len(self.tokens) - 1,) if self.logits_at is None else self.logits_at
+
+
+def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
+                     buckets: Buckets) -> tuple[StepBatch, int]:
+    """Pack chunks into a padded numpy StepBatch; returns it and the real logits rows."""
+    if not chunks:
+        raise ValueError("a step needs at least one sequence")
+    num_tokens = sum(len(c.tokens) for c in chunks)
+    num_logits = sum(len(c.wanted()) for c in chunks)
+    max_pages = max(-(-(c.start + len(c.tokens)) // page_size) for c in chunks)
+    T = Buckets.pick(num_tokens, buckets.tokens, "tokens")
+    S = Buckets.pick(len(chunks), buckets.seqs, "sequences")
+    R = Buckets.pick(num_logits, buckets.seqs if num_logits <= buckets.seqs[-1]
+                     else buckets.tokens, "logits rows")
+    MP = Buckets.pick(max_pages, buckets.pages, "pages per sequence")
+
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slots = np.full(T, -1, np.int32)
+    seq_ids = np.zeros(T, np.int32)
+    page_tables = np.zeros((S, MP), np.int32)
+    query_start = np.zeros(S + 1, np.int32)
+    kv_lens = np.zeros(S, np.int32)
+    logits_indices = np.zeros(R, np.int32)
+
+    t = r = 0
+    for s, c in enumerate(chunks):
+        n = len(c.tokens)
+        if n == 0:
+            raise ValueError(f"sequence {s} has no tokens in this step")
+        end = c.start + n
+        need = -(-end // page_size)
+        if len(c.pages) < need:
+            raise ValueError(f"sequence {s} needs {need} pages for {end} positions, has {len(c.pages)}")
+        pages = np.asarray(c.pages[:need], np.int32)
+        pos = np.arange(c.start, end, dtype=np.int32)
+        tokens[t:t + n] = np.asarray(c.tokens, np.int32)
+        positions[t:t + n] = pos
+        slots[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
+        seq_ids[t:t + n] = s
+        page_tables[s, :need] = pages
+        kv_lens[s] = end
+        for i in c.wanted():
+            if not 0 <= i < n:
+                raise ValueError(f"logits index {i} outside the chunk of {n} tokens")
+            logits_indices[r] = t + i
+            r += 1
+        t += n
+        query_start[s + 1] = t
+    query_start[len(chunks) + 1:] = t
+    batch = StepBatch(tokens=tokens, positions=positions, slot_mapping=slots, seq_ids=seq_ids,
+                      page_tables=page_tables, query_start=query_start, kv_lens=kv_lens,
+                      logits_indices=logits_indices)
+    return batch, num_logits

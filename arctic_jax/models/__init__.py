@@ -1,0 +1,1 @@
+"""Model definitions as pure functions over weight pytrees."""

@@ -1,0 +1,141 @@
+"""Weights of a Llama-family decoder as registered dataclass pytrees.
+
+Shapes (H = hidden, N = q heads, K = kv heads, D = head dim, I = intermediate,
+V = vocab). Matrices are stored ``[in, out]`` so that ``x @ w`` applies them:
+
+- ``q_proj``  [H, N, D]       ``kv_proj`` [H, 2, K, D]   (k and v stacked)
+- ``o_proj``  [N, D, H]
+- ``gate_up`` [H, 2, I]        ``down``    [I, H]
+- ``embed``   [V, H]           ``lm_head`` [H, V] (None when tied to ``embed``)
+
+Each field declares its logical axes once, in its metadata; sharding rules map
+them onto a mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arctic_jax.config import ModelConfig
+from arctic_jax.pytree import pytree_dataclass
+from sharding import logical_axes as ax
+
+
+def _w(*axes: str | None) -> Any:
+    return dataclasses.field(metadata={"axes": tuple(axes)})
+
+
+def _opt(*axes: str | None) -> Any:
+    return dataclasses.field(default=None, metadata={"axes": tuple(axes)})
+
+
+@pytree_dataclass
+class LayerWeights:
+    input_norm: jax.Array = _w(ax.EMBED)
+    q_proj: jax.Array = _w(ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM)
+    kv_proj: jax.Array = _w(ax.EMBED, ax.KV_PAIR, ax.KV_HEADS, ax.HEAD_DIM)
+    o_proj: jax.Array = _w(ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED)
+    post_norm: jax.Array = _w(ax.EMBED)
+    gate_up: jax.Array = _w(ax.EMBED, ax.GATE_UP, ax.MLP)
+    down: jax.Array = _w(ax.MLP, ax.EMBED)
+    q_bias: jax.Array | None = _opt(ax.Q_HEADS, ax.HEAD_DIM)
+    kv_bias: jax.Array | None = _opt(ax.KV_PAIR, ax.KV_HEADS, ax.HEAD_DIM)
+    o_bias: jax.Array | None = _opt(ax.EMBED)
+    gate_up_bias: jax.Array | None = _opt(ax.GATE_UP, ax.MLP)
+    down_bias: jax.Array | None = _opt(ax.EMBED)
+
+
+@pytree_dataclass
+class LlamaWeights:
+    embed: jax.Array = _w(ax.VOCAB, ax.EMBED)
+    final_norm: jax.Array = _w(ax.EMBED)
+    layers: tuple[LayerWeights, ...] = dataclasses.field(default=())
+    lm_head: jax.Array | None = _opt(ax.EMBED, ax.VOCAB)
+
+
+def expected_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
+    """Shape of every LayerWeights field for ``cfg`` (None: absent)."""
+    H, N, K, D, I = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+    return {
+        "input_norm": (H,), "q_proj": (H, N, D), "kv_proj": (H, 2, K, D),
+        "o_proj": (N, D, H), "post_norm": (H,), "gate_up": (H, 2, I), "down": (I, H),
+        "q_bias": (N, D) if cfg.attention_bias else None,
+        "kv_bias": (2, K, D) if cfg.attention_bias else None,
+        "o_bias": (H,) if cfg.attention_bias else None,
+        "gate_up_bias": (2, I) if cfg.mlp_bias else None,
+        "down_bias": (H,) if cfg.mlp_bias else None,
+    }
+
+
+def expected_model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
+    return {
+        "embed": (cfg.vocab_size, cfg.hidden_size),
+        "final_norm": (cfg.hidden_size,),
+        "lm_head": None if cfg.tie_word_embeddings else (cfg.hidden_size, cfg.vocab_size),
+    }
+
+
+def validate_weights(weights: LlamaWeights, cfg: ModelConfig) -> None:
+    """Raise ValueError naming any field whose presence or shape disagrees with cfg."""
+    problems = []
+
+    def check(name: str, value: Any, shape: tuple[int, ...] | None) -> None:
+        if shape is None and value is not None:
+            problems.append(f"{name}: unexpected tensor of shape {tuple(value.shape)}")
+        elif shape is not None and value is None:
+            problems.append(f"{name}: missing, expected shape {shape}")
+        elif shape is not None and tuple(value.shape) != shape:
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
+
+    for name, shape in expected_model_shapes(cfg).items():
+        check(name, getattr(weights, name), shape)
+    if len(weights.layers) != cfg.num_layers:
+        problems.append(f"layers: {len(weights.layers)} layers, expected {cfg.num_layers}")
+    layer_shapes = expected_layer_shapes(cfg)
+    for i, layer in enumerate(weights.layers):
+        for name, shape in layer_shapes.items():
+            check(f"layers[{i}].{name}", getattr(layer, name), shape)
+    if problems:
+        raise ValueError("weights do not match the config:\n  " + "\n  ".join(problems))
+
+
+def random_weights(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
+                   scale: float = 0.02) -> LlamaWeights:
+    """Random weights of the right shapes (for tests and speed benchmarks).
+
+    Drawn on the host with numpy from ``key``'s seed for speed on large shapes.
+    """
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+
+    def draw(shape: tuple[int, ...] | None, *, norm: bool = False) -> jax.Array | None:
+        if shape is None:
+            return None
+        if norm:
+            arr = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            arr = scale * rng.standard_normal(shape, dtype=np.float32)
+        return jnp.asarray(arr, dtype=dtype)
+
+    layer_shapes = expected_layer_shapes(cfg)
+    layers = tuple(
+        LayerWeights(**{name: draw(shape, norm=name.endswith("norm"))
+                        for name, shape in layer_shapes.items()})
+        for _ in range(cfg.num_layers))
+    model_shapes = expected_model_shapes(cfg)
+    return LlamaWeights(
+        embed=draw(model_shapes["embed"]),
+        layers=layers,
+        final_norm=draw(model_shapes["final_norm"], norm=True),
+        lm_head=draw(model_shapes["lm_head"]),
+    )
+
+
+def field_axes(cls: type) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of each array field of a weights dataclass."""
+    return {f.name: f.metadata["axes"] for f in dataclasses.fields(cls) if "axes" in f.metadata}
