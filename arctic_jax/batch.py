@@ -98,8 +98,8 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     max_pages = max(-(-(c.start + len(c.tokens)) // page_size) for c in chunks)
     T = Buckets.pick(num_tokens, buckets.tokens, "tokens")
     S = Buckets.pick(len(chunks), buckets.seqs, "sequences")
-    R = Buckets.pick(num_logits, buckets.seqs if num_logits <= buckets.seqs[-1]
-                     else buckets.tokens, "logits rows")
+    # One logits row per sequence unless a sequence wants several (speculative verify).
+    R = S if num_logits <= S else Buckets.pick(num_logits, buckets.tokens, "logits rows")
     MP = Buckets.pick(max_pages, buckets.pages, "pages per sequence")
 
     tokens = np.zeros(T, np.int32)

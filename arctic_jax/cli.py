@@ -1,0 +1,120 @@
+"""The ``arctic-jax`` command line: generate, serve, bench.
+
+Generated text goes to stdout; logs and progress bars go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="HF checkpoint dir, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
+    p.add_argument("--attention-impl", default=None, help="reference or pallas")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="persistent XLA compilation cache directory")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
+             "kv_cache_memory_fraction", "attention_impl"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper(), 30),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.compilation_cache_dir:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import jax.numpy as jnp
+    return jnp.dtype(name)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from arctic_jax.llm import LLM
+    from arctic_jax.sampling import SamplingParams
+    from arctic_jax.tokenizer import encode_chat, encode_prompt
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    llm = LLM(args.model, dtype=_dtype(args.dtype), **_engine_kwargs(args))
+    if args.chat:
+        ids = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        ids = encode_prompt(llm.tokenizer, args.prompt)
+    for piece in llm.stream(ids, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    logging.getLogger("arctic_jax").info("finish reason: %s", llm.last_finish_reason)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arctic-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub, _add_model_args)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def _register_extra_commands() -> None:
+    try:
+        from arctic_jax.serving.cli_commands import register as register_serving
+        _EXTRA_COMMANDS.append(register_serving)
+    except ImportError:  # the serving extras are optional
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _register_extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"arctic-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

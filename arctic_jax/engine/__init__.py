@@ -1,0 +1,1 @@
+"""Continuous-batching serving engine: scheduler, page allocator, model runner."""

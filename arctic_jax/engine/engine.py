@@ -1,0 +1,209 @@
+"""The continuous-batching engine: scheduler + model runner + detokenization.
+
+``step()`` overlaps host and device work: it schedules and launches step n+1
+before waiting for step n's tokens, so scheduling, batch building and
+detokenization run while the device computes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from typing import Any, Sequence
+
+import jax
+
+from arctic_jax.config import ModelConfig
+from arctic_jax.engine.detokenizer import IncrementalDetokenizer
+from arctic_jax.engine.metrics import EngineMetrics
+from arctic_jax.engine.model_runner import ModelRunner
+from arctic_jax.engine.request import FinishReason, Request, RequestOutput
+from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from arctic_jax.kv_cache import bytes_per_page
+from arctic_jax.models.llama import StepOptions
+from arctic_jax.models.llama_weights import LlamaWeights
+from arctic_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits. ``num_pages`` None sizes the cache from ``kv_cache_memory_fraction``."""
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory_fraction: float = 0.5
+    enable_prefix_caching: bool = True
+    attention_impl: str | None = None
+    max_logprobs: int = 5
+    token_buckets: tuple[int, ...] | None = None
+    page_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got "
+                             f"{self.kv_cache_memory_fraction}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2, got {self.num_pages}")
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
+
+
+def _default_attention_impl() -> str:
+    return "reference"
+
+
+def _device_free_bytes() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any) -> SchedulerConfig:
+    max_model_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if ec.max_model_len and ec.max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}")
+    num_pages = ec.num_pages
+    if num_pages is None:
+        page_bytes = bytes_per_page(cfg, ec.page_size, dtype)
+        free = _device_free_bytes()
+        if free is None:  # CPU: enough for every sequence at full length, capped at 4 GiB
+            want = ec.max_num_seqs * -(-max_model_len // ec.page_size) + 1
+            num_pages = max(2, min(want, (4 << 30) // page_bytes))
+        else:
+            num_pages = int(free * ec.kv_cache_memory_fraction) // page_bytes
+        if num_pages < 2:
+            raise ValueError("not enough device memory for a KV cache; lower max_model_len or "
+                             "raise kv_cache_memory_fraction")
+    return SchedulerConfig(max_num_seqs=ec.max_num_seqs,
+                           max_num_batched_tokens=ec.max_num_batched_tokens,
+                           max_model_len=max_model_len, page_size=ec.page_size,
+                           num_pages=num_pages, enable_prefix_caching=ec.enable_prefix_caching)
+
+
+class LLMEngine:
+    """Synchronous engine core. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, tokenizer: Any,
+                 config: EngineConfig = EngineConfig(), *, dtype: Any = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.config = config
+        dtype = dtype or weights.embed.dtype
+        self.sched_config = resolve_scheduler_config(cfg, config, dtype)
+        eos = set(cfg.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.scheduler = Scheduler(self.sched_config, eos_token_ids=eos)
+        opts = StepOptions(attention_impl=config.attention_impl or _default_attention_impl())
+        self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=dtype, opts=opts,
+                                  num_top_logprobs=config.max_logprobs,
+                                  token_buckets=config.token_buckets,
+                                  page_buckets=config.page_buckets)
+        self.metrics = EngineMetrics()
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._inflight: tuple[ScheduledStep, Any, float] | None = None
+        self._counter = 0
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB)", self.sched_config.num_pages,
+                 self.sched_config.page_size,
+                 self.sched_config.num_pages * bytes_per_page(cfg, config.page_size, dtype) / 2**30)
+
+    # ------------------------------------------------------------- requests
+    def new_request_id(self) -> str:
+        self._counter += 1
+        return f"req-{self._counter}"
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Queue a request; raises ValueError for one that can never run."""
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs "
+                             f"{self.config.max_logprobs}")
+        vocab = self.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        request_id = request_id or self.new_request_id()
+        seed = params.seed if params.seed is not None else secrets.randbits(31)
+        request = Request(request_id=request_id, prompt_ids=[int(t) for t in prompt_ids],
+                          params=params, seed=seed)
+        self.scheduler.add(request)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.metrics.on_arrival(request)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.abort(request_id)
+        self._detok.pop(request_id, None)
+        if request is not None:
+            self.metrics.on_finish(request)
+        return request is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or self._inflight is not None
+
+    # ----------------------------------------------------------------- steps
+    def step(self) -> list[RequestOutput]:
+        """Launch the next step, then finish the previous one; returns its outputs."""
+        step = self.scheduler.schedule()
+        launched = None
+        if step.chunks:
+            launched = (step, self.runner.dispatch(step), time.monotonic())
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None:
+            outputs = self._finish_step(*self._inflight)
+        self._inflight = launched
+        self.metrics.on_step(self.scheduler)
+        return outputs
+
+    def _finish_step(self, step: ScheduledStep, packed: Any, launched_at: float) -> list[RequestOutput]:
+        num_rows = sum(c.sample for c in step.chunks)
+        result = self.runner.fetch(packed, num_rows)
+        now = time.monotonic()
+        touched = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs)
+        self.metrics.on_tokens(len(touched), step.num_tokens)
+        outputs = []
+        for request in touched:
+            detok = self._detok.get(request.request_id)
+            if detok is None:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.metrics.on_first_token(request)
+            new_ids = request.output_ids[detok.num_tokens:]
+            detok.add(new_ids)
+            if detok.stopped and not request.finished:
+                self.scheduler.finish(request, FinishReason.STOP)
+            outputs.append(self._output(request, detok, len(new_ids)))
+            if request.finished:
+                self.metrics.on_finish(request)
+                del self._detok[request.request_id]
+        return outputs
+
+    def _output(self, request: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
+        n = len(request.output_ids)
+        top = request.top_logprobs[n - n_new:n] if request.params.logprobs else []
+        if request.params.logprobs is not None:
+            top = [t[:request.params.logprobs] for t in top]
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=request.output_ids[n - n_new:],
+            new_text=detok.take(final=request.finished),
+            new_logprobs=request.output_logprobs[n - n_new:n],
+            new_top_logprobs=top,
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=len(request.prompt_ids),
+            num_output_tokens=n,
+            num_cached_tokens=request.num_cached_prompt,
+        )

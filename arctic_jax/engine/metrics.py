@@ -1,0 +1,69 @@
+"""Engine metrics in Prometheus form, in a registry owned by each engine (no global state)."""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from arctic_jax.engine.request import Request
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                    20.48, 40.96, 81.92)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("arctic_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("arctic_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("arctic_e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("arctic_num_requests_running", "Requests running", registry=r)
+        self.waiting = Gauge("arctic_num_requests_waiting", "Requests waiting", registry=r)
+        self.kv_usage = Gauge("arctic_kv_cache_usage_ratio", "Fraction of KV pages in use",
+                              registry=r)
+        self.prefix_hit_rate = Gauge("arctic_prefix_cache_hit_rate",
+                                     "Prefix cache hits / queries, in tokens", registry=r)
+        self.generated = Counter("arctic_generation_tokens", "Generated tokens", registry=r)
+        self.prompt_tokens = Counter("arctic_prompt_tokens", "Prompt tokens received", registry=r)
+        self.steps = Counter("arctic_engine_steps", "Model steps run", ["variant"], registry=r)
+        self.step_tokens = Counter("arctic_engine_step_tokens", "Tokens computed in steps",
+                                   ["variant"], registry=r)
+        self.finished = Counter("arctic_requests_finished", "Finished requests", ["reason"],
+                                registry=r)
+
+    def on_arrival(self, request: Request) -> None:
+        self.prompt_tokens.inc(len(request.prompt_ids))
+
+    def on_first_token(self, request: Request) -> None:
+        self.ttft.observe(request.first_token_time - request.arrival_time)
+
+    def on_tokens(self, num_generated: int, num_step_tokens: int, variant: str = "single") -> None:
+        self.generated.inc(num_generated)
+        self.steps.labels(variant).inc()
+        self.step_tokens.labels(variant).inc(num_step_tokens)
+
+    def on_finish(self, request: Request) -> None:
+        now = time.monotonic()
+        self.e2e.observe(now - request.arrival_time)
+        n = len(request.output_ids)
+        if request.first_token_time is not None and n > 1:
+            self.tpot.observe((now - request.first_token_time) / (n - 1))
+        reason = request.finish_reason.value if request.finish_reason else "unknown"
+        self.finished.labels(reason).inc()
+
+    def on_step(self, scheduler) -> None:  # noqa: ANN001 - Scheduler, avoids an import cycle
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(scheduler.allocator.usage())
+        stats = scheduler.allocator.stats()
+        queries = stats.get("query_tokens", 0)
+        if queries:
+            self.prefix_hit_rate.set(stats.get("hit_tokens", 0) / queries)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,199 @@
+"""Runs scheduled steps on the device: batch building, compiled programs, sampling.
+
+The device program of one step is ``engine_step``: it reads decode tokens that
+are still on the device from the token buffer, runs the model step, samples,
+writes the sampled tokens back into the buffer, and packs everything the host
+needs into one int32 array, so a step costs one device-to-host transfer.
+
+Every program is compiled ahead of time for each bucket shape (``warmup``);
+serving only looks programs up, so it cannot compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
+from arctic_jax.config import ModelConfig
+from arctic_jax.engine.scheduler import ScheduledStep, SchedulerConfig
+from arctic_jax.kv_cache import KVCache
+from arctic_jax.models.llama import StepOptions, forward
+from arctic_jax.models.llama_weights import LlamaWeights
+from arctic_jax.pytree import pytree_dataclass, replace
+from arctic_jax.sampling import SamplingTensors, sample
+
+log = logging.getLogger(__name__)
+
+
+@pytree_dataclass
+class EngineInputs:
+    """Per-step inputs beyond the model batch."""
+
+    batch: StepBatch
+    token_src: jax.Array       # [T] int32 token-buffer row holding the token, or -1 (host token)
+    sample_slot: jax.Array     # [R] int32 token-buffer row that receives the sampled token, or -1
+    sampling: SamplingTensors  # [R] rows
+
+
+def engine_step(weights: LlamaWeights, cache: KVCache, token_buffer: jax.Array,
+                inputs: EngineInputs, *, cfg: ModelConfig, opts: StepOptions,
+                num_top_logprobs: int) -> tuple[KVCache, jax.Array, jax.Array]:
+    """One decode/prefill step plus sampling.
+
+    Returns the updated cache, the updated token buffer [max_num_seqs] and the packed
+    int32 result [R, 2 + 2 * num_top_logprobs]: token, logprob bits, top ids, top logprob bits.
+    """
+    batch = inputs.batch
+    from_buffer = token_buffer[jnp.maximum(inputs.token_src, 0)]
+    tokens = jnp.where(inputs.token_src >= 0, from_buffer, batch.tokens)
+    logits, cache = forward(weights, cache, replace(batch, tokens=tokens), cfg=cfg, opts=opts)
+    result = sample(logits, inputs.sampling, num_top_logprobs)
+    slots = jnp.where(inputs.sample_slot < 0, token_buffer.shape[0], inputs.sample_slot)
+    token_buffer = token_buffer.at[slots].set(result.tokens, mode="drop")
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    columns = [result.tokens[:, None], bits(result.logprob.astype(jnp.float32))[:, None]]
+    if num_top_logprobs:
+        columns += [result.top_ids.astype(jnp.int32), bits(result.top_logprobs.astype(jnp.float32))]
+    return cache, token_buffer, jnp.concatenate(columns, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_engine_step(cfg: ModelConfig, opts: StepOptions, num_top_logprobs: int) -> Callable:
+    """One jitted program family per model config, shared by engines of that config."""
+    fn = functools.partial(engine_step, cfg=cfg, opts=opts, num_top_logprobs=num_top_logprobs)
+    return jax.jit(fn, donate_argnums=(1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """Host copy of a step's sampled tokens, one row per sampling chunk."""
+
+    tokens: np.ndarray                # [n] int32
+    logprobs: np.ndarray              # [n] float32
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while ``active`` (for no-recompile checks)."""
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = True
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+        if self.active and event == self._EVENT:
+            self.count += 1
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache and the compiled step programs."""
+
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, sched: SchedulerConfig, *,
+                 dtype: Any, opts: StepOptions = StepOptions(), num_top_logprobs: int = 0,
+                 token_buckets: tuple[int, ...] | None = None,
+                 page_buckets: tuple[int, ...] | None = None):
+        self.cfg = cfg
+        self.sched = sched
+        self.weights = weights
+        self.num_top_logprobs = num_top_logprobs
+        defaults = Buckets.for_limits(sched.max_num_batched_tokens, sched.max_num_seqs,
+                                      sched.max_pages_per_seq, min_tokens=8)
+        self.buckets = Buckets(tokens=token_buckets or defaults.tokens,
+                               seqs=(sched.max_num_seqs,),
+                               pages=page_buckets or defaults.pages)
+        self.cache = KVCache.allocate(cfg, sched.num_pages, sched.page_size, dtype)
+        self.token_buffer = jnp.zeros((sched.max_num_seqs,), jnp.int32)
+        self._jitted = _jitted_engine_step(cfg, opts, num_top_logprobs)
+        self._programs: dict[tuple[int, int], Callable] = {}
+
+    # ---------------------------------------------------------------- inputs
+    def build_inputs(self, step: ScheduledStep) -> EngineInputs:
+        chunks, samplers = [], []
+        for c in step.chunks:
+            chunks.append(SequenceChunk(tokens=c.host_tokens, start=c.start, pages=c.request.pages,
+                                        logits_at=(c.num_tokens - 1,) if c.sample else ()))
+            if c.sample:
+                samplers.append(c)
+        batch, _ = build_step_batch(chunks, self.sched.page_size, self.buckets)
+        T = batch.tokens.shape[0]
+        R = batch.logits_indices.shape[0]
+        token_src = np.full(T, -1, np.int32)
+        offset = 0
+        for c in step.chunks:
+            if c.from_slot:
+                token_src[offset + c.num_tokens - 1] = c.request.token_slot
+            offset += c.num_tokens
+        sample_slot = np.full(R, -1, np.int32)
+        sample_slot[:len(samplers)] = [c.request.token_slot for c in samplers]
+        sampling = SamplingTensors.from_params(
+            [c.request.params for c in samplers],
+            steps=[c.request.num_generated - 1 for c in samplers],
+            seeds=[c.request.seed for c in samplers], num_rows=R)
+        return EngineInputs(batch=batch, token_src=token_src, sample_slot=sample_slot,
+                            sampling=sampling)
+
+    # -------------------------------------------------------------- programs
+    def _program(self, inputs: EngineInputs) -> Callable:
+        key = (inputs.batch.tokens.shape[0], inputs.batch.page_tables.shape[1])
+        program = self._programs.get(key)
+        if program is None:
+            program = self._jitted.lower(self.weights, self.cache, self.token_buffer, inputs).compile()
+            self._programs[key] = program
+        return program
+
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every bucket shape ahead of time; returns the seconds it took."""
+        start = time.perf_counter()
+        shapes = [(t, p) for t in self.buckets.tokens for p in self.buckets.pages
+                  if t >= 1]
+        iterator = shapes
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(shapes, desc="compiling step buckets", file=sys.stderr, unit="program")
+        for T, MP in iterator:
+            self._program(self._dummy_inputs(T, MP))
+        return time.perf_counter() - start
+
+    def _dummy_inputs(self, T: int, MP: int) -> EngineInputs:
+        S = self.buckets.seqs[0]
+        batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                          slot_mapping=np.full(T, -1, np.int32), seq_ids=np.zeros(T, np.int32),
+                          page_tables=np.zeros((S, MP), np.int32),
+                          query_start=np.zeros(S + 1, np.int32), kv_lens=np.zeros(S, np.int32),
+                          logits_indices=np.zeros(S, np.int32))
+        sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=S)
+        return EngineInputs(batch=batch, token_src=np.full(T, -1, np.int32),
+                            sample_slot=np.full(S, -1, np.int32), sampling=sampling)
+
+    # ------------------------------------------------------------------- run
+    def dispatch(self, step: ScheduledStep) -> jax.Array:
+        """Launch a step asynchronously; returns the packed device result."""
+        inputs = self.build_inputs(step)
+        program = self._program(inputs)
+        self.cache, self.token_buffer, packed = program(self.weights, self.cache,
+                                                        self.token_buffer, inputs)
+        return packed
+
+    def fetch(self, packed: jax.Array, num_rows: int) -> StepResult:
+        """Wait for a dispatched step and copy its result to the host (one transfer)."""
+        host = np.asarray(jax.device_get(packed))[:num_rows]
+        tokens = host[:, 0].copy()
+        logprobs = host[:, 1].view(np.float32).copy()
+        top = None
+        n = self.num_top_logprobs
+        if n:
+            ids = host[:, 2:2 + n]
+            lps = host[:, 2 + n:2 + 2 * n].view(np.float32)
+            top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r])] for r in range(num_rows)]
+        return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top)

@@ -1,0 +1,82 @@
+"""A generation request as the scheduler sees it, and what it streams back."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Sequence
+
+from arctic_jax.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # EOS, a stop token or a stop string
+    LENGTH = "length"    # max_tokens or the model's context length
+    ABORT = "abort"      # cancelled by the client
+
+
+@dataclasses.dataclass
+class Request:
+    """Mutable per-request state owned by the scheduler.
+
+    ``output_ids`` may end with tokens still being computed on the device
+    (``pending`` of them); their values arrive with the next step's result.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    pending: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0          # tokens whose KV is in the cache
+    num_registered_pages: int = 0  # full pages already recorded in the prefix cache
+    num_cached_prompt: int = 0     # prompt tokens served from the prefix cache
+    token_slot: int = -1           # row of the device token buffer while running
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens, counting those still on the device."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.pending
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """A streamed update: the tokens added since the last update, and the text they complete."""
+
+    request_id: str
+    new_token_ids: Sequence[int]
+    new_text: str
+    new_logprobs: Sequence[float]
+    new_top_logprobs: Sequence[Sequence[tuple[int, float]]]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int

@@ -1,0 +1,307 @@
+"""Host-side continuous-batching scheduler (plain Python, no device work).
+
+Each call to ``schedule`` builds one step: running requests first (decodes and
+unfinished prefills, in admission order), then waiting requests admitted FIFO
+while pages, sequence slots and the token budget allow. Prefills are chunked
+to fit the budget and mixed with decodes in the same step.
+
+The engine overlaps steps: step n+1 is scheduled before step n's sampled
+tokens reach the host. A request's newest token may therefore be *pending*
+(known only on the device); a decode of it reads the token from the device
+token buffer row ``request.token_slot``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterable, Sequence
+
+from arctic_jax.engine.page_allocator import OutOfPagesError, PageAllocator
+from arctic_jax.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    page_size: int = 16
+    num_pages: int = 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
+                     "num_pages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}) so that every running sequence can decode")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of one request, computed in this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    host_tokens: tuple[int, ...]   # token ids; the last is a placeholder when from_slot
+    from_slot: bool                # the last token is read from the device token buffer
+    sample: bool                   # this chunk reaches the end: sample the next token
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledStep:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, eos_token_ids: Iterable[int] = ()):
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.allocator = PageAllocator(config.num_pages, config.page_size,
+                                       enable_prefix_caching=config.enable_prefix_caching)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+
+    # ------------------------------------------------------------------ intake
+    def validate(self, prompt_len: int) -> None:
+        """Raise ValueError if a prompt of this length can never be served."""
+        cfg = self.config
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if prompt_len >= cfg.max_model_len:
+            raise ValueError(
+                f"the prompt has {prompt_len} tokens, but the model's context length is "
+                f"{cfg.max_model_len} (prompt plus at least one generated token must fit)")
+        if -(-(prompt_len + 1) // cfg.page_size) > self.allocator.num_pages:
+            raise ValueError(f"the prompt needs more KV pages than the cache has "
+                             f"({self.allocator.num_pages} pages of {cfg.page_size} tokens)")
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.validate(len(request.prompt_ids))
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return None
+        self.finish(request, FinishReason.ABORT)
+        return request
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> ScheduledStep:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        scheduled_ids: set[str] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(self._tokens_to_compute(request), budget)
+            if n <= 0:
+                i += 1
+                continue
+            if not self._reserve_pages(request, request.num_computed + n, preempted, scheduled_ids):
+                continue  # request itself was preempted; running[i] is now the next one
+            chunks.append(self._make_chunk(request, n))
+            scheduled_ids.add(request.request_id)
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if request.pending:
+                break  # its last token is still on the device; admit it next step
+            if not self._admit(request, budget):
+                break
+            self.waiting.popleft()
+            n = min(self._tokens_to_compute(request), budget)
+            chunks.append(self._make_chunk(request, n))
+            scheduled_ids.add(request.request_id)
+            budget -= n
+        return ScheduledStep(chunks=tuple(chunks), preempted=tuple(preempted))
+
+    def _tokens_to_compute(self, request: Request) -> int:
+        if request.num_generated >= request.params.max_tokens:
+            return 0
+        if request.num_tokens >= self.config.max_model_len:
+            return 0
+        return request.num_tokens - request.num_computed
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.page_size)
+
+    def _reserve_pages(self, request: Request, num_tokens: int, preempted: list[str],
+                       protected: set[str]) -> bool:
+        """Give ``request`` pages for ``num_tokens``; preempt newer requests if needed."""
+        need = self._pages_for(num_tokens) - len(request.pages)
+        while need > 0:
+            try:
+                request.pages.extend(self.allocator.allocate(need))
+                return True
+            except OutOfPagesError:
+                victim = self._pick_victim(protected)
+                if victim is None or victim is request:
+                    self._preempt(request)
+                    preempted.append(request.request_id)
+                    return False
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+        return True
+
+    def _pick_victim(self, protected: set[str]) -> Request | None:
+        for request in reversed(self.running):
+            if request.request_id not in protected:
+                return request
+        return None
+
+    def _admit(self, request: Request, budget: int) -> bool:
+        cfg = self.config
+        pages, cached = [], 0
+        if cfg.enable_prefix_caching:
+            pages, cached = self.allocator.match_prefix(request.all_ids)
+        n = min(request.num_tokens - cached, budget)
+        need = self._pages_for(cached + n) - len(pages)
+        try:
+            new_pages = self.allocator.allocate(need) if need > 0 else []
+        except OutOfPagesError:
+            if pages:
+                self.allocator.free(pages)
+            return False
+        request.pages = list(pages) + new_pages
+        request.num_computed = cached
+        request.num_registered_pages = len(pages)
+        if request.num_preemptions == 0:
+            request.num_cached_prompt = min(cached, len(request.prompt_ids))
+        request.token_slot = self._free_slots.pop()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return True
+
+    def _make_chunk(self, request: Request, n: int) -> ScheduledChunk:
+        start = request.num_computed
+        end = start + n
+        known = request.all_ids
+        from_slot = end > len(known)  # the last token is still pending on the device
+        host = tuple(known[start:min(end, len(known))]) + ((0,) if from_slot else ())
+        sample = end == request.num_tokens
+        request.num_computed = end
+        if sample:
+            request.pending += 1
+        return ScheduledChunk(request=request, start=start, num_tokens=n, host_tokens=host,
+                              from_slot=from_slot, sample=sample)
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's pages; it is recomputed from scratch later."""
+        self.running.remove(request)
+        self.allocator.free(request.pages)
+        request.pages = []
+        request.num_computed = 0
+        request.num_registered_pages = 0
+        self._release_slot(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release_slot(self, request: Request) -> None:
+        if request.token_slot >= 0:
+            self._free_slots.append(request.token_slot)
+            request.token_slot = -1
+
+    # ----------------------------------------------------------------- update
+    def update(self, step: ScheduledStep, tokens: Sequence[int],
+               logprobs: Sequence[float] | None = None,
+               top_logprobs: Sequence[Sequence[tuple[int, float]]] | None = None
+               ) -> list[Request]:
+        """Apply one step's sampled tokens (one per sampling chunk, in order).
+
+        Returns the requests that received a token (finished ones included).
+        """
+        touched = []
+        row = 0
+        for chunk in step.chunks:
+            request = chunk.request
+            if not chunk.sample:
+                self._register_pages(request)
+                continue
+            token = int(tokens[row])
+            lp = None if logprobs is None else float(logprobs[row])
+            top = None if top_logprobs is None else list(top_logprobs[row])
+            row += 1
+            if request.finished:
+                continue
+            request.pending -= 1  # a request preempted meanwhile keeps the token and recomputes later
+            request.output_ids.append(token)
+            if lp is not None:
+                request.output_logprobs.append(lp)
+            if top is not None:
+                request.top_logprobs.append(top)
+            touched.append(request)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+            elif request.status is RequestStatus.RUNNING:
+                self._register_pages(request)
+        return touched
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.STOP
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if len(request.output_ids) >= params.max_tokens:
+            return FinishReason.LENGTH
+        if len(request.prompt_ids) + len(request.output_ids) >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _register_pages(self, request: Request) -> None:
+        if not self.config.enable_prefix_caching or request.status is not RequestStatus.RUNNING:
+            return
+        known = request.all_ids
+        full = min(request.num_computed, len(known)) // self.config.page_size
+        if full > request.num_registered_pages:
+            self.allocator.register_full_pages(request.pages[:full], known[:full * self.config.page_size],
+                                               start_page=request.num_registered_pages)
+            request.num_registered_pages = full
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """End a request now and return its pages and slot."""
+        if request.finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        if request.pages:
+            self.allocator.free(request.pages)
+            request.pages = []
+        self._release_slot(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.requests.pop(request.request_id, None)

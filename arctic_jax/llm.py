@@ -1,0 +1,134 @@
+"""The offline library API: ``LLM(model=...).generate(...)`` and ``.chat(...)``."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Sequence
+
+from arctic_jax.engine.engine import EngineConfig, LLMEngine
+from arctic_jax.sampling import SamplingParams
+from arctic_jax.tokenizer import Conversation, encode_chat, encode_prompt, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionOutput:
+    """One finished generation."""
+
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str          # "stop" or "length"
+    logprobs: list[float]
+
+
+class LLM:
+    """Loads a model and runs batched generation through the continuous-batching engine.
+
+    ``model`` is an HF checkpoint directory, a ``.gguf`` file, or ``"default"``/None
+    for the embedded SmolLM2-135M-Instruct. Engine limits (``max_num_seqs``,
+    ``max_num_batched_tokens``, ``max_model_len``, ``page_size``, ``num_pages`` ...)
+    are keyword arguments, see ``EngineConfig``.
+    """
+
+    def __init__(self, model: str | None = "default", *, dtype: Any = None,
+                 cache_dir: str | None = None, **engine_kwargs: Any):
+        import checkpoints
+
+        loaded = checkpoints.load_model(model, dtype=dtype, cache_dir=cache_dir)
+        self.model_name = loaded.name
+        self.config = loaded.config
+        src = loaded.tokenizer_source
+        self.tokenizer = load_tokenizer(src.path, src.gguf_file)
+        engine_kwargs.setdefault("max_model_len", min(loaded.config.max_position_embeddings, 4096))
+        self.engine = LLMEngine(loaded.config, loaded.weights, self.tokenizer,
+                                EngineConfig(**engine_kwargs))
+
+    # -------------------------------------------------------------- helpers
+    def _params_list(self, params: SamplingParams | Sequence[SamplingParams] | None,
+                     n: int) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params
+
+    # ------------------------------------------------------------------ API
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[CompletionOutput]:
+        """Generate for each prompt (text, or a list of token ids)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompt_ids = [encode_prompt(self.tokenizer, p) if isinstance(p, str) else [int(t) for t in p]
+                      for p in prompts]
+        return self._generate_ids(prompt_ids, self._params_list(sampling_params, len(prompt_ids)))
+
+    def chat(self, conversations: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+             ) -> list[CompletionOutput]:
+        """Reply to each conversation (a list of {"role", "content"} messages)."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # a single conversation
+        prompt_ids = [encode_chat(self.tokenizer, c) for c in conversations]
+        return self._generate_ids(prompt_ids, self._params_list(sampling_params, len(prompt_ids)))
+
+    def _generate_ids(self, prompt_ids: list[list[int]],
+                      params: list[SamplingParams]) -> list[CompletionOutput]:
+        streams = {self.engine.add_request(p, sp): p for p, sp in zip(prompt_ids, params)}
+        collected = {rid: _Collected() for rid in streams}
+        pending = set(streams)
+        while pending:
+            if not self.engine.has_unfinished():
+                raise RuntimeError("the engine stopped with requests unfinished")
+            for out in self.engine.step():
+                c = collected.get(out.request_id)
+                if c is None:
+                    continue
+                c.add(out)
+                if out.finished:
+                    pending.discard(out.request_id)
+        return [collected[rid].completion(prompt) for rid, prompt in streams.items()]
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
+        """Yield text pieces of one generation as they are produced."""
+        rid = self.engine.add_request(list(prompt_ids), params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.new_text:
+                        yield out.new_text
+                    if out.finished:
+                        self.last_finish_reason = out.finish_reason.value
+                        return
+        finally:
+            if self.engine.scheduler.requests.get(rid) is not None:
+                self.engine.abort(rid)
+            while self.engine.has_unfinished() and not self.engine.scheduler.has_work():
+                self.engine.step()  # drain the in-flight step
+
+
+@dataclasses.dataclass
+class _Collected:
+    text: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""
+
+    def add(self, out: Any) -> None:
+        self.text.append(out.new_text)
+        self.token_ids.extend(out.new_token_ids)
+        self.logprobs.extend(out.new_logprobs)
+        if out.finished:
+            self.finish_reason = out.finish_reason.value
+
+    def completion(self, prompt: list[int]) -> CompletionOutput:
+        return CompletionOutput(prompt_token_ids=prompt, text="".join(self.text),
+                                token_ids=self.token_ids, finish_reason=self.finish_reason,
+                                logprobs=self.logprobs)

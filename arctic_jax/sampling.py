@@ -1,0 +1,274 @@
+"""Per-request sampling parameters and the batched, jit-compatible sampler.
+
+``SamplingParams`` is what a user sends with a request. ``SamplingTensors`` is
+its per-row device form for one step (R rows, padded with greedy rows).
+``sample`` turns logits [R, V] into one token per row:
+
+- rows with temperature below ``GREEDY_TEMPERATURE`` take the argmax;
+- other rows divide the logits by the temperature, then keep the top-k tokens,
+  then the nucleus (smallest set whose cumulative probability reaches top_p,
+  computed on the top-k renormalised distribution; the top token is always
+  kept), then drop tokens whose probability is below min_p times the largest,
+  and draw with the Gumbel-max trick from the key
+  ``fold_in(key(seed), step)``. A seeded row therefore gets the same token
+  whatever its row index and whatever other rows share the batch.
+
+Tokens tied with the top-k / top-p cut-off value are all kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from numbers import Integral, Real
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arctic_jax.pytree import pytree_dataclass
+
+GREEDY_TEMPERATURE = 1e-5   # temperatures below this sample greedily
+MAX_LOGPROBS = 20           # most top logprobs a request may ask for
+MAX_SEED = 2**32 - 1        # seeds are uint32
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _bad(field: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"SamplingParams.{field}={value!r}: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """User-facing sampling parameters of one request (vLLM-like).
+
+    temperature 0 means greedy; top_k 0 or -1 disables top-k; top_p 1 and
+    min_p 0 disable nucleus and min-p filtering. ``logprobs`` is the number of
+    top logprobs to return per generated token (None: none). ``stop`` accepts
+    a string or a sequence of strings and is stored as a tuple.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise _bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        set_("max_tokens", int(self.max_tokens))
+
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise _bad("temperature", t, "must be a finite number >= 0")
+        set_("temperature", float(t))
+
+        p = self.top_p
+        if not _is_real(p) or not (0.0 < p <= 1.0):  # also rejects nan
+            raise _bad("top_p", p, "must be in (0, 1]")
+        set_("top_p", float(p))
+
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise _bad("top_k", self.top_k, "must be an integer >= -1 (0 or -1 disables it)")
+        set_("top_k", int(self.top_k))
+
+        m = self.min_p
+        if not _is_real(m) or not (0.0 <= m <= 1.0):
+            raise _bad("min_p", m, "must be in [0, 1]")
+        set_("min_p", float(m))
+
+        if self.seed is not None:
+            if not _is_int(self.seed) or not (0 <= self.seed <= MAX_SEED):
+                raise _bad("seed", self.seed, f"must be None or an integer in [0, {MAX_SEED}]")
+            set_("seed", int(self.seed))
+
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)):
+            raise _bad("stop", stop, "must be a string or a sequence of strings")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise _bad("stop", self.stop, f"entry {s!r} is not a non-empty string")
+        set_("stop", tuple(stop))
+
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)):
+            raise _bad("stop_token_ids", ids, "must be a sequence of token ids")
+        for i in ids:
+            if not _is_int(i) or i < 0:
+                raise _bad("stop_token_ids", self.stop_token_ids,
+                           f"entry {i!r} is not an integer >= 0")
+        set_("stop_token_ids", tuple(int(i) for i in ids))
+
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise _bad("ignore_eos", self.ignore_eos, "must be a bool")
+        set_("ignore_eos", bool(self.ignore_eos))
+
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not (0 <= self.logprobs <= MAX_LOGPROBS):
+                raise _bad("logprobs", self.logprobs,
+                           f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+            set_("logprobs", int(self.logprobs))
+
+    def is_greedy(self) -> bool:
+        """True when the request takes the argmax (temperature < GREEDY_TEMPERATURE)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+@pytree_dataclass
+class SamplingTensors:
+    """Per-row sampling state of one step; R rows (padding rows are greedy)."""
+
+    temperature: jax.Array  # [R] f32; < GREEDY_TEMPERATURE means greedy
+    top_k: jax.Array        # [R] int32; 0 = off
+    top_p: jax.Array        # [R] f32; 1 = off
+    min_p: jax.Array        # [R] f32; 0 = off
+    seed: jax.Array         # [R] uint32
+    step: jax.Array         # [R] int32 index of the token being generated (tokens so far)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.temperature.shape[0])
+
+    @classmethod
+    def from_params(cls, params_list: Sequence[SamplingParams], steps: Sequence[int],
+                    seeds: Sequence[int], num_rows: int) -> "SamplingTensors":
+        """Host (numpy) tensors for ``params_list``, padded to ``num_rows`` greedy rows.
+
+        ``steps[i]`` is the number of tokens request i has generated so far;
+        ``seeds[i]`` its resolved seed (the engine draws one when
+        ``params.seed`` is None). Greedy rows are stored with every filter off.
+        """
+        n = len(params_list)
+        if len(steps) != n or len(seeds) != n:
+            raise ValueError(f"from_params: {n} params but {len(steps)} steps and "
+                             f"{len(seeds)} seeds")
+        if not _is_int(num_rows) or num_rows < n:
+            raise ValueError(f"from_params: num_rows={num_rows!r} is less than the "
+                             f"{n} requests")
+        temperature = np.zeros(num_rows, np.float32)
+        top_k = np.zeros(num_rows, np.int32)
+        top_p = np.ones(num_rows, np.float32)
+        min_p = np.zeros(num_rows, np.float32)
+        seed = np.zeros(num_rows, np.uint32)
+        step = np.zeros(num_rows, np.int32)
+        for i, (p, st, sd) in enumerate(zip(params_list, steps, seeds)):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"from_params: params_list[{i}] is {type(p).__name__}, "
+                                "not SamplingParams")
+            if not _is_int(st) or not (0 <= st < 2**31):
+                raise ValueError(f"from_params: steps[{i}]={st!r} must be an integer in "
+                                 "[0, 2**31)")
+            if not _is_int(sd) or not (0 <= sd <= MAX_SEED):
+                raise ValueError(f"from_params: seeds[{i}]={sd!r} must be an integer in "
+                                 f"[0, {MAX_SEED}]")
+            seed[i] = sd
+            step[i] = st
+            if p.is_greedy():
+                continue
+            temperature[i] = p.temperature
+            top_k[i] = max(p.top_k, 0)
+            top_p[i] = p.top_p
+            min_p[i] = p.min_p
+        return cls(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   seed=seed, step=step)
+
+
+@pytree_dataclass
+class SampleResult:
+    tokens: jax.Array                    # [R] int32 chosen tokens
+    logprob: jax.Array                   # [R] f32 log-softmax of the raw logits at tokens
+    top_ids: jax.Array | None = None     # [R, n] int32 top-n tokens of the raw logits
+    top_logprobs: jax.Array | None = None  # [R, n] f32 their log-softmax values
+
+
+def _cutoff_values(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[R] smallest scaled logit kept by top-k then top-p (needs a sort of [R, V])."""
+    v = scaled.shape[-1]
+    srt = jnp.sort(scaled, axis=-1, descending=True)             # [R, V]
+    idx = jnp.arange(v, dtype=jnp.int32)[None, :]
+    k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)[:, None]  # [R, 1]
+    in_k = idx < k
+    probs = jnp.where(in_k, jnp.exp(srt - srt[:, :1]), 0.0)
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    before = jnp.cumsum(probs, axis=-1) - probs                   # exclusive cumsum
+    keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)               # keep is a prefix
+    return jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)[:, 0]
+
+
+def _gumbel_rows(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:
+    """[R, V] Gumbel noise; row r depends only on (seed[r], step[r])."""
+    def row(s, st):
+        key = jax.random.fold_in(jax.random.key(s), st)
+        return jax.random.gumbel(key, (v,), jnp.float32)
+    return jax.vmap(row)(seed, step)
+
+
+def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> jax.Array:
+    v = logits.shape[-1]
+    temp = jnp.where(greedy, 1.0, t.temperature).astype(jnp.float32)
+    scaled = logits / temp[:, None]
+    top_k = t.top_k.astype(jnp.int32)
+    top_p = t.top_p.astype(jnp.float32)
+    needs_sort = jnp.any(~greedy & (((top_k > 0) & (top_k < v)) | (top_p < 1.0)))
+    cutoff = jax.lax.cond(
+        needs_sort,
+        lambda: _cutoff_values(scaled, top_k, top_p),
+        lambda: jnp.full(scaled.shape[:1], -jnp.inf, scaled.dtype))
+    # min-p: p_i < min_p * p_max  <=>  scaled_i < max(scaled) + log(min_p)
+    row_max = jnp.max(scaled, axis=-1)
+    min_p_cut = row_max + jnp.log(t.min_p.astype(jnp.float32))   # -inf when min_p == 0
+    cutoff = jnp.maximum(cutoff, min_p_cut)
+    masked = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+    noise = _gumbel_rows(t.seed, t.step, v)
+    drawn = jnp.argmax(masked + noise, axis=-1).astype(jnp.int32)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+
+
+def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> SampleResult:
+    """Draw one token per row of ``logits`` [R, V] f32 under ``t`` (R rows).
+
+    Pure and jit-compatible; ``num_top_logprobs`` is static (0..V). The sort
+    needed by top-k / top-p runs only when some sampled row uses them, and
+    the random draw is skipped when every row is greedy.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"sample: logits must be [R, V], got shape {logits.shape}")
+    r, v = logits.shape
+    if t.temperature.shape != (r,):
+        raise ValueError(f"sample: {r} logits rows but sampling tensors of shape "
+                         f"{t.temperature.shape}")
+    if not (0 <= num_top_logprobs <= v):
+        raise ValueError(f"sample: num_top_logprobs={num_top_logprobs} not in [0, {v}]")
+    logits = logits.astype(jnp.float32)
+    greedy = t.temperature < GREEDY_TEMPERATURE
+    tokens = jax.lax.cond(
+        jnp.all(greedy),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        lambda: _sample_rows(logits, t, greedy))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    top_ids = top_logprobs = None
+    if num_top_logprobs:
+        top_vals, top_ids = jax.lax.top_k(logits, num_top_logprobs)
+        top_ids = top_ids.astype(jnp.int32)
+        top_logprobs = top_vals - lse[:, None]
+    return SampleResult(tokens=tokens, logprob=chosen - lse, top_ids=top_ids,
+                        top_logprobs=top_logprobs)

