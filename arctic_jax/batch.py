@@ -116,11 +116,15 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
         n = len(c.tokens)
         if n == 0:
             raise ValueError(f"sequence {s} has no tokens in this step")
+        if c.start < 0:
+            raise ValueError(f"sequence {s} starts at negative position {c.start}")
         end = c.start + n
         need = -(-end // page_size)
         if len(c.pages) < need:
             raise ValueError(f"sequence {s} needs {need} pages for {end} positions, has {len(c.pages)}")
         pages = np.asarray(c.pages[:need], np.int32)
+        if (pages < 0).any():
+            raise ValueError(f"sequence {s} has negative page ids {pages[pages < 0].tolist()}")
         pos = np.arange(c.start, end, dtype=np.int32)
         tokens[t:t + n] = np.asarray(c.tokens, np.int32)
         positions[t:t + n] = pos

@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING")
 
 
-def _engine_kwargs(args: argparse.Namespace) -> dict:
+def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
              "kv_cache_memory_fraction", "attention_impl"]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -43,7 +43,7 @@ def _setup(args: argparse.Namespace) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def _dtype(name: str | None):
+def parse_dtype(name: str | None):
     if name is None:
         return None
     import jax.numpy as jnp
@@ -57,7 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
-    llm = LLM(args.model, dtype=_dtype(args.dtype), **_engine_kwargs(args))
+    llm = LLM(args.model, dtype=parse_dtype(args.dtype), **engine_kwargs(args))
     if args.chat:
         ids = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
@@ -96,11 +96,14 @@ _EXTRA_COMMANDS: list = []
 
 
 def _register_extra_commands() -> None:
-    try:
-        from arctic_jax.serving.cli_commands import register as register_serving
-        _EXTRA_COMMANDS.append(register_serving)
-    except ImportError:  # the serving extras are optional
-        pass
+    """``serve`` and ``bench`` live beside their code; each module has ``register(sub, add_model_args)``."""
+    import importlib
+
+    for module in ("arctic_jax.serving.cli_commands", "arctic_jax.bench.cli_commands"):
+        try:
+            _EXTRA_COMMANDS.append(importlib.import_module(module).register)
+        except ImportError as e:  # optional extras (FastAPI) may be missing on a GPU host
+            logging.getLogger("arctic_jax").debug("%s unavailable: %s", module, e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

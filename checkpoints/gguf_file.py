@@ -238,7 +238,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any, *, progress: bool = True
         if ".attn_q." in t.name:
             w = unpermute_rotary_rows(w, cfg.num_heads)
         elif ".attn_k." in t.name:
-            w = unpermute_rotary_rows(w, cfg.num_kv_heads)
+            pass
         return w
 
     weights = hf_layout.convert_weights(

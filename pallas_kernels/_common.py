@@ -113,11 +113,15 @@ def check_cache(k_cache: jax.Array, v_cache: jax.Array) -> tuple[int, int, int, 
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k/v cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
     kh, pages, page_size, d = k_cache.shape
-    if not is_pow2(page_size):
-        raise ValueError(f"page_size must be a power of 2 for the Triton kernels, got {page_size}")
     if not is_pow2(d) or d < 16:
         raise ValueError(f"head_dim must be a power of 2 >= 16 for the Triton kernels, got {d}")
     return kh, pages, page_size, d
+
+
+def check_block(name: str, value: int, minimum: int = 1) -> int:
+    if not is_pow2(value) or value < minimum:
+        raise ValueError(f"{name} must be a power of 2 >= {minimum}, got {value}")
+    return value
 
 
 def check_int_vector(x: jax.Array, n: int, name: str) -> jax.Array:
@@ -128,22 +132,33 @@ def check_int_vector(x: jax.Array, n: int, name: str) -> jax.Array:
     return x.astype(jnp.int32)
 
 
-def pad_page_table(page_tables: jax.Array, multiple: int) -> jax.Array:
-    """Pads page-table columns with page 0 to a multiple of ``multiple`` (never read past)."""
+def check_page_tables(page_tables: jax.Array) -> jax.Array:
     if page_tables.ndim != 2:
         raise ValueError(f"page_tables must be [rows, max_pages], got {page_tables.shape}")
     if not jnp.issubdtype(page_tables.dtype, jnp.integer):
         raise ValueError(f"page_tables must be integer, got {page_tables.dtype}")
-    mp = page_tables.shape[1]
-    extra = cdiv_static(mp, multiple) * multiple - mp
-    pt = page_tables.astype(jnp.int32)
-    return jnp.pad(pt, ((0, 0), (0, extra))) if extra else pt
+    return page_tables.astype(jnp.int32)
 
 
-def pages_for_block(pt_ref: Any, row: jax.Array, col0: jax.Array, pages_per_block: int,
-                    n_pages: jax.Array, num_pages: int) -> jax.Array:
-    """Page ids of page-table columns col0 .. col0+ppb-1; columns past n_pages read page 0."""
-    pages = pt_ref[row, pl.ds(col0, pages_per_block)]
-    cols = col0 + jnp.arange(pages_per_block, dtype=jnp.int32)
-    pages = jnp.where(cols < n_pages, pages, 0)
-    return jnp.minimum(jnp.maximum(pages, 0), num_pages - 1)
+def flat_slots(cache: jax.Array) -> jax.Array:
+    """[K, P, PS, D] -> [K, P * PS, D] (a free reshape): one row per KV slot."""
+    kh, pages, page_size, d = cache.shape
+    return cache.reshape(kh, pages * page_size, d)
+
+
+def kv_tile(k_ref: Any, v_ref: Any, pt_ref: Any, row: jax.Array, tok0: jax.Array, block_k: int,
+            page_size: int, n_tokens: jax.Array, num_slots: int
+            ) -> tuple[jax.Array, jax.Array]:
+    """K and V [block_k, D] of key positions tok0 .. tok0+block_k-1 of page-table row ``row``.
+
+    k_ref/v_ref are one KV head's slots [P * PS, D]; pt_ref the page tables [rows, MP].
+    Each key's page is looked up on its own (so a tile may span any number of
+    pages, or part of one). Keys at or past n_tokens read slot 0; callers mask them.
+    """
+    tok = tok0 + jnp.arange(block_k, dtype=jnp.int32)
+    live = tok < n_tokens
+    tok = jnp.where(live, tok, 0)
+    page = pt_ref[row, lax.div(tok, jnp.int32(page_size))]
+    slot = page * page_size + lax.rem(tok, jnp.int32(page_size))
+    slot = jnp.where(live, jnp.clip(slot, 0, num_slots - 1), 0)
+    return k_ref[slot], v_ref[slot]

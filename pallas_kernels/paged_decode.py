@@ -9,11 +9,13 @@ Kernel design (Pallas, Triton lowering on GPU; ``interpret=True`` on CPU):
 - grid (B, K, splits). A program owns all G = N // K query heads of one KV head
   for one row, so each K/V page is read once per row. The G heads are padded to
   Gp = max(16, next_pow2(G)) rows because Triton dots need M >= 16.
-- Each program walks its split of the row's pages, ``pages_per_block`` pages per
-  iteration, gathered through the page table (K tile [ppb * PS, D]). Keys at or
-  past kv_len are masked, so lengths may end mid-page.
-- Split-K: the row's used pages (from its actual kv_len) are divided evenly over
-  ``num_splits`` programs. Each writes a partial (max, sum, unnormalised acc) in
+- Each program walks its split of the row's keys ``block_k`` keys per iteration.
+  Every key's page is looked up in the page table (a [block_k] int gather), so
+  one tile spans block_k / PS pages (or part of one page); K/V tiles are loaded
+  as [block_k, D] from the cache viewed as slots [K, P * PS, D]. Keys at or past
+  kv_len are masked, so lengths may end mid-page.
+- Split-K: the row's keys (from its actual kv_len) are divided evenly over
+  ``num_splits`` programs, in whole tiles. Each writes a partial (max, sum, unnormalised acc) in
   f32; a small jnp log-sum-exp combine merges them. With one split the kernel
   normalises and writes the output directly. Softmax is in f32 (base 2).
 - ``num_splits`` defaults from static shapes: enough programs to fill the GPU
@@ -40,14 +42,13 @@ MIN_TOKENS_PER_SPLIT = 256
 class DecodeConfig:
     """Block parameters; None picks a default from the static shapes."""
 
-    pages_per_block: int | None = None   # default: ~128 tokens per iteration
+    block_k: int | None = None           # keys per iteration (block_k / PS pages); default 128
     num_splits: int | None = None        # default: default_num_splits(...)
     num_warps: int = 4
     num_stages: int = 2
 
 
-def default_pages_per_block(page_size: int) -> int:
-    return max(1, 128 // page_size)
+DEFAULT_BLOCK_K = 128
 
 
 def default_num_splits(num_rows: int, num_kv_heads: int, max_kv_len: int) -> int:
@@ -61,29 +62,23 @@ def default_num_splits(num_rows: int, num_kv_heads: int, max_kv_len: int) -> int
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, pt_ref, rows_ref, lens_ref, *out_refs,
-                   page_size: int, pages_per_block: int, num_splits: int, num_pages: int,
+                   page_size: int, block_k: int, num_splits: int, num_slots: int,
                    scale_log2: float):
     b = pl.program_id(0)
     split = pl.program_id(2)
     gp, d = q_ref.shape
-    bk = pages_per_block * page_size
-
     length = lens_ref[b]
     row = rows_ref[b]
-    n_pages = c.cdiv(length, page_size)
-    per_split = c.cdiv(c.cdiv(n_pages, num_splits), pages_per_block) * pages_per_block
+    per_split = c.cdiv(c.cdiv(length, num_splits), block_k) * block_k
     first = split * per_split
-    last = jnp.minimum(first + per_split, n_pages)
-    n_blocks = c.cdiv(jnp.maximum(last - first, 0), pages_per_block)
+    last = jnp.minimum(first + per_split, length)
+    n_blocks = c.cdiv(jnp.maximum(last - first, 0), block_k)
     q = q_ref[...]
 
     def body(i, carry):
-        col0 = first + i * pages_per_block
-        pages = c.pages_for_block(pt_ref, row, col0, pages_per_block, n_pages, num_pages)
-        k = k_ref[pages].reshape(bk, d)
-        v = v_ref[pages].reshape(bk, d)
-        tok = col0 * page_size + jnp.arange(bk, dtype=jnp.int32)
-        mask = (tok < length)[None, :]
+        tok0 = first + i * block_k
+        k, v = c.kv_tile(k_ref, v_ref, pt_ref, row, tok0, block_k, page_size, length, num_slots)
+        mask = (tok0 + jnp.arange(block_k, dtype=jnp.int32) < length)[None, :]
         return c.online_softmax_step(q, k, v, mask, scale_log2, carry)
 
     m, l, acc = lax.fori_loop(0, n_blocks, body, c.init_carry(gp, d))
@@ -130,11 +125,9 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         row_to_seq = jnp.arange(B, dtype=jnp.int32)
     else:
         row_to_seq = c.check_int_vector(row_to_seq, B, "row_to_seq")
-    ppb = config.pages_per_block or default_pages_per_block(page_size)
-    if not c.is_pow2(ppb):
-        raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
-    pt = c.pad_page_table(page_tables, ppb)
-    mp = page_tables.shape[1]
+    bk = c.check_block("block_k", config.block_k or DEFAULT_BLOCK_K, 16)
+    pt = c.check_page_tables(page_tables)
+    mp = pt.shape[1]
     ns = config.num_splits or default_num_splits(B, kh, mp * page_size)
     if ns < 1:
         raise ValueError(f"num_splits must be >= 1, got {ns}")
@@ -148,12 +141,12 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
 
     kernel = functools.partial(
-        _decode_kernel, page_size=page_size, pages_per_block=ppb, num_splits=ns,
-        num_pages=num_pages, scale_log2=float(scale) * c.LOG2E)
+        _decode_kernel, page_size=page_size, block_k=bk, num_splits=ns,
+        num_slots=num_pages * page_size, scale_log2=float(scale) * c.LOG2E)
     in_specs = [
         pl.BlockSpec((None, None, gp, d), lambda b, h, s: (b, h, 0, 0)),
-        pl.BlockSpec((None, num_pages, page_size, d), lambda b, h, s: (h, 0, 0, 0)),
-        pl.BlockSpec((None, num_pages, page_size, d), lambda b, h, s: (h, 0, 0, 0)),
+        pl.BlockSpec((None, num_pages * page_size, d), lambda b, h, s: (h, 0, 0)),
+        pl.BlockSpec((None, num_pages * page_size, d), lambda b, h, s: (h, 0, 0)),
         pl.BlockSpec(pt.shape, lambda b, h, s: (0, 0)),
         pl.BlockSpec((B,), lambda b, h, s: (0,)),
         pl.BlockSpec((B,), lambda b, h, s: (0,)),
@@ -176,8 +169,8 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         out_shape=out_shape,
         compiler_params=c.triton_compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
-        name=f"paged_decode_ppb{ppb}_ns{ns}",
-    )(q4, k_cache, v_cache, pt, row_to_seq, kv_lens)
+        name=f"paged_decode_bk{bk}_ns{ns}",
+    )(q4, c.flat_slots(k_cache), c.flat_slots(v_cache), pt, row_to_seq, kv_lens)
     if ns == 1:
         out = outs[0]
     else:

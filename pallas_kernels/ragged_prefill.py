@@ -25,7 +25,8 @@ Design (Pallas, Triton lowering on GPU; ``interpret=True`` on CPU):
   that belong to other blocks are computed but not stored (masked store). Every
   token row is stored by exactly one block.
 - Causal early exit: KV is walked only up to the block's last query position,
-  ``pages_per_block`` pages per iteration. Blocks that lie entirely at or before
+  ``block_k`` keys (block_k / PS pages) per iteration, each key's page looked up
+  in the page table (see paged_decode). Blocks that lie entirely at or before
   the first query position need no mask (first loop); the rest are masked
   key_pos <= query_pos (second loop). Softmax in f32, base 2.
 """
@@ -47,7 +48,7 @@ class PrefillConfig:
     """Block parameters; None picks a default from the static shapes."""
 
     block_q: int | None = None           # tokens per query block; default: 128 // Gp rows, >= 16
-    pages_per_block: int | None = None   # default: ~64 keys per iteration
+    block_k: int | None = None           # keys per iteration (block_k / PS pages); default 64
     num_warps: int | None = None         # default: 8 for 128x128+ tiles, else 4
     num_stages: int = 2
 
@@ -56,8 +57,7 @@ def default_block_q(group_padded: int) -> int:
     return max(16, 128 // group_padded)
 
 
-def default_pages_per_block(page_size: int) -> int:
-    return max(1, 64 // page_size)
+DEFAULT_BLOCK_K = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +96,11 @@ def block_schedule(query_start: jax.Array, kv_lens: jax.Array, num_tokens: int, 
 
 
 def _prefill_kernel(q_ref, k_ref, v_ref, pt_ref, qstart_ref, nrows_ref, seq_ref, pos0_ref,
-                    kvstop_ref, o_ref, *, block_q: int, page_size: int, pages_per_block: int,
-                    num_pages: int, num_tokens: int, scale_log2: float):
+                    kvstop_ref, o_ref, *, block_q: int, block_k: int, page_size: int,
+                    num_slots: int, num_tokens: int, scale_log2: float):
     blk = pl.program_id(0)
     _, gp, d = q_ref.shape
     rows = block_q * gp
-    bk = pages_per_block * page_size
     n_rows = nrows_ref[blk]
 
     @pl.when(n_rows > 0)
@@ -115,22 +114,18 @@ def _prefill_kernel(q_ref, k_ref, v_ref, pt_ref, qstart_ref, nrows_ref, seq_ref,
         rel = load_at - q_start + lax.div(jnp.arange(rows, dtype=jnp.int32), jnp.int32(gp))
         valid = (rel >= 0) & (rel < n_rows)
         q_pos = jnp.where(valid, pos0 + rel, -1)
-        n_pages = c.cdiv(kv_stop, page_size)
-        n_total = c.cdiv(kv_stop, bk)
-        n_full = jnp.minimum(lax.div(jnp.maximum(pos0 + 1, 0), jnp.int32(bk)), n_total)
-
-        def tiles(i):
-            col0 = i * pages_per_block
-            pages = c.pages_for_block(pt_ref, seq, col0, pages_per_block, n_pages, num_pages)
-            return k_ref[pages].reshape(bk, d), v_ref[pages].reshape(bk, d)
+        n_total = c.cdiv(kv_stop, block_k)
+        n_full = jnp.minimum(lax.div(jnp.maximum(pos0 + 1, 0), jnp.int32(block_k)), n_total)
 
         def full_body(i, carry):
-            k, v = tiles(i)
+            k, v = c.kv_tile(k_ref, v_ref, pt_ref, seq, i * block_k, block_k, page_size, kv_stop,
+                             num_slots)
             return c.online_softmax_step(q, k, v, None, scale_log2, carry)
 
         def masked_body(i, carry):
-            k, v = tiles(i)
-            key_pos = i * bk + jnp.arange(bk, dtype=jnp.int32)
+            k, v = c.kv_tile(k_ref, v_ref, pt_ref, seq, i * block_k, block_k, page_size, kv_stop,
+                             num_slots)
+            key_pos = i * block_k + jnp.arange(block_k, dtype=jnp.int32)
             mask = key_pos[None, :] <= q_pos[:, None]
             return c.online_softmax_step(q, k, v, mask, scale_log2, carry)
 
@@ -157,21 +152,19 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
         raise ValueError(f"query heads {N} are not a multiple of kv heads {kh}")
     if page_tables.ndim != 2:
         raise ValueError(f"page_tables must be [S, MP], got {page_tables.shape}")
-    S, mp = page_tables.shape
+    pt = c.check_page_tables(page_tables)
+    S, mp = pt.shape
     kv_lens = c.check_int_vector(kv_lens, S, "kv_lens")
     query_start = c.check_int_vector(query_start, S + 1, "query_start")
 
     g = N // kh
     gp = c.next_pow2(g)
     bq = config.block_q or default_block_q(gp)
-    ppb = config.pages_per_block or default_pages_per_block(page_size)
-    for name, val in (("block_q", bq), ("pages_per_block", ppb)):
-        if not c.is_pow2(val):
-            raise ValueError(f"{name} must be a power of 2, got {val}")
+    c.check_block("block_q", bq)
+    bk = c.check_block("block_k", config.block_k or DEFAULT_BLOCK_K, 16)
     if bq * gp < 16:
         raise ValueError(f"block_q * padded group ({bq} * {gp}) must be >= 16 for Triton dots")
     num_warps = config.num_warps or (8 if bq * gp * d >= 128 * 128 else 4)
-    pt = c.pad_page_table(page_tables, ppb)
 
     t_pad = max(T, bq)                     # the tile load needs at least block_q rows
     q4 = q.reshape(T, kh, g, d)
@@ -181,16 +174,16 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     nb = sched.q_start.shape[0]
 
     kernel = functools.partial(
-        _prefill_kernel, block_q=bq, page_size=page_size, pages_per_block=ppb,
-        num_pages=num_pages, num_tokens=t_pad, scale_log2=float(scale) * c.LOG2E)
+        _prefill_kernel, block_q=bq, block_k=bk, page_size=page_size,
+        num_slots=num_pages * page_size, num_tokens=t_pad, scale_log2=float(scale) * c.LOG2E)
     vec = pl.BlockSpec((nb,), lambda i, h: (0,))
     out = pl.pallas_call(
         kernel,
         grid=(nb, kh),
         in_specs=[
             pl.BlockSpec((t_pad, None, gp, d), lambda i, h: (0, h, 0, 0)),
-            pl.BlockSpec((None, num_pages, page_size, d), lambda i, h: (h, 0, 0, 0)),
-            pl.BlockSpec((None, num_pages, page_size, d), lambda i, h: (h, 0, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size, d), lambda i, h: (h, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size, d), lambda i, h: (h, 0, 0)),
             pl.BlockSpec(pt.shape, lambda i, h: (0, 0)),
             vec, vec, vec, vec, vec,
         ],
@@ -198,8 +191,8 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
         out_shape=jax.ShapeDtypeStruct((t_pad, kh, gp, d), q.dtype),
         compiler_params=c.triton_compiler_params(num_warps, config.num_stages),
         interpret=interpret,
-        name=f"ragged_prefill_bq{bq}_ppb{ppb}",
-    )(q4, k_cache, v_cache, pt, sched.q_start, sched.num_rows, sched.seq, sched.first_pos,
+        name=f"ragged_prefill_bq{bq}_bk{bk}",
+    )(q4, c.flat_slots(k_cache), c.flat_slots(v_cache), pt, sched.q_start, sched.num_rows, sched.seq, sched.first_pos,
       sched.kv_stop)
     return out[:T, :, :g, :].reshape(T, N, d)
 

@@ -158,9 +158,14 @@ def llama3_rope_freqs(theta, dim, factor, low, high, original) -> np.ndarray:
 
 
 def write_llama_gguf(path, model, *, rope_freqs=None, quantize: dict | None = None) -> None:
-    """Write ``model`` (a transformers Llama) as llama.cpp would; ``quantize`` maps a GGUF
-    tensor name to a GGML type. The torch model is updated to the dequantised values."""
+    """Write ``model`` (an untied transformers Llama) as llama.cpp would.
+
+    Norms and biases are stored as F32, matrices as F16 unless ``quantize`` maps
+    their GGUF name to a GGML type. The torch model's parameters are replaced by
+    the values the file really holds, so both sides compute with the same weights.
+    """
     c = model.config
+    assert not c.tie_word_embeddings
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
     names = {"model.embed_tokens.weight": "token_embd.weight",
              "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
@@ -178,6 +183,8 @@ def write_llama_gguf(path, model, *, rope_freqs=None, quantize: dict | None = No
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
     w.add_vocab_size(c.vocab_size)
     w.add_bos_token_id(5)
     w.add_eos_token_id(7)
@@ -186,7 +193,7 @@ def write_llama_gguf(path, model, *, rope_freqs=None, quantize: dict | None = No
         w.add_tensor("rope_freqs.weight", rope_freqs)
     quantize = quantize or {}
     with torch.no_grad():
-        for hf, p in model.state_dict().items():
+        for hf, p in model.named_parameters():
             if hf in names:
                 name = names[hf]
             else:
@@ -194,26 +201,94 @@ def write_llama_gguf(path, model, *, rope_freqs=None, quantize: dict | None = No
                 module, kind = rest.rsplit(".", 1)
                 name = f"blk.{i}.{layer_names[module]}.{kind}"
             arr = p.float().numpy().copy()
-            if ".attn_q." in name:
-                arr = llama_cpp_permute(arr, heads)
-            elif ".attn_k." in name:
-                arr = llama_cpp_permute(arr, heads // heads * kv_heads)
-            if name in quantize:
+            heads_of = heads if ".attn_q." in name else kv_heads if ".attn_k." in name else None
+            order = (lambda x: x) if heads_of is None else (
+                lambda x: llama_cpp_permute(x, heads_of))
+            if arr.ndim == 1:
+                values, data, raw = arr, order(arr), {}
+            elif name in quantize:
                 qtype = quantize[name]
-                q = gguf.quants.quantize(arr, qtype)
-                deq = gguf.quants.dequantize(q, qtype).reshape(arr.shape)
-                w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
-                unperm = deq
-                if ".attn_q." in name or ".attn_k." in name:
-                    raise AssertionError("quantise only unpermuted tensors in this helper")
-                p.copy_(torch.from_numpy(unperm))
-            elif name.endswith("norm.weight"):
-                w.add_tensor(name, arr)
+                values = gguf.quants.dequantize(gguf.quants.quantize(arr, qtype), qtype)
+                data = gguf.quants.quantize(order(arr), qtype)
+                raw = dict(raw_shape=data.shape, raw_dtype=qtype)
             else:
-                w.add_tensor(name, arr.astype(np.float16))
-                model.state_dict()[hf].copy_(torch.from_numpy(
-                    llama_cpp_permute(arr, 1) * 0 + p.float().numpy()))
+                values = arr.astype(np.float16).astype(np.float32)
+                data, raw = order(arr).astype(np.float16), {}
+            w.add_tensor(name, data, **raw)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(values).reshape(arr.shape)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def tiny_llama(seed: int, **overrides):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{
+        "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512, "tie_word_embeddings": False, **overrides})
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn(p.shape))
+    return model.eval()
+
+
+def test_tiny_gguf_matches_source_model(tmp_path):
+    """Untied output, q/k/v/o and MLP biases, F16 and Q8_0 matrices, permuted q/k rows."""
+    model = tiny_llama(1, attention_bias=True, mlp_bias=True)
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, model, quantize={
+        "blk.0.attn_q.weight": gguf.GGMLQuantizationType.Q8_0,
+        "blk.1.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0,
+        "output.weight": gguf.GGMLQuantizationType.Q8_0})
+    loaded = load_model(str(path), dtype=jnp.float32, use_cache=False, progress=False)
+    cfg = loaded.config
+    assert not cfg.tie_word_embeddings and loaded.weights.lm_head is not None
+    assert cfg.attention_bias and cfg.mlp_bias
+    assert cfg.bos_token_id == 5 and cfg.eos_token_ids == (7, 8)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    for name, ref in to_our_layout(sd, cfg, 0).items():
+        np.testing.assert_allclose(np.asarray(getattr(loaded.weights.layers[0], name)), ref,
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 33)
+    err = rel_err(our_logits(loaded, tokens), torch_logits(model, tokens))
+    assert err <= TOL, f"relative logits error {err:.2e}"
+
+
+def test_tiny_gguf_llama3_rope_freqs(tmp_path):
+    """llama.cpp stores Llama-3 rope scaling as a rope_freqs tensor; it is recognised."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    model = tiny_llama(2, head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                       rope_parameters=rope, max_position_embeddings=131072)
+    freqs = llama3_rope_freqs(10000.0, 64, 8.0, 1.0, 4.0, 8192)
+    assert len(set(np.round(freqs, 3))) > 3  # all three regimes (1, smooth, factor) present
+    path = tmp_path / "tiny3.gguf"
+    write_llama_gguf(path, model, rope_freqs=freqs)
+    loaded = load_model(str(path), dtype=jnp.float32, use_cache=False, progress=False)
+    rs = loaded.config.rope_scaling
+    assert (rs.rope_type, rs.factor, rs.original_max_position_embeddings) == ("llama3", 8.0, 8192)
+    tokens = np.random.default_rng(2).integers(0, loaded.config.vocab_size, 120)
+    ref = torch_logits(model, tokens)
+    err = rel_err(our_logits(loaded, tokens), ref)
+    assert err <= TOL, f"relative logits error {err:.2e}"
+    # The prompt is long enough that unscaled rope would have failed this test.
+    unscaled = tiny_llama(2, head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+                          max_position_embeddings=131072)
+    unscaled.load_state_dict(model.state_dict())
+    assert rel_err(torch_logits(unscaled, tokens), ref) > 100 * TOL
+
+
+def test_tiny_gguf_unknown_rope_freqs_rejected(tmp_path):
+    from checkpoints import ConfigError
+
+    model = tiny_llama(3)
+    rng = np.random.default_rng(3)
+    path = tmp_path / "odd_rope.gguf"
+    write_llama_gguf(path, model, rope_freqs=(1 + rng.random(8)).astype(np.float32))
+    with pytest.raises(ConfigError, match="rope_freqs"):
+        load_model(str(path), dtype=jnp.float32, use_cache=False, progress=False)

@@ -1,0 +1,135 @@
+"""Drives an ``LLMEngine`` on a background thread for asyncio clients (the server, the bench).
+
+The engine thread owns the engine; other threads talk to it only through a
+command queue. Each request gets an asyncio queue of ``RequestOutput``s.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Sequence
+
+from arctic_jax.engine.engine import LLMEngine
+from arctic_jax.engine.request import RequestOutput
+from arctic_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are queued; retry later."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="arctic-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def num_requests(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # ------------------------------------------------------------ clients
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; leaving the iterator early aborts it."""
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        self.engine.scheduler.validate(len(prompt_ids))
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self.max_queue is not None and len(self._streams) >= self.max_queue:
+                raise QueueFullError(f"{len(self._streams)} requests in flight (max {self.max_queue})")
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self._streams[request_id] = stream
+        self._commands.put(("add", request_id, list(prompt_ids), params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    # -------------------------------------------------------- engine thread
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params = cmd
+                try:
+                    self.engine.add_request(ids, params, request_id=rid)
+                except ValueError as e:
+                    self._deliver(rid, e)
+            elif cmd[0] == "abort":
+                self.engine.abort(cmd[1])
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # noqa: BLE001 - report to every waiting client
+            log.exception("engine loop failed")
+            self.error = e
+            with self._lock:
+                ids = list(self._streams)
+            for rid in ids:
+                self._deliver(rid, RuntimeError(f"engine failure: {e}"))
