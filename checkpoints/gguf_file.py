@@ -62,6 +62,18 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(hf: str) -> str | None:
+    """The llama GGUF tensor name of an HF tensor name, or None if it has none."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == hf:
+            return g
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
+    for g, h in _LAYER_NAMES.items():
+        if m and h == m.group(2):
+            return f"blk.{int(m.group(1))}.{g}"
+    return None
+
+
 def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation of a torch-layout [rows, ...] tensor."""
     rows = w.shape[0]
@@ -230,7 +242,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any, *, progress: bool = True
         key = hf_name(t.name) or t.name
         by_hf[key], gguf_of[key] = t, t.name
     hf_layout.check_tensors({k: _tensor_shape(t) for k, t in by_hf.items()}, cfg, where=path,
-                            label=lambda n: gguf_of.get(n, n))
+                            label=lambda n: gguf_of.get(n) or gguf_name(n) or n)
 
     def read(name: str) -> np.ndarray:
         t = by_hf[name]
@@ -238,7 +250,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any, *, progress: bool = True
         if ".attn_q." in t.name:
             w = unpermute_rotary_rows(w, cfg.num_heads)
         elif ".attn_k." in t.name:
-            pass
+            w = unpermute_rotary_rows(w, cfg.num_kv_heads)
         return w
 
     weights = hf_layout.convert_weights(

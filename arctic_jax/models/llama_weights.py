@@ -14,11 +14,11 @@ them onto a mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from arctic_jax.config import ModelConfig
 from arctic_jax.pytree import pytree_dataclass
@@ -106,21 +106,17 @@ def validate_weights(weights: LlamaWeights, cfg: ModelConfig) -> None:
 
 def random_weights(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
                    scale: float = 0.02) -> LlamaWeights:
-    """Random weights of the right shapes (for tests and speed benchmarks).
+    """Random weights of the right shapes (for tests and speed benchmarks), drawn on the device.
 
-    Drawn on the host with numpy from ``key``'s seed for speed on large shapes.
+    Matrices ~ N(0, scale^2); norm weights ~ 1 + N(0, 0.1^2).
     """
-    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
+    keys = iter(jax.random.split(key, 16 * (cfg.num_layers + 1)))
 
     def draw(shape: tuple[int, ...] | None, *, norm: bool = False) -> jax.Array | None:
         if shape is None:
             return None
-        if norm:
-            arr = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            arr = scale * rng.standard_normal(shape, dtype=np.float32)
-        return jnp.asarray(arr, dtype=dtype)
+        return _normal(next(keys), shape, jnp.dtype(dtype), 1.0 if norm else 0.0,
+                       0.1 if norm else scale)
 
     layer_shapes = expected_layer_shapes(cfg)
     layers = tuple(
@@ -134,6 +130,12 @@ def random_weights(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
         final_norm=draw(model_shapes["final_norm"], norm=True),
         lm_head=draw(model_shapes["lm_head"]),
     )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, mean: float,
+            std: float) -> jax.Array:
+    return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def field_axes(cls: type) -> dict[str, tuple[str | None, ...]]:

@@ -1,0 +1,191 @@
+"""``arctic-jax bench``: measure latency and throughput of the engine or of a server.
+
+In-process (default): loads ``--model`` (or ``--random-weights SHAPE``), compiles
+every step bucket, then times the workload through an ``AsyncEngine``.
+HTTP (``--url``): streams ``/v1/completions`` from a running server.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+from typing import Any, Callable
+
+from arctic_jax.bench import report as rep
+from arctic_jax.bench import workload as wl
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESULTS = "benchmarks/RESULTS.md"
+
+
+def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("bench", help="benchmark latency and throughput (in-process or over HTTP)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    src = p.add_argument_group("target")
+    src.add_argument("--url", default=None,
+                     help="benchmark a running server (http://host:port) instead of in-process")
+    src.add_argument("--random-weights", default=None, metavar="SHAPE",
+                     choices=["llama-3.1-8b", "smollm2-shape", "tiny"],
+                     help="in-process model with random weights of this shape: llama-3.1-8b, "
+                          "smollm2-shape, or tiny (harness smoke test); ignores --model")
+    src.add_argument("--warmup-requests", type=int, default=1,
+                     help="untimed requests sent to a server first (HTTP only)")
+    load = p.add_argument_group("load (default: every request at once)")
+    mode = load.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, default=None,
+                      help="closed loop: N clients, each sends its next request when one finishes")
+    mode.add_argument("--request-rate", type=float, default=None,
+                      help="open loop: Poisson arrivals at this mean rate (req/s; 'inf' = all at once)")
+    load.add_argument("--num-requests", type=int, default=None,
+                      help="requests to send (default 100; with --dataset: all of its lines)")
+    load.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
+    work = p.add_argument_group("workload (synthetic random-token prompts unless --dataset)")
+    work.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 256)")
+    work.add_argument("--output-len", type=int, default=None, help="output tokens (default 128)")
+    work.add_argument("--input-len-range", default=None, metavar="LO:HI",
+                      help="uniform prompt length in [LO, HI]")
+    work.add_argument("--output-len-range", default=None, metavar="LO:HI",
+                      help="uniform output length in [LO, HI]")
+    work.add_argument("--vocab-size", type=int, default=None,
+                      help="token ids of synthetic prompts are drawn below this (required with --url; "
+                           "in-process default: the model's vocabulary)")
+    work.add_argument("--dataset", default=None,
+                      help='JSONL file, one {"prompt": str or [ids], "max_tokens": int} a line')
+    out = p.add_argument_group("output")
+    out.add_argument("--output-json", default=None, help="write the full report here")
+    out.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    out.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, default=None,
+                     metavar="PATH", help=f"append a markdown section to PATH (default {DEFAULT_RESULTS})")
+    out.add_argument("--title", default=None, help="section title for --append-results")
+    out.add_argument("--compare-note", default="",
+                     help="free text for --append-results: the peer or floor to compare with")
+    p.set_defaults(func=cmd_bench)
+
+
+# --------------------------------------------------------------------- workload
+def _lengths(args: argparse.Namespace) -> tuple[wl.LengthRange, wl.LengthRange]:
+    def one(fixed: int | None, rng: str | None, default: int, name: str) -> wl.LengthRange:
+        if fixed is not None and rng is not None:
+            raise ValueError(f"give --{name} or --{name}-range, not both")
+        if rng is not None:
+            return wl.parse_range(rng, f"--{name}-range")
+        value = default if fixed is None else fixed
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+        return wl.LengthRange(value, value)
+
+    return (one(args.input_len, args.input_len_range, 256, "input-len"),
+            one(args.output_len, args.output_len_range, 128, "output-len"))
+
+
+def build_workload(args: argparse.Namespace, vocab_size: int | None) -> tuple[list[wl.BenchRequest], str]:
+    """The requests and a one-line description of them."""
+    if args.dataset:
+        if any(v is not None for v in (args.input_len, args.output_len, args.input_len_range,
+                                       args.output_len_range)):
+            raise ValueError("--dataset sets prompt and output lengths; drop the length flags")
+        requests = wl.load_dataset(args.dataset, args.num_requests)
+        d = wl.describe(requests)
+        return requests, (f"dataset {args.dataset}: {d['num_requests']} requests, max_tokens "
+                          f"{d['output_len_min']}..{d['output_len_max']} (greedy)")
+    if vocab_size is None:
+        raise ValueError("synthetic prompts over HTTP need --vocab-size (the served model's "
+                         "vocabulary size, e.g. 49152 for SmolLM2)")
+    input_len, output_len = _lengths(args)
+    n = 100 if args.num_requests is None else args.num_requests
+    requests = wl.synthetic_requests(n, input_len, output_len, vocab_size, args.seed)
+    return requests, (f"synthetic random tokens: {n} requests, input {input_len}, output "
+                      f"{output_len} (ignore_eos, greedy, seed {args.seed})")
+
+
+def _load(args: argparse.Namespace, n: int) -> tuple[dict, str]:
+    """Keyword arguments of the drivers' load shape, and its description."""
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+        return {"concurrency": args.concurrency}, f"closed loop, concurrency {args.concurrency}"
+    rate = math.inf if args.request_rate is None else args.request_rate
+    offsets = wl.poisson_arrival_offsets(n, rate, args.seed)
+    text = "all requests at once" if math.isinf(rate) else \
+        f"Poisson arrivals, {rate:g} req/s (seed {args.seed})"
+    return {"arrival_offsets": offsets}, text
+
+
+# ---------------------------------------------------------------------- command
+def cmd_bench(args: argparse.Namespace) -> int:
+    from arctic_jax.bench import runner
+
+    if args.plot:
+        rep.check_plotting_available()
+    if args.url and args.random_weights:
+        raise ValueError("--random-weights runs in-process; it cannot be combined with --url")
+    if args.warmup_requests < 0:
+        raise ValueError("--warmup-requests must be >= 0")
+
+    if args.url:
+        requests, workload_text = build_workload(args, args.vocab_size)
+        load_kwargs, load_text = _load(args, len(requests))
+        result = runner.run_http(args.url, args.model, requests,
+                                 warmup_requests=args.warmup_requests, **load_kwargs)
+        meta = {"driver": f"HTTP {args.url}", "model": result.info.get("served_model", args.model),
+                "card": f"server at {args.url} (not reported over HTTP)", "engine_config": {}}
+    else:
+        engine, model_name, meta = _build_engine(args)
+        vocab = engine.cfg.vocab_size
+        if args.vocab_size is not None:
+            if not 1 <= args.vocab_size <= vocab:
+                raise ValueError(f"--vocab-size must be in [1, {vocab}] for this model")
+            vocab = args.vocab_size
+        requests, workload_text = build_workload(args, vocab)
+        load_kwargs, load_text = _load(args, len(requests))
+        requests = runner.tokenize_requests(requests, engine.tokenizer)
+        runner.check_fits(requests, engine)  # before the (long) warm-up
+        print(f"warming up: compiling {len(engine.runner.buckets.tokens)} x "
+              f"{len(engine.runner.buckets.pages)} step buckets ...", file=sys.stderr)
+        meta["warmup_s"] = runner.warmup_engine(engine)
+        result = runner.run_in_process(engine, requests, **load_kwargs)
+        meta["model"] = model_name
+    meta.update(workload=wl.describe(requests), workload_text=workload_text, load_text=load_text)
+
+    report = rep.build_report(result, meta)
+    table = rep.format_table(report)
+    print(table)
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        rep.write_plot(result, args.plot, title=f"{meta['model']} - {load_text}")
+    if args.append_results:
+        title = args.title or f"{meta['model']} on {meta.get('card', '?')}: {load_text}"
+        rep.append_results(args.append_results,
+                           rep.results_section(report, title=title, compare_note=args.compare_note))
+        print(f"appended to {args.append_results}", file=sys.stderr)
+    failed = report["num_failed"] > 0 or (not args.url and report["length_mismatches"])
+    return 1 if failed else 0
+
+
+def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
+    from arctic_jax.bench import runner
+    from arctic_jax.cli import engine_kwargs, parse_dtype
+    from arctic_jax.engine import engine as engine_mod
+
+    kwargs = engine_kwargs(args)
+    dtype = parse_dtype(args.dtype)
+    if args.random_weights:
+        engine, name = runner.build_random_engine(args.random_weights, kwargs, dtype=dtype,
+                                                  seed=args.seed)
+    else:
+        engine, name = runner.build_checkpoint_engine(args.model, kwargs, dtype=dtype)
+    sc = engine.sched_config
+    config = dataclasses.asdict(engine.config)
+    config.update(max_model_len=sc.max_model_len, num_pages=sc.num_pages,
+                  attention_impl=config["attention_impl"] or engine_mod._default_attention_impl())
+    config = {k: v for k, v in config.items() if v is not None}
+    meta = {"driver": "in-process AsyncEngine", "engine_config": config,
+            "dtype": str(engine.runner.weights.embed.dtype), **runner.device_info()}
+    return engine, name, meta
