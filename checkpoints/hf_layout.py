@@ -173,5 +173,6 @@ def convert_weights(read: Reader, cfg: ModelConfig, dtype: Any, *, has_lm_head: 
         del embed_raw
         final_norm = _on_device(read(FINAL_NORM), dtype)
         bar.update(1)
-        layers = tuple(convert_layer(read, cfg, i, dtype, bar.update) for i in range(cfg.num_layers))
+        layers = tuple(convert_layer(read, cfg, i, dtype, bar.update)
+                       for i in range(cfg.num_layers))
     return LlamaWeights(embed=embed, final_norm=final_norm, layers=layers, lm_head=lm_head)

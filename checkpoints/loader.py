@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -75,13 +76,14 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
     if hf_safetensors.is_hf_checkpoint_dir(path):
         directory = os.path.abspath(path)
         files = hf_safetensors.source_files(directory)
-        convert = lambda: hf_safetensors.load_hf_checkpoint(directory, dtype, progress=progress)  # noqa: E731
+        convert = functools.partial(hf_safetensors.load_hf_checkpoint, directory, dtype,
+                                    progress=progress)
         tokenizer = TokenizerSource(directory)
         name = os.path.basename(directory.rstrip(os.sep))
     elif path.lower().endswith(".gguf") and os.path.isfile(path):
         file = os.path.abspath(path)
         files = [file]
-        convert = lambda: gguf_file.load_gguf(file, dtype, progress=progress)  # noqa: E731
+        convert = functools.partial(gguf_file.load_gguf, file, dtype, progress=progress)
         tokenizer = TokenizerSource(os.path.dirname(file), os.path.basename(file))
         name = os.path.basename(file)[:-len(".gguf")]
     elif not os.path.exists(path):

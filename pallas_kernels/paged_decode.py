@@ -172,10 +172,11 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         name=f"paged_decode_bk{bk}_ns{ns}",
     )(q4, c.flat_slots(k_cache), c.flat_slots(v_cache), pt, row_to_seq, kv_lens)
     if ns == 1:
-        out = outs[0]
+        out = outs[0][:, :, :g, :]
     else:
-        out = combine_splits(*outs).astype(q.dtype)
-    return out[:, :, :g, :].reshape(B, N, d)
+        acc, m, l = outs
+        out = combine_splits(acc[..., :g, :], m[..., :g], l[..., :g]).astype(q.dtype)
+    return out.reshape(B, N, d)
 
 
 def paged_decode_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

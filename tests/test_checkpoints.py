@@ -69,8 +69,8 @@ def test_valid_checkpoint_loads_in_our_layout(tmp_path, tensors):
     np.testing.assert_array_equal(w.lm_head, tensors["lm_head.weight"].T)
     k = tensors["model.layers.1.self_attn.k_proj.weight"]
     np.testing.assert_array_equal(w.layers[1].kv_proj[:, 0], k.T.reshape(16, 2, 4))
-    np.testing.assert_array_equal(w.layers[1].o_proj,
-                                  tensors["model.layers.1.self_attn.o_proj.weight"].T.reshape(4, 4, 16))
+    o = tensors["model.layers.1.self_attn.o_proj.weight"]
+    np.testing.assert_array_equal(w.layers[1].o_proj, o.T.reshape(4, 4, 16))
     assert cfg.num_layers == 2 and w.layers[0].q_proj.shape == (16, 4, 4)
 
 
@@ -154,7 +154,8 @@ def test_truncated_safetensors_names_file(tmp_path, tensors):
 
 def test_missing_shard_and_missing_weights(tmp_path, tensors):
     d = write_hf(tmp_path / "m", CFG, tensors)
-    os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "model-00001-of-00002.safetensors"))
+    os.rename(os.path.join(d, "model.safetensors"),
+              os.path.join(d, "model-00001-of-00002.safetensors"))
     index = {"metadata": {}, "weight_map": {
         n: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, n in enumerate(tensors)}}
     with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:

@@ -3,6 +3,7 @@ tiny GGUF written here (llama.cpp's layout) against its torch source model."""
 from __future__ import annotations
 
 import math
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +70,6 @@ def smollm2():
     """(our LoadedModel, transformers model, its f32 state dict as numpy), loaded once."""
     path = default_model_path()
     ours = load_model(path, dtype=jnp.float32, use_cache=False, progress=False)
-    import os
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     sd = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
@@ -172,7 +172,8 @@ def write_llama_gguf(path, model, *, rope_freqs=None, quantize: dict | None = No
     layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)

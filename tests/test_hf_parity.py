@@ -106,7 +106,8 @@ def test_logits_match_transformers(case, tmp_path):
     assert (loaded.weights.lm_head is None) == cfg.tie_word_embeddings
     assert cfg.num_heads // cfg.num_kv_heads == (
         model.config.num_attention_heads // model.config.num_key_value_heads)
-    assert loaded.tokenizer_source.path == str(tmp_path) and loaded.tokenizer_source.gguf_file is None
+    assert loaded.tokenizer_source.path == str(tmp_path)
+    assert loaded.tokenizer_source.gguf_file is None
     assert loaded.weights.embed.dtype == jnp.float32
 
 

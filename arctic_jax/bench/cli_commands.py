@@ -126,6 +126,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--random-weights runs in-process; it cannot be combined with --url")
     if args.warmup_requests < 0:
         raise ValueError("--warmup-requests must be >= 0")
+    if args.num_requests is not None and args.num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.dataset is None:
+        _lengths(args)  # fail on bad length flags before loading a model
 
     if args.url:
         requests, workload_text = build_workload(args, args.vocab_size)

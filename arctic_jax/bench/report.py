@@ -7,7 +7,8 @@ Definitions (per request, from its ``RequestRecord``):
 - TPOT: (E2E - TTFT) / (output tokens - 1); undefined for one-token outputs.
 - ITL: time between successive token deliveries; a delivery carrying k tokens
   after a gap g counts as k latencies of g / k (tokens that arrive together
-  with the first token count as 0), so a request's ITLs sum to E2E - TTFT.
+  with the first token count as 0), so a request's ITLs sum to the time from
+  its first to its last token (E2E - TTFT, less the end-of-stream delay).
 
 Throughputs divide by the wall time from the first arrival to the last
 completion. Latencies are reported in milliseconds.
@@ -203,6 +204,8 @@ def write_plot(result: RunResult, path: str | os.PathLike, title: str = "") -> N
         ax2.step(arrivals, np.arange(1, arrivals.size + 1), where="post", color="tab:orange",
                  alpha=0.6, label="requests arrived")
         ax2.set_ylabel("requests arrived")
+        handles = a_tok.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        a_tok.legend(handles, [h.get_label() for h in handles], loc="upper left")
     a_tok.set_xlabel("time since first arrival (s)")
     a_tok.set_ylabel("cumulative output tokens")
     a_tok.grid(True, alpha=0.3)
@@ -225,7 +228,9 @@ def results_section(report: dict[str, Any], *, title: str, compare_note: str = "
         f"## {title}",
         "",
         f"- Date: {now.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Card: {meta.get('card', 'unknown')} (jax {meta.get('jax_version', 'unknown')})",
+        f"- Card: {meta.get('card', 'unknown')}"
+        f"{' x%d' % meta['num_devices'] if meta.get('num_devices', 1) > 1 else ''} "
+        f"(jax {meta.get('jax_version', 'unknown')})",
         f"- Model: {meta.get('model', 'unknown')} (dtype {meta.get('dtype', 'unknown')})",
         f"- Driver: {meta.get('driver', 'unknown')}",
         f"- Engine: {engine_text}",

@@ -202,7 +202,7 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
         cfg, name = RANDOM_MODEL_SHAPES[shape](), f"random-weights:{shape}"
     else:
         cfg, name = shape, "random-weights:custom"
-    dtype = dtype or default_dtype()
+    dtype = default_dtype() if dtype is None else dtype
     weights = random_weights(cfg, jax.random.PRNGKey(seed), dtype=dtype)
     engine = LLMEngine(cfg, weights, TokenIdTokenizer(),
                        _engine_config(engine_kwargs, cfg.max_position_embeddings), dtype=dtype)

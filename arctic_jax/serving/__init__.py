@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving: ``arctic-jax serve`` (see ``app.create_app``)."""
