@@ -87,28 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub, _add_model_args)
+    for register in _extra_commands():
+        register(sub, _add_model_args)
     return parser
 
 
-_EXTRA_COMMANDS: list = []
-
-
-def _register_extra_commands() -> None:
+def _extra_commands() -> list:
     """``serve`` and ``bench`` live beside their code; each module has ``register(sub, add_model_args)``."""
     import importlib
 
+    found = []
     for module in ("arctic_jax.serving.cli_commands", "arctic_jax.bench.cli_commands"):
         try:
-            _EXTRA_COMMANDS.append(importlib.import_module(module).register)
+            found.append(importlib.import_module(module).register)
         except ImportError as e:  # optional extras (FastAPI) may be missing on a GPU host
             logging.getLogger("arctic_jax").debug("%s unavailable: %s", module, e)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _register_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup(args)

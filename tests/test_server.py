@@ -78,7 +78,7 @@ def metrics(server) -> str:
 
 def metric(text: str, name: str, labels: str = "") -> float:
     """Value of one sample of the Prometheus text (0 when the labelled sample is absent)."""
-    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" (\S+)$"
+    pattern = "^" + re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" (\S+)$"
     m = re.search(pattern, text, re.MULTILINE)
     if m is None:
         assert labels, f"metric {name} missing"

@@ -226,7 +226,6 @@ def warmup_engine(engine: Any, *, progress: bool = True) -> float:
 
     start = time.perf_counter()
     engine.runner.warmup(progress=progress)
-    execute_programs_once(engine.runner)
     rid = engine.add_request(list(_probe_request(engine, -1).prompt),
                              SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                              request_id="bench-warmup")
@@ -238,29 +237,6 @@ def warmup_engine(engine: Any, *, progress: bool = True) -> float:
     while engine.has_unfinished():  # drain the step launched after the last token
         engine.step()
     return time.perf_counter() - start
-
-
-def execute_programs_once(runner: Any) -> int:
-    """Run every compiled step program once on its padding-only dummy batch.
-
-    The first execution of a program pays one-time costs (module load, buffer
-    set-up: tens of ms each) that ``ModelRunner.warmup`` (compile only) leaves
-    to the first real step. The dummy batch writes no KV slot and no token-buffer
-    row. Uses ModelRunner internals; returns how many programs ran (0 if the
-    runner does not expose them).
-    """
-    programs = getattr(runner, "_programs", None)
-    dummy = getattr(runner, "_dummy_inputs", None)
-    if programs is None or dummy is None:
-        log.warning("cannot pre-execute step programs; the first timed steps pay that cost")
-        return 0
-    packed = None
-    for (T, MP), program in list(programs.items()):
-        runner.cache, runner.token_buffer, packed = program(runner.weights, runner.cache,
-                                                            runner.token_buffer, dummy(T, MP))
-    if packed is not None:
-        packed.block_until_ready()
-    return len(programs)
 
 
 def _probe_request(engine: Any, index: int) -> BenchRequest:
