@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from arctic_jax.pytree import pytree_dataclass
 from pallas_kernels import _common as c
 
 
@@ -60,7 +61,7 @@ def default_block_q(group_padded: int) -> int:
 DEFAULT_BLOCK_K = 64
 
 
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class BlockSchedule:
     """Per query block (all [NB] int32): flat start, real rows, page-table row,
     position of the first row, number of keys to visit (0: store zeros)."""

@@ -19,6 +19,8 @@ from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache, write_kv
 from arctic_jax.models.llama_weights import LayerWeights, LlamaWeights
 from arctic_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from sharding import logical_axes as ax
+from sharding.rules import ActivationSharding, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +28,7 @@ class StepOptions:
     """Compile-time choices of a step function."""
 
     attention_impl: str = "reference"
+    sharding: ActivationSharding | None = None   # None: one device, no constraints
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -44,16 +47,21 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
                     cos: jax.Array, sin: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [T, H] -> attention output [T, H] (before the residual), updated cache."""
+    sh = opts.sharding
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
     q = _maybe_add(jnp.einsum("th,hnd->tnd", h, layer.q_proj), layer.q_bias)
     kv = _maybe_add(jnp.einsum("th,hckd->tckd", h, layer.kv_proj), layer.kv_bias)
+    # Attention layout: all tokens, heads split over every device (an all-to-all under SP).
+    q = constrain(sh, q, ax.ATTN_QKV_AXES)
+    kv = constrain(sh, kv, (ax.ATTN_TOKENS, None, ax.ATTN_HEADS, ax.HEAD_DIM))
     q = apply_rope(q, cos, sin)
     k = apply_rope(kv[:, 0], cos, sin)
     cache_k, cache_v = write_kv(cache_k, cache_v, k, kv[:, 1], batch.slot_mapping)
     attn = paged_attention(q, cache_k, cache_v, batch, scale=cfg.head_dim ** -0.5,
                            impl=opts.attention_impl)
+    attn = constrain(sh, attn, ax.HEADS_OUT_AXES)  # back to the token layout
     out = _maybe_add(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
-    return out, cache_k, cache_v
+    return constrain(sh, out, ax.HIDDEN_AXES), cache_k, cache_v
 
 
 def mlp_block(cfg: ModelConfig, layer: LayerWeights, x: jax.Array) -> jax.Array:
@@ -77,16 +85,18 @@ def forward(weights: LlamaWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: 
     """One ragged step: returns float32 logits [R, V] and the updated cache."""
     inv_freq = inverse_frequencies(cfg)
     cos, sin = rope_cos_sin(batch.positions, inv_freq)
-    x = weights.embed[batch.tokens]
+    sh = opts.sharding
+    x = constrain(sh, weights.embed[batch.tokens], ax.HIDDEN_AXES)
     new_k, new_v = [], []
     for i, layer in enumerate(weights.layers):
         attn, ck, cv = attention_block(cfg, opts, layer, x, kv_cache.k[i], kv_cache.v[i],
                                        batch, cos, sin)
         x = x + attn
-        x = x + mlp_block(cfg, layer, x)
+        x = x + constrain(sh, mlp_block(cfg, layer, x), ax.HIDDEN_AXES)
         new_k.append(ck)
         new_v.append(cv)
-    logits = lm_head(cfg, weights, x[batch.logits_indices])
+    rows = constrain(sh, x[batch.logits_indices], (ax.LOGITS_ROWS, ax.EMBED))
+    logits = constrain(sh, lm_head(cfg, weights, rows), (ax.LOGITS_ROWS, None))
     return logits, KVCache(k=tuple(new_k), v=tuple(new_v), page_size=kv_cache.page_size)
 
 

@@ -368,7 +368,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def run_in_pool(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
-    def check_common(body: Any, eng: AsyncEngine) -> None:
+    def check_common(body: Any) -> None:
         if body.model != state.served_model_name:
             raise APIError(400, f"the model '{body.model}' does not exist; this server serves "
                                 f"'{state.served_model_name}'", param="model",
@@ -427,8 +427,8 @@ def create_app(state: ServerState) -> FastAPI:
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=0 if body.top_k is None else body.top_k,
                 min_p=0.0 if body.min_p is None else body.min_p,
-                seed=body.seed, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
-                ignore_eos=bool(body.ignore_eos), logprobs=logprobs)
+                seed=body.seed, stop=body.stop or (),
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos), logprobs=logprobs)
         except ValueError as e:
             raise _sampling_error(e, {"max_tokens": max_tokens_param}) from None
 
@@ -477,7 +477,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         eng = engine()
         body = await parse(request, CompletionRequest)
-        check_common(body, eng)
+        check_common(body)
         for name in ("echo", "suffix"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported", param=name, code="unsupported")
@@ -544,7 +544,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         eng = engine()
         body = await parse(request, ChatCompletionRequest)
-        check_common(body, eng)
+        check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         n_top = body.top_logprobs or 0

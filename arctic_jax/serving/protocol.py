@@ -105,10 +105,15 @@ def _describe(errors: list[dict[str, Any]]) -> RequestParseError:
     if first["type"] == "missing":
         return RequestParseError(f"missing required argument: {'.'.join(loc)}", param)
     # Union members add their own entries; report every distinct reason for this field.
-    reasons = list(dict.fromkeys(e["msg"] for e in errors if e["loc"] and str(e["loc"][0]) == param))
+    # A union field fails once per member (their locations name the member types): report the
+    # field and every distinct reason. Otherwise name the exact place, e.g. messages.0.role.
+    same_field = [e for e in errors if e["loc"] and str(e["loc"][0]) == param]
+    where = ".".join(loc) if len(same_field) == 1 else param
+    reasons = list(dict.fromkeys(e["msg"] for e in same_field))
     got = first.get("input")
-    shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 80 else type(got).__name__
-    return RequestParseError(f"invalid value for '{param}' ({shown}): {'; or '.join(reasons)}", param)
+    shown = repr(got) if len(repr(got)) <= 80 else type(got).__name__
+    return RequestParseError(f"invalid value for '{where}' ({shown}): {'; or '.join(reasons)}",
+                             param)
 
 
 def parse_request(model: type[RequestT], body: bytes) -> RequestT:
