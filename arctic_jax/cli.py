@@ -23,15 +23,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
     p.add_argument("--attention-impl", default=None, help="reference or pallas")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
+                   help="Ulysses sequence parallelism; SP x TP devices in all")
+    p.add_argument("--enable-shift-parallel", action="store_true",
+                   help="TP for small steps, SP for large ones, over one KV cache")
+    p.add_argument("--shift-parallel-threshold", default="512",
+                   help="tokens per step at or below which TP is used, or 'auto' to calibrate")
+    p.add_argument("--parallel-mode", choices=["tp", "sp", "shift"], default=None,
+                   help="shortcut for the parallel flags above")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="persistent XLA compilation cache directory")
     p.add_argument("--log-level", default="WARNING")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the shared model/engine flags."""
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
-             "kv_cache_memory_fraction", "attention_impl"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+             "kv_cache_memory_fraction", "attention_impl", "tensor_parallel_size",
+             "sequence_parallel_size", "shift_parallel_threshold", "parallel_mode"]
+    kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "enable_shift_parallel", False):
+        kwargs["enable_shift_parallel"] = True
+    return kwargs
 
 
 def _setup(args: argparse.Namespace) -> None:

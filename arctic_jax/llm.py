@@ -29,7 +29,9 @@ class LLM:
     ``model`` is an HF checkpoint directory, a ``.gguf`` file, or ``"default"``/None
     for the embedded SmolLM2-135M-Instruct. Engine limits (``max_num_seqs``,
     ``max_num_batched_tokens``, ``max_model_len``, ``page_size``, ``num_pages`` ...)
-    are keyword arguments, see ``EngineConfig``.
+    are keyword arguments, see ``EngineConfig``. Parallelism: ``tensor_parallel_size``,
+    ``sequence_parallel_size``, ``enable_shift_parallel``, ``shift_parallel_threshold``
+    (tokens, or "auto" to calibrate at warm-up) and the ``parallel_mode`` shortcut.
     """
 
     def __init__(self, model: str | None = "default", *, dtype: Any = None,
@@ -43,7 +45,7 @@ class LLM:
         self.tokenizer = load_tokenizer(src.path, src.gguf_file)
         engine_kwargs.setdefault("max_model_len", min(loaded.config.max_position_embeddings, 4096))
         self.engine = LLMEngine(loaded.config, loaded.weights, self.tokenizer,
-                                EngineConfig(**engine_kwargs))
+                                EngineConfig.from_flags(**engine_kwargs))
 
     # -------------------------------------------------------------- helpers
     def _params_list(self, params: SamplingParams | Sequence[SamplingParams] | None,

@@ -142,7 +142,7 @@ def decode_case(args, B, ctx, ps, rng):
     mp = -(-ctx // ps)
     pages = B * mp
     kv_bytes = 2 * B * ctx * K * D * dtype.itemsize
-    n_rot = 1 if args.smoke else int(min(16, max(1, ROTATE_BYTES // max(kv_bytes, 1))))
+    n_rot = args.rotate or int(min(16, max(1, ROTATE_BYTES // max(kv_bytes, 1))))
     key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
     k1, k2, k3 = jax.random.split(key, 3)
     base_k = jax.random.normal(k1, (K, pages, ps, D), jnp.float32).astype(dtype)
@@ -173,9 +173,9 @@ def decode_configs(args, B, ctx) -> list[DecodeConfig]:
 def describe(cfg, B=None, K=None, ctx=None) -> str:
     if isinstance(cfg, DecodeConfig):
         ns = cfg.num_splits or default_num_splits(B, K, ctx)
-        return f"bk={cfg.block_k or 128} ns={ns} w={cfg.num_warps} s={cfg.num_stages}"
+        return f"bk={cfg.block_k or 'auto'} ns={ns} w={cfg.num_warps} s={cfg.num_stages}"
     if isinstance(cfg, PrefillConfig):
-        return (f"bq={cfg.block_q or 'auto'} bk={cfg.block_k or 64} w={cfg.num_warps or 'auto'} "
+        return (f"bq={cfg.block_q or 'auto'} bk={cfg.block_k or 'auto'} w={cfg.num_warps or 'auto'} "
                 f"s={cfg.num_stages}")
     return str(cfg)
 
@@ -439,6 +439,8 @@ def parse_args(argv=None):
     p.add_argument("--num-stages", type=ints, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--max-iters", type=int, default=200, help="max calls per timed loop")
+    p.add_argument("--rotate", type=int, default=None,
+                   help="cache copies paged variants rotate over (default: >= 256 MiB of KV)")
     p.add_argument("--xla-max-gb", type=float, default=24.0,
                    help="skip the XLA prefill reference above this many GiB of scores")
     p.add_argument("--append-results", action="store_true")
@@ -448,7 +450,7 @@ def parse_args(argv=None):
     if a.smoke:
         a.q_heads, a.kv_heads, a.head_dim = min(a.q_heads, 8), min(a.kv_heads, 2), min(a.head_dim, 64)
         defaults = dict(batches=[1, 3], contexts=[100, 300], page_sizes=[16], prefill_new=[40],
-                        prefill_prefix=[0, 50], reps=1)
+                        prefill_prefix=[0, 50], reps=1, rotate=1)
         a.max_iters = 3
     elif a.quick:
         defaults = dict(batches=[1, 64], contexts=[4096, 16384], page_sizes=[16],

@@ -2,7 +2,11 @@
 
 Triton constraints the kernels respect: every loaded/stored tile has a power-of-2
 number of elements, and a dot needs M, N, K >= 16. Refs are raw pointers on the
-GPU, so nothing outside an array may be read: callers pad or clamp instead.
+GPU, so nothing outside an array may be read: indices are clamped instead.
+
+K/V tiles are gathered per key: key position -> page-table entry -> slot
+(page * PS + offset) -> row of the cache viewed as [K, P * PS, D]. So a tile of
+``block_k`` keys may span several pages or part of one, for any page size.
 """
 from __future__ import annotations
 
@@ -83,6 +87,8 @@ def online_softmax_step(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     (running max m [R], running sum l [R], unnormalised output acc [R, D] f32).
     """
     m_prev, l_prev, acc_prev = carry
+    if k.dtype != q.dtype:          # e.g. f32 queries over a bf16 cache: compute in q's dtype
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     s = dot_nt(q, k) * scale_log2
     if mask is not None:
         s = jnp.where(mask, s, NEG_INF)

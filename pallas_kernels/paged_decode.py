@@ -15,12 +15,18 @@ Kernel design (Pallas, Triton lowering on GPU; ``interpret=True`` on CPU):
   as [block_k, D] from the cache viewed as slots [K, P * PS, D]. Keys at or past
   kv_len are masked, so lengths may end mid-page.
 - Split-K: the row's keys (from its actual kv_len) are divided evenly over
-  ``num_splits`` programs, in whole tiles. Each writes a partial (max, sum, unnormalised acc) in
-  f32; a small jnp log-sum-exp combine merges them. With one split the kernel
-  normalises and writes the output directly. Softmax is in f32 (base 2).
+  ``num_splits`` programs, in whole tiles. Each writes a partial (max, sum,
+  unnormalised acc) in f32; a small jnp log-sum-exp combine merges them. With one
+  split the kernel normalises and writes the output directly. Softmax is in f32
+  (base 2).
 - ``num_splits`` defaults from static shapes: enough programs to fill the GPU
   (about 2 per SM on an H100) when B * K is small, at most one split per 256
   tokens of the page-table capacity.
+
+Inputs are trusted inside jit: kv_lens past the page table's capacity are
+clipped and page ids clamped into the cache (wrong numbers, never out-of-bounds
+reads). Queries whose dtype differs from the cache's are matched by casting the
+K/V tiles to the query dtype.
 """
 from __future__ import annotations
 
@@ -42,13 +48,15 @@ MIN_TOKENS_PER_SPLIT = 256
 class DecodeConfig:
     """Block parameters; None picks a default from the static shapes."""
 
-    block_k: int | None = None           # keys per iteration (block_k / PS pages); default 128
+    block_k: int | None = None           # keys per iteration (block_k / PS pages); default_block_k
     num_splits: int | None = None        # default: default_num_splits(...)
     num_warps: int = 4
     num_stages: int = 2
 
 
-DEFAULT_BLOCK_K = 128
+def default_block_k(dtype) -> int:
+    """128 keys for 16-bit caches, 64 for f32 (keeps 2 pipeline stages in shared memory)."""
+    return max(16, 256 // jnp.dtype(dtype).itemsize)
 
 
 def default_num_splits(num_rows: int, num_kv_heads: int, max_kv_len: int) -> int:
@@ -125,7 +133,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         row_to_seq = jnp.arange(B, dtype=jnp.int32)
     else:
         row_to_seq = c.check_int_vector(row_to_seq, B, "row_to_seq")
-    bk = c.check_block("block_k", config.block_k or DEFAULT_BLOCK_K, 16)
+    bk = c.check_block("block_k", config.block_k or default_block_k(k_cache.dtype), 16)
     pt = c.check_page_tables(page_tables)
     mp = pt.shape[1]
     ns = config.num_splits or default_num_splits(B, kh, mp * page_size)

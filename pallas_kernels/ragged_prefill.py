@@ -29,6 +29,12 @@ Design (Pallas, Triton lowering on GPU; ``interpret=True`` on CPU):
   in the page table (see paged_decode). Blocks that lie entirely at or before
   the first query position need no mask (first loop); the rest are masked
   key_pos <= query_pos (second loop). Softmax in f32, base 2.
+- T < block_q: q is padded to block_q rows (small steps only).
+
+Inputs are trusted inside jit: KV lengths past the page table's capacity are
+clipped and page ids clamped into the cache, so bad values give wrong numbers,
+never out-of-bounds reads. The cache must hold finite values (as for the
+reference: masked keys get weight 0, and 0 * inf is nan).
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ class PrefillConfig:
     """Block parameters; None picks a default from the static shapes."""
 
     block_q: int | None = None           # tokens per query block; default: 128 // Gp rows, >= 16
-    block_k: int | None = None           # keys per iteration (block_k / PS pages); default 64
+    block_k: int | None = None           # keys per iteration (block_k / PS pages); default_block_k
     num_warps: int | None = None         # default: 8 for 128x128+ tiles, else 4
     num_stages: int = 2
 
@@ -58,7 +64,9 @@ def default_block_q(group_padded: int) -> int:
     return max(16, 128 // group_padded)
 
 
-DEFAULT_BLOCK_K = 64
+def default_block_k(dtype) -> int:
+    """64 keys for 16-bit caches, 32 for f32."""
+    return max(16, 128 // jnp.dtype(dtype).itemsize)
 
 
 @pytree_dataclass
@@ -162,7 +170,7 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     gp = c.next_pow2(g)
     bq = config.block_q or default_block_q(gp)
     c.check_block("block_q", bq)
-    bk = c.check_block("block_k", config.block_k or DEFAULT_BLOCK_K, 16)
+    bk = c.check_block("block_k", config.block_k or default_block_k(k_cache.dtype), 16)
     if bq * gp < 16:
         raise ValueError(f"block_q * padded group ({bq} * {gp}) must be >= 16 for Triton dots")
     num_warps = config.num_warps or (8 if bq * gp * d >= 128 * 128 else 4)

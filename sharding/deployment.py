@@ -21,6 +21,7 @@ from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import StepOptions, forward
 from arctic_jax.models.llama_weights import LlamaWeights
+from sharding import logical_axes as ax
 from sharding.mesh import ParallelConfig, make_mesh
 from sharding.placement import HeadPlacement, place_weights, placed_config, plan_heads
 from sharding.rules import VARIANT_RULES, ActivationSharding, dataclass_shardings, kv_cache_sharding
@@ -60,10 +61,14 @@ class ParallelDeployment:
                         "heads on %d devices", plan.kv_replication, plan.zero_heads,
                         cfg.num_heads, cfg.num_kv_heads, P)
         placed = place_weights(weights, cfg, plan)
-        copies = {}
-        for variant in parallel.variants:
-            shardings = dataclass_shardings(placed, mesh, VARIANT_RULES[variant])
-            copies[variant] = jax.device_put(placed, shardings)
+        rules = {v: dict(VARIANT_RULES[v]) for v in parallel.variants}
+        if cfg.vocab_size % P:
+            log.warning("vocab %d does not split over %d devices: embedding and LM head replicated",
+                        cfg.vocab_size, P)
+            for r in rules.values():
+                r[ax.VOCAB] = None
+        copies = {v: jax.device_put(placed, dataclass_shardings(placed, mesh, rules[v]))
+                  for v in parallel.variants}
         dep = cls(parallel=parallel, mesh=mesh, cfg=pcfg, plan=plan, weights=copies)
         dep.log_memory()
         return dep
@@ -108,6 +113,17 @@ class ParallelDeployment:
         self.weight_bytes_per_device = per_device
 
     # ------------------------------------------------------------------ jit
+    def jit_engine_step(self, variant: str, base: StepOptions, num_top_logprobs: int) -> Callable:
+        """Jitted engine step (model + sampling) for one variant; cache and token buffer donated."""
+        from arctic_jax.engine.model_runner import engine_step
+
+        fn = functools.partial(engine_step, cfg=self.cfg, opts=self.options(variant, base),
+                               num_top_logprobs=num_top_logprobs)
+        cache_sh, rep = self.cache_sharding, self.replicated
+        return jax.jit(fn, donate_argnums=(1, 2),
+                       in_shardings=(self.weight_shardings(variant), cache_sh, rep, rep),
+                       out_shardings=(cache_sh, rep, rep))
+
     def jit_model_step(self, variant: str, base: StepOptions = StepOptions()) -> Callable:
         """Jitted ``(weights, cache, batch) -> (logits, cache)`` for one variant; cache donated."""
         fn = functools.partial(forward, cfg=self.cfg, opts=self.options(variant, base))

@@ -54,3 +54,32 @@ def make_mesh(pc: ParallelConfig, devices: Sequence[jax.Device] | None = None) -
     grid = np.asarray(devices[:pc.num_devices], dtype=object).reshape(
         pc.sequence_parallel_size, pc.tensor_parallel_size)
     return Mesh(grid, ("sp", "tp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def resolve_parallel_config(tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
+                            enable_shift_parallel: bool = False,
+                            shift_parallel_threshold: int | str = 512,
+                            parallel_mode: str | None = None) -> ParallelConfig | None:
+    """User-facing flags -> ParallelConfig (None for one device).
+
+    ``parallel_mode`` tp/sp/shift is a shortcut; without it, shift needs
+    ``enable_shift_parallel`` and SP > 1 alone means static Ulysses SP.
+    """
+    if isinstance(shift_parallel_threshold, str) and shift_parallel_threshold != "auto":
+        try:
+            shift_parallel_threshold = int(shift_parallel_threshold)
+        except ValueError:
+            raise ConfigError(f"--shift-parallel-threshold must be a number or 'auto', got "
+                              f"{shift_parallel_threshold!r}") from None
+    if tensor_parallel_size * sequence_parallel_size == 1:
+        if parallel_mode not in (None, "tp") or enable_shift_parallel:
+            raise ConfigError("shift/sp parallel modes need more than one device "
+                              "(set --sequence-parallel-size)")
+        return None
+    mode = parallel_mode or ("shift" if enable_shift_parallel
+                             else "sp" if sequence_parallel_size > 1 else "tp")
+    if mode == "tp" and sequence_parallel_size > 1 and parallel_mode is None:
+        mode = "sp"
+    return ParallelConfig(sequence_parallel_size=sequence_parallel_size,
+                          tensor_parallel_size=tensor_parallel_size, mode=mode,
+                          shift_threshold=shift_parallel_threshold)

@@ -100,6 +100,14 @@ class TestKernels:
         assert out.dtype == jnp.bfloat16
         self._close(out, ref, self.bf16_tol)
 
+    def test_decode_f32_queries_over_bf16_cache(self):
+        rng = np.random.default_rng(10)
+        kc, vc = _cache(rng, 16, 16, 64, jnp.bfloat16)
+        q = jnp.asarray(rng.standard_normal((3, KV_HEADS * 4, 64)), jnp.float32)
+        out, ref = self._decode(q, kc, vc, _page_tables(rng, 3, 5, 16), np.array([70, 16, 5]))
+        assert out.dtype == jnp.float32
+        self._close(out, ref, self.f32_tol)
+
     def test_decode_rows_share_sequences(self):
         """row_to_seq: several rows read one page-table row with different lengths."""
         rng = np.random.default_rng(9)

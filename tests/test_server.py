@@ -48,6 +48,12 @@ def server_env() -> dict[str, str]:
 def server():
     proc = ServerProcess(SERVER_ARGS, env=server_env(), cwd=REPO_ROOT)
     try:
+        # The port opens before the model is loaded: record what clients see meanwhile.
+        deadline = time.monotonic() + 120
+        while (status := proc.health())[0] == 0:
+            assert proc.proc.poll() is None and time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+        proc.while_loading = (status, httpx.get(proc.url + "/v1/models"))
         proc.wait_ready(timeout=300)
         yield proc
     finally:
@@ -105,6 +111,16 @@ def words(rng: random.Random, n: int) -> str:
 
 
 # ---------------------------------------------------------------- basics
+def test_not_ready_while_loading_then_ready(server):
+    health, models = server.while_loading
+    assert health == (503, {"status": "loading"})
+    assert models.status_code == 503
+    assert models.json()["error"]["code"] == "not_ready"
+    log = server.log_tail(100_000)
+    assert "compiling step buckets" in log   # the warm-up progress bar
+    assert "arctic-jax serve: ready" in log
+
+
 def test_health_models_and_metrics_format(server, client):
     r = httpx.get(server.url + "/health")
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
@@ -141,7 +157,8 @@ def test_streamed_chat_equals_non_streamed(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content and text
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason]
     assert finishes == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
@@ -186,7 +203,8 @@ def test_completion_logprobs(client):
     lp = choice.logprobs
     n = resp.usage.completion_tokens
     assert choice.finish_reason == "length" and n == 6
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
+    assert len(lp.text_offset) == n
     assert "".join(lp.tokens) == choice.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
@@ -250,7 +268,8 @@ def test_64_concurrent_requests_equal_each_run_alone(server, client):
         if kind == "chat":
             r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=max_tokens,
                                                messages=[{"role": "user", "content": text}])
-            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+            return (r.choices[0].message.content, r.choices[0].finish_reason,
+                    r.usage.completion_tokens)
         r = client.completions.create(model=MODEL, prompt=text, temperature=0,
                                       max_tokens=max_tokens)
         return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens

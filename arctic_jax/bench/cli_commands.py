@@ -191,5 +191,5 @@ def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
                   attention_impl=config["attention_impl"] or engine_mod._default_attention_impl())
     config = {k: v for k, v in config.items() if v is not None}
     meta = {"driver": "in-process AsyncEngine", "engine_config": config,
-            "dtype": str(engine.runner.weights.embed.dtype), **runner.device_info()}
+            "dtype": str(next(iter(engine.runner.weights.values())).embed.dtype), **runner.device_info()}
     return engine, name, meta

@@ -180,7 +180,7 @@ def _engine_config(engine_kwargs: dict, max_position_embeddings: int) -> Any:
 
     kwargs = dict(engine_kwargs)
     kwargs.setdefault("max_model_len", min(max_position_embeddings, 4096))  # as LLM does
-    return EngineConfig(**kwargs)
+    return EngineConfig.from_flags(**kwargs)
 
 
 def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = None,

@@ -24,6 +24,7 @@ from arctic_jax.kv_cache import bytes_per_page
 from arctic_jax.models.llama import StepOptions
 from arctic_jax.models.llama_weights import LlamaWeights
 from arctic_jax.sampling import SamplingParams
+from sharding.mesh import ParallelConfig, resolve_parallel_config
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class EngineConfig:
     max_logprobs: int = 5
     token_buckets: tuple[int, ...] | None = None
     page_buckets: tuple[int, ...] | None = None
+    parallel: ParallelConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -52,6 +54,19 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 2, got {self.num_pages}")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
+
+    @classmethod
+    def from_flags(cls, *, tensor_parallel_size: int = 1, sequence_parallel_size: int = 1,
+                   enable_shift_parallel: bool = False, shift_parallel_threshold: int | str = 512,
+                   parallel_mode: str | None = None, **kwargs: Any) -> "EngineConfig":
+        """An EngineConfig from user-facing keyword arguments, parallel flags included."""
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        parallel = resolve_parallel_config(tensor_parallel_size, sequence_parallel_size,
+                                           enable_shift_parallel, shift_parallel_threshold,
+                                           parallel_mode)
+        return cls(parallel=parallel, **kwargs)
 
 
 def _default_attention_impl() -> str:
@@ -109,10 +124,11 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=dtype, opts=opts,
                                   num_top_logprobs=config.max_logprobs,
                                   token_buckets=config.token_buckets,
-                                  page_buckets=config.page_buckets)
+                                  page_buckets=config.page_buckets,
+                                  parallel=config.parallel)
         self.metrics = EngineMetrics()
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._inflight: tuple[ScheduledStep, Any, float] | None = None
+        self._inflight: tuple[ScheduledStep, Any, str] | None = None
         self._counter = 0
         log.info("KV cache: %d pages of %d tokens (%.2f GiB)", self.sched_config.num_pages,
                  self.sched_config.page_size,
@@ -158,7 +174,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         launched = None
         if step.chunks:
-            launched = (step, self.runner.dispatch(step), time.monotonic())
+            packed, variant = self.runner.dispatch(step)
+            launched = (step, packed, variant)
         outputs: list[RequestOutput] = []
         if self._inflight is not None:
             outputs = self._finish_step(*self._inflight)
@@ -166,12 +183,12 @@ class LLMEngine:
         self.metrics.on_step(self.scheduler)
         return outputs
 
-    def _finish_step(self, step: ScheduledStep, packed: Any, launched_at: float) -> list[RequestOutput]:
+    def _finish_step(self, step: ScheduledStep, packed: Any, variant: str) -> list[RequestOutput]:
         num_rows = sum(c.sample for c in step.chunks)
         result = self.runner.fetch(packed, num_rows)
         now = time.monotonic()
         touched = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs)
-        self.metrics.on_tokens(len(touched), step.num_tokens)
+        self.metrics.on_tokens(len(touched), step.num_tokens, variant)
         outputs = []
         for request in touched:
             detok = self._detok.get(request.request_id)

@@ -15,7 +15,7 @@ import functools
 import logging
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,9 @@ from arctic_jax.models.llama import StepOptions, forward
 from arctic_jax.models.llama_weights import LlamaWeights
 from arctic_jax.pytree import pytree_dataclass, replace
 from arctic_jax.sampling import SamplingTensors, sample
+
+if TYPE_CHECKING:
+    from sharding.mesh import ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +100,58 @@ class CompileCounter:
 
 
 class ModelRunner:
-    """Owns the weights, the KV cache and the compiled step programs."""
+    """Owns the weights, the KV cache and the compiled step programs.
+
+    With a ``ParallelConfig`` the model is placed on a (sp, tp) mesh and one
+    program family is compiled per step variant ("tp", "sp"); ``variant_for``
+    picks one per step by its scheduled token count (shift parallelism).
+    """
 
     def __init__(self, cfg: ModelConfig, weights: LlamaWeights, sched: SchedulerConfig, *,
                  dtype: Any, opts: StepOptions = StepOptions(), num_top_logprobs: int = 0,
                  token_buckets: tuple[int, ...] | None = None,
-                 page_buckets: tuple[int, ...] | None = None):
-        self.cfg = cfg
+                 page_buckets: tuple[int, ...] | None = None,
+                 parallel: "ParallelConfig | None" = None):
         self.sched = sched
-        self.weights = weights
         self.num_top_logprobs = num_top_logprobs
         defaults = Buckets.for_limits(sched.max_num_batched_tokens, sched.max_num_seqs,
                                       sched.max_pages_per_seq, min_tokens=8)
-        self.buckets = Buckets(tokens=token_buckets or defaults.tokens,
-                               seqs=(sched.max_num_seqs,),
+        token_buckets = token_buckets or defaults.tokens
+        self.parallel = parallel
+        if parallel is not None and parallel.num_devices > 1:
+            from sharding.deployment import ParallelDeployment
+
+            dep = ParallelDeployment.create(cfg, weights, parallel)
+            # Ulysses splits the token axis SP ways: every bucket is a multiple of SP.
+            sp = parallel.sequence_parallel_size
+            token_buckets = tuple(sorted({-(-t // sp) * sp for t in token_buckets}))
+            self.cfg = dep.cfg
+            self.weights = dep.weights
+            self.cache = dep.allocate_cache(sched.num_pages, sched.page_size, dtype)
+            self._jitted = {v: dep.jit_engine_step(v, opts, num_top_logprobs)
+                            for v in parallel.variants}
+            self.deployment = dep
+        else:
+            self.cfg = cfg
+            self.weights = {"single": weights}
+            self.cache = KVCache.allocate(cfg, sched.num_pages, sched.page_size, dtype)
+            self._jitted = {"single": _jitted_engine_step(cfg, opts, num_top_logprobs)}
+            self.deployment = None
+        self.variants = tuple(self._jitted)
+        self.shift_threshold = (parallel.shift_threshold
+                                if parallel is not None and isinstance(parallel.shift_threshold, int)
+                                else 512)
+        self.buckets = Buckets(tokens=token_buckets, seqs=(sched.max_num_seqs,),
                                pages=page_buckets or defaults.pages)
-        self.cache = KVCache.allocate(cfg, sched.num_pages, sched.page_size, dtype)
         self.token_buffer = jnp.zeros((sched.max_num_seqs,), jnp.int32)
-        self._jitted = _jitted_engine_step(cfg, opts, num_top_logprobs)
-        self._programs: dict[tuple[int, int], Callable] = {}
+        self._programs: dict[tuple[str, int, int], Callable] = {}
+        self.calibration: list[tuple[int, float, float]] = []
+
+    def variant_for(self, num_tokens: int) -> str:
+        """The step variant for a step of ``num_tokens`` scheduled tokens."""
+        if len(self.variants) == 1:
+            return self.variants[0]
+        return "tp" if num_tokens <= self.shift_threshold else "sp"
 
     # ---------------------------------------------------------------- inputs
     def build_inputs(self, step: ScheduledStep) -> EngineInputs:
@@ -144,13 +180,20 @@ class ModelRunner:
                             sampling=sampling)
 
     # -------------------------------------------------------------- programs
-    def _program(self, inputs: EngineInputs) -> Callable:
-        key = (inputs.batch.tokens.shape[0], inputs.batch.page_tables.shape[1])
+    def _program(self, variant: str, inputs: EngineInputs) -> Callable:
+        key = (variant, inputs.batch.tokens.shape[0], inputs.batch.page_tables.shape[1])
         program = self._programs.get(key)
         if program is None:
-            program = self._jitted.lower(self.weights, self.cache, self.token_buffer, inputs).compile()
+            program = self._jitted[variant].lower(self.weights[variant], self.cache,
+                                                  self.token_buffer, inputs).compile()
             self._programs[key] = program
         return program
+
+    def _run(self, variant: str, inputs: EngineInputs) -> jax.Array:
+        program = self._program(variant, inputs)
+        self.cache, self.token_buffer, packed = program(self.weights[variant], self.cache,
+                                                        self.token_buffer, inputs)
+        return packed
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every bucket shape ahead of time and run each program once.
@@ -159,19 +202,54 @@ class ModelRunner:
         all padding, so it writes no KV slot and no token-buffer row. Returns seconds.
         """
         start = time.perf_counter()
-        shapes = [(t, p) for t in self.buckets.tokens for p in self.buckets.pages]
+        shapes = [(v, t, p) for v in self.variants for t in self.buckets.tokens
+                  for p in self.buckets.pages]
         iterator = shapes
         if progress:
             from tqdm import tqdm
             iterator = tqdm(shapes, desc="compiling step buckets", file=sys.stderr, unit="program")
         packed = None
-        for T, MP in iterator:
-            inputs = self._dummy_inputs(T, MP)
-            self.cache, self.token_buffer, packed = self._program(inputs)(
-                self.weights, self.cache, self.token_buffer, inputs)
+        for variant, T, MP in iterator:
+            packed = self._run(variant, self._dummy_inputs(T, MP))
         if packed is not None:
             packed.block_until_ready()
+        if self.parallel is not None and self.parallel.shift_threshold == "auto" \
+                and len(self.variants) == 2:
+            self.calibrate()
         return time.perf_counter() - start
+
+    def calibrate(self, repeats: int = 5) -> int:
+        """Time both variants per token bucket; set the threshold at the crossover.
+
+        The threshold becomes the largest bucket up to which TP is at least as fast
+        as SP (TP for everything if SP never wins).
+        """
+        MP = self.buckets.pages[-1]
+        rows = []
+        for T in self.buckets.tokens:
+            inputs = self._dummy_inputs(T, MP)
+            times = {}
+            for variant in ("tp", "sp"):
+                samples = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    self._run(variant, inputs).block_until_ready()
+                    samples.append(time.perf_counter() - t0)
+                times[variant] = float(np.median(samples))
+            rows.append((T, times["tp"], times["sp"]))
+        threshold = self.buckets.tokens[-1]
+        for T, tp, sp in rows:
+            if sp < tp:
+                smaller = [b for b in self.buckets.tokens if b < T]
+                threshold = smaller[-1] if smaller else 0
+                break
+        self.shift_threshold = threshold
+        self.calibration = rows
+        table = "\n".join(f"  {T:>6} tokens: tp {tp * 1e3:8.2f} ms  sp {sp * 1e3:8.2f} ms"
+                          for T, tp, sp in rows)
+        log.warning("shift-parallel calibration (bucket, TP, SP step times):\n%s\n"
+                    "threshold set to %d tokens", table, threshold)
+        return threshold
 
     def _dummy_inputs(self, T: int, MP: int) -> EngineInputs:
         S = self.buckets.seqs[0]
@@ -185,13 +263,10 @@ class ModelRunner:
                             sample_slot=np.full(S, -1, np.int32), sampling=sampling)
 
     # ------------------------------------------------------------------- run
-    def dispatch(self, step: ScheduledStep) -> jax.Array:
-        """Launch a step asynchronously; returns the packed device result."""
-        inputs = self.build_inputs(step)
-        program = self._program(inputs)
-        self.cache, self.token_buffer, packed = program(self.weights, self.cache,
-                                                        self.token_buffer, inputs)
-        return packed
+    def dispatch(self, step: ScheduledStep) -> tuple[jax.Array, str]:
+        """Launch a step asynchronously; returns the packed device result and the variant."""
+        variant = self.variant_for(step.num_tokens)
+        return self._run(variant, self.build_inputs(step)), variant
 
     def fetch(self, packed: jax.Array, num_rows: int) -> StepResult:
         """Wait for a dispatched step and copy its result to the host (one transfer)."""

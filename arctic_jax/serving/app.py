@@ -458,7 +458,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return acc
 
             acc = await _until_disconnected(request, collect())
-            return JSONResponse(respond(acc).model_dump())
+            return Response(respond(acc).model_dump_json(), media_type="application/json")
         finally:
             if not streaming:
                 gens.close()

@@ -85,10 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    state = ServerState(served_model_name=args.served_model_name, api_key=args.api_key)
+    state = ServerState(served_model_name=args.served_model_name, api_key=args.api_key or None)
+    level = args.log_level.lower()
     server = uvicorn.Server(uvicorn.Config(
-        create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=5))
+        create_app(state), host=args.host, port=args.port,
+        log_level=level if level in ("critical", "error", "warning", "info", "debug", "trace")
+        else "warning", timeout_graceful_shutdown=5))
 
     def load() -> None:
         from arctic_jax.cli import parse_dtype
