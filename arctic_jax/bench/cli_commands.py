@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import logging
 import math
 import sys
@@ -26,6 +27,10 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     p = sub.add_parser("bench", help="benchmark latency and throughput (in-process or over HTTP)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.add_argument("--token-buckets", type=_int_tuple, default=None,
+                   help="comma-separated step token counts to compile (default: powers of 2)")
+    p.add_argument("--page-buckets", type=_int_tuple, default=None,
+                   help="comma-separated page-table widths to compile (default: powers of 2)")
     src = p.add_argument_group("target")
     src.add_argument("--url", default=None,
                      help="benchmark a running server (http://host:port) instead of in-process")
@@ -37,8 +42,9 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
                      help="untimed requests sent to a server first (HTTP only)")
     load = p.add_argument_group("load (default: every request at once)")
     mode = load.add_mutually_exclusive_group()
-    mode.add_argument("--concurrency", type=int, default=None,
-                      help="closed loop: N clients, each sends its next request when one finishes")
+    mode.add_argument("--concurrency", type=_int_levels, default=None,
+                      help="closed loop: N clients, each sends its next request when one finishes; "
+                           "a comma list (1,16,64) runs one level after another on one engine")
     mode.add_argument("--request-rate", type=float, default=None,
                       help="open loop: Poisson arrivals at this mean rate (req/s; 'inf' = all at once)")
     load.add_argument("--num-requests", type=int, default=None,
@@ -103,12 +109,26 @@ def build_workload(args: argparse.Namespace, vocab_size: int | None) -> tuple[li
                       f"{output_len} (ignore_eos, greedy, seed {args.seed})")
 
 
-def _load(args: argparse.Namespace, n: int) -> tuple[dict, str]:
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(_int_levels(text))
+
+
+def _int_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or a comma list of N, got {text!r}") from None
+    if not levels:
+        raise argparse.ArgumentTypeError("empty concurrency list")
+    return levels
+
+
+def _load(args: argparse.Namespace, n: int, concurrency: int | None = None) -> tuple[dict, str]:
     """Keyword arguments of the drivers' load shape, and its description."""
-    if args.concurrency is not None:
-        if args.concurrency < 1:
-            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
-        return {"concurrency": args.concurrency}, f"closed loop, concurrency {args.concurrency}"
+    if concurrency is not None:
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
+        return {"concurrency": concurrency}, f"closed loop, concurrency {concurrency}"
     rate = math.inf if args.request_rate is None else args.request_rate
     offsets = wl.poisson_arrival_offsets(n, rate, args.seed)
     text = "all requests at once" if math.isinf(rate) else \
@@ -131,13 +151,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.dataset is None:
         _lengths(args)  # fail on bad length flags before loading a model
 
+    levels = args.concurrency or [None]
     if args.url:
         requests, workload_text = build_workload(args, args.vocab_size)
-        load_kwargs, load_text = _load(args, len(requests))
-        result = runner.run_http(args.url, args.model, requests,
-                                 warmup_requests=args.warmup_requests, **load_kwargs)
-        meta = {"driver": f"HTTP {args.url}", "model": result.info.get("served_model", args.model),
+        meta = {"driver": f"HTTP {args.url}", "model": args.model,
                 "card": f"server at {args.url} (not reported over HTTP)", "engine_config": {}}
+        engine, vocab = None, args.vocab_size
     else:
         engine, model_name, meta = _build_engine(args)
         vocab = engine.cfg.vocab_size
@@ -146,31 +165,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise ValueError(f"--vocab-size must be in [1, {vocab}] for this model")
             vocab = args.vocab_size
         requests, workload_text = build_workload(args, vocab)
-        load_kwargs, load_text = _load(args, len(requests))
         requests = runner.tokenize_requests(requests, engine.tokenizer)
         runner.check_fits(requests, engine)  # before the (long) warm-up
         print(f"warming up: compiling {len(engine.runner.buckets.tokens)} x "
               f"{len(engine.runner.buckets.pages)} step buckets ...", file=sys.stderr)
         meta["warmup_s"] = runner.warmup_engine(engine)
-        result = runner.run_in_process(engine, requests, **load_kwargs)
         meta["model"] = model_name
-    meta.update(workload=wl.describe(requests), workload_text=workload_text, load_text=load_text)
-
-    report = rep.build_report(result, meta)
-    table = rep.format_table(report)
-    print(table)
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-    if args.plot:
-        rep.write_plot(result, args.plot, title=f"{meta['model']} - {load_text}")
-    if args.append_results:
-        title = args.title or f"{meta['model']} on {meta.get('card', '?')}: {load_text}"
-        rep.append_results(args.append_results,
-                           rep.results_section(report, title=title, compare_note=args.compare_note))
-        print(f"appended to {args.append_results}", file=sys.stderr)
-    failed = report["num_failed"] > 0 or (not args.url and report["length_mismatches"])
+    failed = False
+    for level in levels:
+        if len(levels) > 1 and args.num_requests is None and args.dataset is None:
+            # A sweep without --num-requests: four waves of requests per concurrency level.
+            args.num_requests = max(8, 4 * level)
+            requests, workload_text = build_workload(args, vocab if engine else args.vocab_size)
+            if engine is not None:
+                requests = runner.tokenize_requests(requests, engine.tokenizer)
+            args.num_requests = None
+        load_kwargs, load_text = _load(args, len(requests), level)
+        if engine is None:
+            result = runner.run_http(args.url, args.model, requests,
+                                     warmup_requests=args.warmup_requests, **load_kwargs)
+            meta["model"] = result.info.get("served_model", args.model)
+        else:
+            result = runner.run_in_process(engine, requests, **load_kwargs)
+        level_meta = dict(meta, workload=wl.describe(requests), workload_text=workload_text,
+                          load_text=load_text)
+        report = rep.build_report(result, level_meta)
+        print(rep.format_table(report))
+        suffix = "" if len(levels) == 1 else f".c{level}"
+        if args.output_json:
+            with open(_with_suffix(args.output_json, suffix), "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
+        if args.plot:
+            rep.write_plot(result, _with_suffix(args.plot, suffix),
+                           title=f"{level_meta['model']} - {load_text}")
+        if args.append_results:
+            title = args.title or f"{level_meta['model']} on {meta.get('card', '?')}: {load_text}"
+            rep.append_results(args.append_results,
+                               rep.results_section(report, title=title,
+                                                   compare_note=args.compare_note))
+            print(f"appended to {args.append_results}", file=sys.stderr)
+        failed |= report["num_failed"] > 0 or (engine is not None and
+                                              bool(report["length_mismatches"]))
     return 1 if failed else 0
+
+
+def _with_suffix(path: str, suffix: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}{suffix}{ext}"
 
 
 def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
@@ -179,6 +220,9 @@ def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
     from arctic_jax.engine import engine as engine_mod
 
     kwargs = engine_kwargs(args)
+    for name in ("token_buckets", "page_buckets"):
+        if getattr(args, name, None):
+            kwargs[name] = getattr(args, name)
     dtype = parse_dtype(args.dtype)
     if args.random_weights:
         engine, name = runner.build_random_engine(args.random_weights, kwargs, dtype=dtype,
