@@ -84,7 +84,8 @@ def metrics(server) -> str:
 
 def metric(text: str, name: str, labels: str = "") -> float:
     """Value of one sample of the Prometheus text (0 when the labelled sample is absent)."""
-    pattern = "^" + re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" (\S+)$"
+    sample = name + ("{" + labels + "}" if labels else "")
+    pattern = "^" + re.escape(sample) + r" (\S+)$"
     m = re.search(pattern, text, re.MULTILINE)
     if m is None:
         assert labels, f"metric {name} missing"

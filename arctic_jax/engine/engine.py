@@ -163,6 +163,7 @@ class LLMEngine:
         self._detok.pop(request_id, None)
         if request is not None:
             self.metrics.on_finish(request)
+            self.metrics.on_step(self.scheduler)  # keep gauges right when no step follows
         return request is not None
 
     def has_unfinished(self) -> bool:

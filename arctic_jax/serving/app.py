@@ -428,7 +428,8 @@ def create_app(state: ServerState) -> FastAPI:
                 top_k=0 if body.top_k is None else body.top_k,
                 min_p=0.0 if body.min_p is None else body.min_p,
                 seed=body.seed, stop=body.stop or (),
-                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos), logprobs=logprobs)
+                stop_token_ids=tuple(body.stop_token_ids or ()),
+                ignore_eos=bool(body.ignore_eos), logprobs=logprobs)
         except ValueError as e:
             raise _sampling_error(e, {"max_tokens": max_tokens_param}) from None
 
