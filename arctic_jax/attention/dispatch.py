@@ -1,17 +1,52 @@
-"""Selects the paged-attention implementation by name."""
+"""Selects the paged-attention implementation by name.
+
+- ``"reference"``: pure jnp (``arctic_jax.attention.reference``); the CPU default.
+- ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (Triton lowering on GPU,
+  ``interpret=True`` elsewhere); the GPU default.
+
+Under a parallel step variant the call runs inside ``shard_map`` over the
+attention-head axis: attention is local to each device's heads and cache shard,
+so no implementation can move the cache.
+"""
 from __future__ import annotations
 
+import functools
+
 import jax
+from jax.sharding import PartitionSpec
 
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import StepBatch
+from sharding import logical_axes as ax
+from sharding.rules import ActivationSharding, partition_spec
 
-ATTENTION_IMPLS = ("reference",)
+ATTENTION_IMPLS = ("reference", "pallas")
+
+
+def default_attention_impl() -> str:
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def _local_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
+                     scale: float, impl: str) -> jax.Array:
+    if impl == "reference":
+        return reference_attention(q, k_cache, v_cache, batch, scale)
+    if impl == "pallas":
+        from pallas_kernels import paged_attention_pallas
+        return paged_attention_pallas(q, k_cache, v_cache, batch, scale,
+                                      interpret=jax.default_backend() != "gpu")
+    raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
-                    scale: float, impl: str = "reference") -> jax.Array:
+                    scale: float, impl: str = "reference",
+                    sharding: ActivationSharding | None = None) -> jax.Array:
     """q [T, N, D] attends over the paged cache [K, P, PS, D]; returns [T, N, D]."""
-    if impl == "reference":
-        return reference_attention(q, k_cache, v_cache, batch, scale)
-    raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+    fn = functools.partial(_local_attention, scale=scale, impl=impl)
+    if sharding is None:
+        return fn(q, k_cache, v_cache, batch)
+    qkv = partition_spec(ax.ATTN_QKV_AXES, sharding.rules)
+    cache = partition_spec(ax.KV_CACHE_AXES, sharding.rules)
+    replicated = jax.tree_util.tree_map(lambda _: PartitionSpec(), batch)
+    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(qkv, cache, cache, replicated),
+                         out_specs=qkv, check_vma=False)(q, k_cache, v_cache, batch)

@@ -217,7 +217,7 @@ def _with_suffix(path: str, suffix: str) -> str:
 def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
     from arctic_jax.bench import runner
     from arctic_jax.cli import engine_kwargs, parse_dtype
-    from arctic_jax.engine import engine as engine_mod
+    from arctic_jax.attention.dispatch import default_attention_impl
 
     kwargs = engine_kwargs(args)
     for name in ("token_buckets", "page_buckets"):
@@ -232,7 +232,7 @@ def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
     sc = engine.sched_config
     config = dataclasses.asdict(engine.config)
     config.update(max_model_len=sc.max_model_len, num_pages=sc.num_pages,
-                  attention_impl=config["attention_impl"] or engine_mod._default_attention_impl())
+                  attention_impl=config["attention_impl"] or default_attention_impl())
     config = {k: v for k, v in config.items() if v is not None}
     meta = {"driver": "in-process AsyncEngine", "engine_config": config,
             "dtype": str(next(iter(engine.runner.weights.values())).embed.dtype), **runner.device_info()}

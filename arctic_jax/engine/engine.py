@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 
+from arctic_jax.attention.dispatch import default_attention_impl
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.detokenizer import IncrementalDetokenizer
 from arctic_jax.engine.metrics import EngineMetrics
@@ -69,10 +70,6 @@ class EngineConfig:
         return cls(parallel=parallel, **kwargs)
 
 
-def _default_attention_impl() -> str:
-    return "reference"
-
-
 def _device_free_bytes() -> int | None:
     try:
         stats = jax.devices()[0].memory_stats()
@@ -120,7 +117,7 @@ class LLMEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.scheduler = Scheduler(self.sched_config, eos_token_ids=eos)
-        opts = StepOptions(attention_impl=config.attention_impl or _default_attention_impl())
+        opts = StepOptions(attention_impl=config.attention_impl or default_attention_impl())
         self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=dtype, opts=opts,
                                   num_top_logprobs=config.max_logprobs,
                                   token_buckets=config.token_buckets,

@@ -58,7 +58,7 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     k = apply_rope(kv[:, 0], cos, sin)
     cache_k, cache_v = write_kv(cache_k, cache_v, k, kv[:, 1], batch.slot_mapping)
     attn = paged_attention(q, cache_k, cache_v, batch, scale=cfg.head_dim ** -0.5,
-                           impl=opts.attention_impl)
+                           impl=opts.attention_impl, sharding=sh)
     attn = constrain(sh, attn, ax.HEADS_OUT_AXES)  # back to the token layout
     out = _maybe_add(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
     return constrain(sh, out, ax.HIDDEN_AXES), cache_k, cache_v
