@@ -21,10 +21,10 @@ from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import StepOptions, forward
 from arctic_jax.models.llama_weights import LlamaWeights
-from sharding import logical_axes as ax
 from sharding.mesh import ParallelConfig, make_mesh
 from sharding.placement import HeadPlacement, place_weights, placed_config, plan_heads
-from sharding.rules import VARIANT_RULES, ActivationSharding, dataclass_shardings, kv_cache_sharding
+from sharding.rules import (ActivationSharding, dataclass_shardings, kv_cache_sharding,
+                            variant_rules)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class ParallelDeployment:
     cfg: ModelConfig               # the placed config (heads padded / replicated)
     plan: HeadPlacement
     weights: dict[str, LlamaWeights]
+    split_vocab: bool = True
 
     @classmethod
     def create(cls, cfg: ModelConfig, weights: LlamaWeights, parallel: ParallelConfig,
@@ -61,15 +62,15 @@ class ParallelDeployment:
                         "heads on %d devices", plan.kv_replication, plan.zero_heads,
                         cfg.num_heads, cfg.num_kv_heads, P)
         placed = place_weights(weights, cfg, plan)
-        rules = {v: dict(VARIANT_RULES[v]) for v in parallel.variants}
-        if cfg.vocab_size % P:
+        split_vocab = cfg.vocab_size % P == 0
+        if not split_vocab:
             log.warning("vocab %d does not split over %d devices: embedding and LM head replicated",
                         cfg.vocab_size, P)
-            for r in rules.values():
-                r[ax.VOCAB] = None
-        copies = {v: jax.device_put(placed, dataclass_shardings(placed, mesh, rules[v]))
+        copies = {v: jax.device_put(placed, dataclass_shardings(placed, mesh,
+                                                                variant_rules(v, split_vocab)))
                   for v in parallel.variants}
-        dep = cls(parallel=parallel, mesh=mesh, cfg=pcfg, plan=plan, weights=copies)
+        dep = cls(parallel=parallel, mesh=mesh, cfg=pcfg, plan=plan, weights=copies,
+                  split_vocab=split_vocab)
         dep.log_memory()
         return dep
 
@@ -96,7 +97,8 @@ class ParallelDeployment:
                        v=tuple(make() for _ in range(self.cfg.num_layers)), page_size=page_size)
 
     def options(self, variant: str, base: StepOptions = StepOptions()) -> StepOptions:
-        return dataclasses.replace(base, sharding=ActivationSharding(self.mesh, variant))
+        return dataclasses.replace(base, sharding=ActivationSharding(self.mesh, variant,
+                                                                     self.split_vocab))
 
     def log_memory(self) -> None:
         per_device = {v: _bytes(w) / self.parallel.num_devices for v, w in self.weights.items()}

@@ -48,6 +48,14 @@ SP_RULES: dict[str, MeshAxes] = {
 VARIANT_RULES: Mapping[str, Mapping[str, MeshAxes]] = {"tp": TP_RULES, "sp": SP_RULES}
 
 
+def variant_rules(variant: str, split_vocab: bool = True) -> dict[str, MeshAxes]:
+    """The rules of one step variant; ``split_vocab=False`` replicates the vocab axis."""
+    rules = dict(VARIANT_RULES[variant])
+    if not split_vocab:
+        rules[ax.VOCAB] = None
+    return rules
+
+
 def partition_spec(axes: ax.LogicalAxes, rules: Mapping[str, MeshAxes]) -> PartitionSpec:
     """PartitionSpec of an array whose axes have these logical names."""
     missing = [a for a in axes if a is not None and a not in rules]
@@ -62,10 +70,11 @@ class ActivationSharding:
 
     mesh: Mesh
     variant: str
+    split_vocab: bool = True   # False when the vocabulary does not divide over the devices
 
     @property
     def rules(self) -> Mapping[str, MeshAxes]:
-        return VARIANT_RULES[self.variant]
+        return variant_rules(self.variant, self.split_vocab)
 
     def sharding(self, axes: ax.LogicalAxes) -> NamedSharding:
         return NamedSharding(self.mesh, partition_spec(axes, self.rules))

@@ -221,7 +221,10 @@ def test_step_matches_single_device(models, scenarios, name, layout, variant):
     assert dep.cfg.num_kv_heads == cfg.num_kv_heads * dep.plan.kv_replication
     cache = stale_cache(dep.cfg.num_kv_heads, cfg, np.random.default_rng(5), dep.cache_sharding)
     program = models.program(name, layout, variant)
+    before = shard_layout(cache)
     logits, cache = run_steps(program, dep.weights[variant], cache, sc.batches, sc.num_logits)
+    assert all(x.sharding == dep.cache_sharding for x in cache.k + cache.v)
+    assert shard_layout(cache) == before
     assert_matches_reference(logits, cache, ref_logits, ref_kv, sc.written,
                              dep.plan.kv_replication, f"{name} {layout}/{variant}")
 
@@ -396,8 +399,6 @@ def _lm_head_gathers(hlo: str, cfg: ModelConfig) -> list[str]:
     return [f"{op} {shapes}" for op, shapes in collectives(hlo) if full & set(shapes)]
 
 
-@pytest.mark.xfail(strict=True, reason="llama.forward lets XLA all-gather the whole vocab-split "
-                   "LM head / tied embedding every step; constrain logits to (rows, vocab) first")
 @pytest.mark.parametrize("variant", ["tp", "sp"])
 def test_lm_head_is_not_gathered(models, variant):
     """Each device computes logits for its vocab slice; only [R, V] logits are gathered."""
@@ -405,9 +406,6 @@ def test_lm_head_is_not_gathered(models, variant):
     assert _lm_head_gathers(hlo, CONFIGS["gqa4"]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="llama.attention_block lets XLA all-gather the token-split "
-                   "hidden states over sp and run the q/kv projections on every token on every "
-                   "sp rank; constrain q/kv to the token layout right after the projections")
 @pytest.mark.parametrize("layout", ["sp8", "sp4tp2"])
 def test_sp_projects_only_its_own_tokens(models, layout):
     """Under SP no device gathers the full [T, H] hidden states."""

@@ -51,7 +51,10 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
     q = _maybe_add(jnp.einsum("th,hnd->tnd", h, layer.q_proj), layer.q_bias)
     kv = _maybe_add(jnp.einsum("th,hckd->tckd", h, layer.kv_proj), layer.kv_bias)
-    # Attention layout: all tokens, heads split over every device (an all-to-all under SP).
+    # Project the local tokens first, then move to the attention layout: all tokens,
+    # heads split over every device (an all-to-all under SP).
+    q = constrain(sh, q, ax.HEADS_OUT_AXES)
+    kv = constrain(sh, kv, (ax.TOKENS, None, ax.KV_HEADS, ax.HEAD_DIM))
     q = constrain(sh, q, ax.ATTN_QKV_AXES)
     kv = constrain(sh, kv, (ax.ATTN_TOKENS, None, ax.ATTN_HEADS, ax.HEAD_DIM))
     q = apply_rope(q, cos, sin)
@@ -96,7 +99,8 @@ def forward(weights: LlamaWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: 
         new_k.append(ck)
         new_v.append(cv)
     rows = constrain(sh, x[batch.logits_indices], (ax.LOGITS_ROWS, ax.EMBED))
-    logits = constrain(sh, lm_head(cfg, weights, rows), (ax.LOGITS_ROWS, None))
+    logits = constrain(sh, lm_head(cfg, weights, rows), (ax.LOGITS_ROWS, ax.VOCAB))
+    logits = constrain(sh, logits, (ax.LOGITS_ROWS, None))  # gather the logits, not the head
     return logits, KVCache(k=tuple(new_k), v=tuple(new_v), page_size=kv_cache.page_size)
 
 
