@@ -54,14 +54,16 @@ from pallas_kernels import _common as c
 class PrefillConfig:
     """Block parameters; None picks a default from the static shapes."""
 
-    block_q: int | None = None           # tokens per query block; default: 128 // Gp rows, >= 16
+    block_q: int | None = None           # tokens per query block; default: 256 // Gp rows, >= 16
     block_k: int | None = None           # keys per iteration (block_k / PS pages); default_block_k
     num_warps: int | None = None         # default: 8 for 128x128+ tiles, else 4
     num_stages: int = 2
 
 
 def default_block_q(group_padded: int) -> int:
-    return max(16, 128 // group_padded)
+    """256 query rows (tokens x padded group) per block: the best tile in the H100 sweep
+    (8k causal prefill, 32 q / 8 kv heads: bq=64 bk=64 8 warps, 300 TFLOP/s vs 149 at 128 rows)."""
+    return max(16, 256 // group_padded)
 
 
 def default_block_k(dtype) -> int:

@@ -122,7 +122,7 @@ class ParallelDeployment:
         fn = functools.partial(engine_step, cfg=self.cfg, opts=self.options(variant, base),
                                num_top_logprobs=num_top_logprobs)
         cache_sh, rep = self.cache_sharding, self.replicated
-        return jax.jit(fn, donate_argnums=(1, 2),
+        return jax.jit(fn, donate_argnums=(1, 2), static_argnums=(4,),
                        in_shardings=(self.weight_shardings(variant), cache_sh, rep, rep),
                        out_shardings=(cache_sh, rep, rep))
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
 from arctic_jax.config import ModelConfig
+from arctic_jax.engine.packing import PackedLayout, pack, unpack
 from arctic_jax.engine.scheduler import ScheduledStep, SchedulerConfig
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import StepOptions, forward
@@ -48,13 +49,16 @@ class EngineInputs:
 
 
 def engine_step(weights: LlamaWeights, cache: KVCache, token_buffer: jax.Array,
-                inputs: EngineInputs, *, cfg: ModelConfig, opts: StepOptions,
-                num_top_logprobs: int) -> tuple[KVCache, jax.Array, jax.Array]:
+                packed_inputs: jax.Array, layout: PackedLayout, *, cfg: ModelConfig,
+                opts: StepOptions, num_top_logprobs: int) -> tuple[KVCache, jax.Array, jax.Array]:
     """One decode/prefill step plus sampling.
 
-    Returns the updated cache, the updated token buffer [max_num_seqs] and the packed
-    int32 result [R, 2 + 2 * num_top_logprobs]: token, logprob bits, top ids, top logprob bits.
+    ``packed_inputs`` is the int32 buffer of ``pack(EngineInputs)`` (one transfer);
+    ``layout`` (static) unpacks it. Returns the updated cache, the updated token buffer
+    [max_num_seqs] and the packed int32 result [R, 2 + 2 * num_top_logprobs]: token,
+    logprob bits, top ids, top logprob bits.
     """
+    inputs: EngineInputs = unpack(packed_inputs, layout)
     batch = inputs.batch
     from_buffer = token_buffer[jnp.maximum(inputs.token_src, 0)]
     tokens = jnp.where(inputs.token_src >= 0, from_buffer, batch.tokens)
@@ -73,7 +77,7 @@ def engine_step(weights: LlamaWeights, cache: KVCache, token_buffer: jax.Array,
 def _jitted_engine_step(cfg: ModelConfig, opts: StepOptions, num_top_logprobs: int) -> Callable:
     """One jitted program family per model config, shared by engines of that config."""
     fn = functools.partial(engine_step, cfg=cfg, opts=opts, num_top_logprobs=num_top_logprobs)
-    return jax.jit(fn, donate_argnums=(1, 2))
+    return jax.jit(fn, donate_argnums=(1, 2), static_argnums=(4,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +185,13 @@ class ModelRunner:
 
     # -------------------------------------------------------------- programs
     def _run(self, variant: str, inputs: EngineInputs) -> jax.Array:
-        """Launch one step through jit's C++ dispatch path (a warmed shape never compiles)."""
+        """Launch one step through jit's C++ dispatch path (a warmed shape never compiles).
+
+        The host inputs travel as one packed int32 buffer: one host-to-device transfer.
+        """
+        flat, layout = pack(inputs)
         self.cache, self.token_buffer, packed = self._jitted[variant](
-            self.weights[variant], self.cache, self.token_buffer, inputs)
+            self.weights[variant], self.cache, self.token_buffer, flat, layout)
         return packed
 
     def warmup(self, progress: bool = True) -> float:

@@ -52,6 +52,19 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def known_tokens(self, start: int, end: int) -> list[int]:
+        """Host-known token ids at positions [start, end) (pending tokens excluded)."""
+        n_prompt = len(self.prompt_ids)
+        if end <= n_prompt:
+            return self.prompt_ids[start:end]
+        if start >= n_prompt:
+            return self.output_ids[start - n_prompt:end - n_prompt]
+        return self.prompt_ids[start:] + self.output_ids[:end - n_prompt]
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
     @property
     def num_tokens(self) -> int:
         """Prompt plus generated tokens, counting those still on the device."""

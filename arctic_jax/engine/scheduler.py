@@ -202,9 +202,9 @@ class Scheduler:
     def _make_chunk(self, request: Request, n: int) -> ScheduledChunk:
         start = request.num_computed
         end = start + n
-        known = request.all_ids
-        from_slot = end > len(known)  # the last token is still pending on the device
-        host = tuple(known[start:min(end, len(known))]) + ((0,) if from_slot else ())
+        known = request.num_known
+        from_slot = end > known  # the last token is still pending on the device
+        host = tuple(request.known_tokens(start, min(end, known))) + ((0,) if from_slot else ())
         sample = end == request.num_tokens
         request.num_computed = end
         if sample:
@@ -280,10 +280,11 @@ class Scheduler:
     def _register_pages(self, request: Request) -> None:
         if not self.config.enable_prefix_caching or request.status is not RequestStatus.RUNNING:
             return
-        known = request.all_ids
-        full = min(request.num_computed, len(known)) // self.config.page_size
+        full = min(request.num_computed, request.num_known) // self.config.page_size
         if full > request.num_registered_pages:
-            self.allocator.register_full_pages(request.pages[:full], known[:full * self.config.page_size],
+            ps = self.config.page_size
+            self.allocator.register_full_pages(request.pages[:full],
+                                               request.known_tokens(0, full * ps),
                                                start_page=request.num_registered_pages)
             request.num_registered_pages = full
 
