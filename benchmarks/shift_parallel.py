@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--mixed-in", default="1024:8192")
     p.add_argument("--mixed-out", type=int, default=250)
     p.add_argument("--max-model-len", type=int, default=8448)
+    p.add_argument("--token-buckets", default="16,64,256,512,1024,2048")
     p.add_argument("--append-results", action="store_true")
     args = p.parse_args()
 
@@ -60,7 +61,8 @@ def main() -> None:
                   tensor_parallel_size=args.tp, shift_parallel_threshold=args.threshold,
                   max_model_len=args.max_model_len, max_num_seqs=32,
                   max_num_batched_tokens=2048 if not args.tiny else 128,
-                  token_buckets=(16, 64, 256, 512, 1024, 2048) if not args.tiny else (16, 64, 128),
+                  token_buckets=(tuple(int(x) for x in args.token_buckets.split(","))
+                                 if not args.tiny else (16, 64, 128)),
                   page_buckets=(-(-args.max_model_len // 16),), kv_cache_memory_fraction=0.5)
     engine, name = runner.build_random_engine("tiny" if args.tiny else "llama-3.1-8b", kwargs)
     warm_s = runner.warmup_engine(engine)
