@@ -63,7 +63,8 @@ def main() -> None:
                   max_num_batched_tokens=2048 if not args.tiny else 128,
                   token_buckets=(tuple(int(x) for x in args.token_buckets.split(","))
                                  if not args.tiny else (16, 64, 128)),
-                  page_buckets=(-(-args.max_model_len // 16),), kv_cache_memory_fraction=0.5)
+                  page_buckets=(-(-args.max_model_len // 16),), kv_cache_memory_fraction=0.5,
+                  enable_prefix_caching=False)  # modes replay the same prompts
     engine, name = runner.build_random_engine("tiny" if args.tiny else "llama-3.1-8b", kwargs)
     warm_s = runner.warmup_engine(engine)
     top = engine.runner.buckets.tokens[-1]
