@@ -114,8 +114,7 @@ def _on_device(x: Any, dtype: Any) -> jax.Array:
 def convert_layer(read: Reader, cfg: ModelConfig, i: int, dtype: Any,
                   tick: Callable[[int], Any] = lambda n: None) -> LayerWeights:
     """Read layer ``i``'s tensors and convert them to a LayerWeights in ``dtype``."""
-    H, N, K, D, I = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                     cfg.intermediate_size)
+    H, N, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     p = layer_prefix(i)
 
     def get(name: str) -> jax.Array:

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
 LOG2E = math.log2(math.e)
 # Masked scores are -inf; the running max starts finite, so exp2(score - max) is

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import prefill_logits
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch  # noqa: E402
 from arctic_jax.config import ModelConfig  # noqa: E402
-from arctic_jax.kv_cache import KVCache  # noqa: E402
-from arctic_jax.models.llama import make_step_fn  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 
 PAGE_SIZE = 16
@@ -67,16 +66,7 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def our_logits(loaded, tokens: np.ndarray) -> np.ndarray:
     """Logits at every position of one prefill step of ``tokens``."""
-    cfg = loaded.config
-    n = len(tokens)
-    pages = -(-n // PAGE_SIZE)
-    buckets = Buckets.for_limits(max_tokens=n, max_seqs=1, max_pages_per_seq=pages)
-    chunk = SequenceChunk(tokens=tokens.tolist(), start=0, pages=list(range(pages)),
-                          logits_at=list(range(n)))
-    batch, rows = build_step_batch([chunk], PAGE_SIZE, buckets)
-    cache = KVCache.allocate(cfg, num_pages=pages, page_size=PAGE_SIZE, dtype=jnp.float32)
-    logits, _ = make_step_fn(cfg)(loaded.weights, cache, batch)
-    return np.asarray(logits)[:rows]
+    return prefill_logits(loaded.config, loaded.weights, tokens, PAGE_SIZE)
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -20,6 +20,8 @@ import httpx
 import openai
 import pytest
 
+from helpers import server_env
+
 from arctic_jax.serving.cli_commands import ServerProcess
 
 MODEL = "smollm2-test"
@@ -33,15 +35,6 @@ SERVER_ARGS = ["--model", "default", "--served-model-name", MODEL,
                os.path.join(tempfile.gettempdir(), f"arctic-jax-test-xla-{os.getuid()}")]
 WORDS = ("river stone cloud lantern market garden violin copper winter harbor meadow pencil "
          "orbit candle forest silver ladder window thunder pepper").split()
-
-
-def server_env() -> dict[str, str]:
-    """The test environment minus conftest's 8 simulated devices (the server uses one)."""
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    env["XLA_FLAGS"] = flags.strip()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.fixture(scope="module")

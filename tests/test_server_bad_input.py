@@ -16,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from helpers import server_env
+
 from arctic_jax.serving.cli_commands import ServerProcess
 
 MODEL = "smollm2-test"
@@ -31,15 +33,6 @@ SERVER_ARGS = ["--model", "default", "--served-model-name", MODEL, "--api-key", 
                os.path.join(tempfile.gettempdir(), f"arctic-jax-test-xla-{os.getuid()}")]
 GOOD = {"model": MODEL, "prompt": "Write a long story about a lighthouse.", "max_tokens": 64,
         "temperature": 0, "ignore_eos": True}
-
-
-def server_env() -> dict[str, str]:
-    """The test environment minus conftest's 8 simulated devices (the server uses one)."""
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    env["XLA_FLAGS"] = flags.strip()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.fixture(scope="module")

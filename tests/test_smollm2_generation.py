@@ -1,6 +1,5 @@
 """Greedy generation of the embedded SmolLM2 (from its GGUF) equals transformers' generate."""
 import importlib.util
-import os
 
 import pytest
 

@@ -1,0 +1,35 @@
+"""Small helpers shared by test modules."""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.kv_cache import KVCache
+from arctic_jax.models.llama import make_step_fn
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def prefill_logits(cfg, weights, tokens: np.ndarray, page_size: int = 16) -> np.ndarray:
+    """Float32 logits at every position of one single-sequence prefill step of ``tokens``."""
+    n = len(tokens)
+    pages = -(-n // page_size)
+    buckets = Buckets.for_limits(max_tokens=n, max_seqs=1, max_pages_per_seq=pages)
+    chunk = SequenceChunk(tokens=[int(t) for t in tokens], start=0, pages=list(range(pages)),
+                          logits_at=list(range(n)))
+    batch, rows = build_step_batch([chunk], page_size, buckets)
+    cache = KVCache.allocate(cfg, num_pages=pages, page_size=page_size, dtype=jnp.float32)
+    logits, _ = make_step_fn(cfg)(weights, cache, batch)
+    return np.asarray(logits)[:rows]
+
+
+def server_env() -> dict[str, str]:
+    """The test environment minus conftest's 8 simulated devices (a server uses one)."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = flags.strip()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env
