@@ -23,6 +23,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
     p.add_argument("--attention-impl", default=None, help="reference or pallas")
+    p.add_argument("--token-buckets", type=int_list, default=None,
+                   help="comma-separated step token counts to compile (default: powers of 2)")
+    p.add_argument("--page-buckets", type=int_list, default=None,
+                   help="comma-separated page-table widths to compile (default: powers of 2)")
+    p.add_argument("--max-logprobs", type=int, default=None,
+                   help="most top logprobs a request may ask for (default 5, at most 20)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
                    help="Ulysses sequence parallelism; SP x TP devices in all")
@@ -37,11 +43,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING")
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """LLM(...) keyword arguments from the shared model/engine flags."""
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
              "kv_cache_memory_fraction", "attention_impl", "tensor_parallel_size",
-             "sequence_parallel_size", "shift_parallel_threshold", "parallel_mode"]
+             "sequence_parallel_size", "shift_parallel_threshold", "parallel_mode",
+             "token_buckets", "page_buckets", "max_logprobs"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "enable_shift_parallel", False):
         kwargs["enable_shift_parallel"] = True
@@ -114,8 +132,11 @@ def _extra_commands() -> list:
     for module in ("arctic_jax.serving.cli_commands", "arctic_jax.bench.cli_commands"):
         try:
             found.append(importlib.import_module(module).register)
-        except ImportError as e:  # optional extras (FastAPI) may be missing on a GPU host
-            logging.getLogger("arctic_jax").debug("%s unavailable: %s", module, e)
+        except ModuleNotFoundError as e:  # optional extras may be missing (no FastAPI on a GPU host)
+            if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic", "httpx"):
+                raise
+            logging.getLogger("arctic_jax").warning("%s unavailable: %s is not installed",
+                                                    module, e.name)
     return found
 
 

@@ -43,9 +43,10 @@ class LLM:
         self.config = loaded.config
         src = loaded.tokenizer_source
         self.tokenizer = load_tokenizer(src.path, src.gguf_file)
-        engine_kwargs.setdefault("max_model_len", min(loaded.config.max_position_embeddings, 4096))
         self.engine = LLMEngine(loaded.config, loaded.weights, self.tokenizer,
                                 EngineConfig.from_flags(**engine_kwargs))
+        if self.engine.runner.needs_calibration:
+            self.engine.runner.warmup()  # "auto" shift threshold: time both variants now
 
     # -------------------------------------------------------------- helpers
     def _params_list(self, params: SamplingParams | Sequence[SamplingParams] | None,
@@ -81,6 +82,8 @@ class LLM:
 
     def _generate_ids(self, prompt_ids: list[list[int]],
                       params: list[SamplingParams]) -> list[CompletionOutput]:
+        for ids in prompt_ids:  # reject a bad prompt before any request is queued
+            self.engine.validate_prompt(ids)
         streams = {self.engine.add_request(p, sp): p for p, sp in zip(prompt_ids, params)}
         collected = {rid: _Collected() for rid in streams}
         pending = set(streams)

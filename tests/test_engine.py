@@ -111,7 +111,7 @@ def test_preemption_with_tiny_page_pool(weights):
     params = [SamplingParams(max_tokens=20, temperature=0)] * len(prompts)
     expected, _ = run_all(make_engine(weights, enable_prefix_caching=False), prompts, params)
     # 14 pages of 4 tokens cannot hold 6 sequences of up to 40 tokens at once.
-    engine = make_engine(weights, num_pages=14, enable_prefix_caching=False)
+    engine = make_engine(weights, num_pages=14, max_model_len=48, enable_prefix_caching=False)
     got, reasons = run_all(engine, prompts, params)
     assert got == expected
     assert reasons == ["length"] * len(prompts)
@@ -133,7 +133,7 @@ def test_preemption_actually_happens(weights, monkeypatch):
     monkeypatch.setattr(sched_mod.Scheduler, "_preempt", counting)
     rng = np.random.default_rng(3)
     prompts = random_prompts(rng, 6, 10, 20)
-    engine = make_engine(weights, num_pages=14, enable_prefix_caching=False)
+    engine = make_engine(weights, num_pages=14, max_model_len=48, enable_prefix_caching=False)
     run_all(engine, prompts, [SamplingParams(max_tokens=20, temperature=0)] * 6)
     assert count["n"] > 0
 
@@ -206,3 +206,37 @@ def test_stop_token_and_bad_requests(weights):
         engine.add_request([5] * 130, SamplingParams())
     with pytest.raises(ValueError, match="out of range"):
         engine.add_request([CFG.vocab_size + 3], SamplingParams())
+
+
+def test_preemption_with_prefix_caching_gives_the_same_outputs(weights, monkeypatch):
+    from arctic_jax.engine import scheduler as sched_mod
+
+    count = {"n": 0}
+    original = sched_mod.Scheduler._preempt
+
+    def counting(self, request):
+        count["n"] += 1
+        return original(self, request)
+
+    rng = np.random.default_rng(9)
+    system = list(rng.integers(0, CFG.vocab_size, size=9))
+    prompts = [system + list(rng.integers(0, CFG.vocab_size, size=int(n)))
+               for n in rng.integers(2, 10, size=6)]
+    params = [SamplingParams(max_tokens=20, temperature=0)] * len(prompts)
+    expected, _ = run_all(make_engine(weights, enable_prefix_caching=False), prompts, params)
+    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", counting)
+    engine = make_engine(weights, num_pages=14, max_model_len=48)
+    got, _ = run_all(engine, prompts, params)
+    assert count["n"] > 0
+    assert got == expected
+    assert engine.scheduler.allocator.usage() == 0.0
+    engine.scheduler.allocator.check_invariants()
+
+
+def test_impossible_limits_fail_at_start(weights):
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        make_engine(weights, num_pages=8, max_model_len=128)  # 8 x 4 tokens < 128
+    with pytest.raises(ValueError, match="token_buckets"):
+        make_engine(weights, token_buckets=(8, 16))  # max_num_batched_tokens is 32
+    with pytest.raises(ValueError, match="page_buckets"):
+        make_engine(weights, page_buckets=(8,))  # 128 / 4 = 32 pages per sequence

@@ -27,10 +27,6 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     p = sub.add_parser("bench", help="benchmark latency and throughput (in-process or over HTTP)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--token-buckets", type=_int_tuple, default=None,
-                   help="comma-separated step token counts to compile (default: powers of 2)")
-    p.add_argument("--page-buckets", type=_int_tuple, default=None,
-                   help="comma-separated page-table widths to compile (default: powers of 2)")
     src = p.add_argument_group("target")
     src.add_argument("--url", default=None,
                      help="benchmark a running server (http://host:port) instead of in-process")
@@ -107,10 +103,6 @@ def build_workload(args: argparse.Namespace, vocab_size: int | None) -> tuple[li
     requests = wl.synthetic_requests(n, input_len, output_len, vocab_size, args.seed)
     return requests, (f"synthetic random tokens: {n} requests, input {input_len}, output "
                       f"{output_len} (ignore_eos, greedy, seed {args.seed})")
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(_int_levels(text))
 
 
 def _int_levels(text: str) -> list[int]:
@@ -220,9 +212,6 @@ def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
     from arctic_jax.attention.dispatch import default_attention_impl
 
     kwargs = engine_kwargs(args)
-    for name in ("token_buckets", "page_buckets"):
-        if getattr(args, name, None):
-            kwargs[name] = getattr(args, name)
     dtype = parse_dtype(args.dtype)
     if args.random_weights:
         engine, name = runner.build_random_engine(args.random_weights, kwargs, dtype=dtype,

@@ -175,14 +175,6 @@ RANDOM_MODEL_SHAPES: dict[str, Callable[[], Any]] = {
 }
 
 
-def _engine_config(engine_kwargs: dict, max_position_embeddings: int) -> Any:
-    from arctic_jax.engine.engine import EngineConfig
-
-    kwargs = dict(engine_kwargs)
-    kwargs.setdefault("max_model_len", min(max_position_embeddings, 4096))  # as LLM does
-    return EngineConfig.from_flags(**kwargs)
-
-
 def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = None,
                         seed: int = 0) -> tuple[Any, str]:
     """An ``LLMEngine`` with random weights of a named shape (or a ModelConfig).
@@ -191,7 +183,7 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
     """
     import jax
 
-    from arctic_jax.engine.engine import LLMEngine
+    from arctic_jax.engine.engine import EngineConfig, LLMEngine
     from arctic_jax.models.llama_weights import random_weights
     from checkpoints.loader import default_dtype
 
@@ -205,7 +197,7 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
     dtype = default_dtype() if dtype is None else dtype
     weights = random_weights(cfg, jax.random.PRNGKey(seed), dtype=dtype)
     engine = LLMEngine(cfg, weights, TokenIdTokenizer(),
-                       _engine_config(engine_kwargs, cfg.max_position_embeddings), dtype=dtype)
+                       EngineConfig.from_flags(**engine_kwargs), dtype=dtype)
     return engine, name
 
 
@@ -279,16 +271,14 @@ def tokenize_requests(requests: Sequence[BenchRequest], tokenizer: Any) -> list[
 def check_fits(requests: Sequence[BenchRequest], engine: Any) -> None:
     """Fail before timing if a request cannot run to its full length on this engine."""
     max_len = engine.sched_config.max_model_len
-    vocab = engine.cfg.vocab_size
     for r in requests:
-        engine.scheduler.validate(r.prompt_len)
+        try:
+            engine.validate_prompt(r.prompt)
+        except ValueError as e:
+            raise ValueError(f"request {r.index}: {e}") from None
         if r.prompt_len + r.max_tokens > max_len:
             raise ValueError(f"request {r.index}: {r.prompt_len} prompt + {r.max_tokens} output "
                              f"tokens exceed max_model_len {max_len}; raise --max-model-len")
-        bad = [t for t in r.prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"request {r.index}: token ids {bad[:5]} outside the vocabulary "
-                             f"[0, {vocab})")
 
 
 def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
@@ -320,7 +310,7 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
     try:
         result = asyncio.run(main())
     finally:
-        counter.active = False
+        counter.close()
         async_engine.shutdown()
     if async_engine.error is not None:
         raise RuntimeError(f"the engine failed during the benchmark: {async_engine.error}")

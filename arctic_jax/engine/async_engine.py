@@ -61,11 +61,11 @@ class AsyncEngine:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; leaving the iterator early aborts it."""
-        if not self.alive:
-            raise RuntimeError("the engine is not running")
-        self.engine.scheduler.validate(len(prompt_ids))
+        self.engine.validate_prompt(prompt_ids)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            if not self.alive:  # checked under the lock the failure broadcast takes
+                raise RuntimeError("the engine is not running")
             if self.max_queue is not None and len(self._streams) >= self.max_queue:
                 raise QueueFullError(f"{len(self._streams)} requests in flight (max {self.max_queue})")
             if request_id in self._streams:
@@ -111,8 +111,8 @@ class AsyncEngine:
                 _, rid, ids, params = cmd
                 try:
                     self.engine.add_request(ids, params, request_id=rid)
-                except ValueError as e:
-                    self._deliver(rid, e)
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
+                    self._deliver(rid, e if isinstance(e, ValueError) else RuntimeError(str(e)))
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
 
@@ -128,8 +128,8 @@ class AsyncEngine:
                     self._deliver(out.request_id, out)
         except BaseException as e:  # noqa: BLE001 - report to every waiting client
             log.exception("engine loop failed")
-            self.error = e
             with self._lock:
+                self.error = e
                 ids = list(self._streams)
             for rid in ids:
                 self._deliver(rid, RuntimeError(f"engine failure: {e}"))

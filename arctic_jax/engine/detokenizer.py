@@ -49,15 +49,26 @@ class IncrementalDetokenizer:
             if at >= 0:
                 self.text = self.text[:at]
                 self.stopped = True
-                search_from = 0  # keep the earliest stop string
-                for other in self.stop:
+                for other in self.stop:  # keep the earliest stop string
                     at2 = self.text.find(other)
                     if at2 >= 0:
                         self.text = self.text[:at2]
                 break
 
+    def flush(self) -> None:
+        """At the end: keep text still waiting for more bytes of a character (as U+FFFD)."""
+        if self.stopped or len(self._ids) == self._read:
+            return
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) > len(before):
+            self.text += after[len(before):]
+        self._prefix = self._read = len(self._ids)
+
     def take(self, final: bool) -> str:
         """Text not yet streamed; holds back a possible stop-string prefix unless final."""
+        if final:
+            self.flush()
         end = len(self.text) if (final or self.stopped) else max(self._emitted,
                                                                  len(self.text) - self._holdback)
         out = self.text[self._emitted:end]

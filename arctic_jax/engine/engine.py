@@ -80,8 +80,12 @@ def _device_free_bytes() -> int | None:
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
 def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any) -> SchedulerConfig:
-    max_model_len = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    """Scheduler limits; ``max_model_len`` defaults to min(the model's, 4096)."""
+    max_model_len = ec.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if ec.max_model_len and ec.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -97,6 +101,10 @@ def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any) -> 
         if num_pages < 2:
             raise ValueError("not enough device memory for a KV cache; lower max_model_len or "
                              "raise kv_cache_memory_fraction")
+    if num_pages < -(-max_model_len // ec.page_size):
+        raise ValueError(
+            f"a KV cache of {num_pages} pages x {ec.page_size} tokens cannot hold one sequence of "
+            f"max_model_len={max_model_len} tokens; lower max_model_len or give the cache more pages")
     return SchedulerConfig(max_num_seqs=ec.max_num_seqs,
                            max_num_batched_tokens=ec.max_num_batched_tokens,
                            max_model_len=max_model_len, page_size=ec.page_size,
@@ -136,16 +144,21 @@ class LLMEngine:
         self._counter += 1
         return f"req-{self._counter}"
 
+    def validate_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Raise ValueError for a prompt that can never run (length, token ids)."""
+        self.scheduler.validate(len(prompt_ids))
+        vocab = self.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
         """Queue a request; raises ValueError for one that can never run."""
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs "
                              f"{self.config.max_logprobs}")
-        vocab = self.cfg.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        self.validate_prompt(prompt_ids)
         request_id = request_id or self.new_request_id()
         seed = params.seed if params.seed is not None else secrets.randbits(31)
         request = Request(request_id=request_id, prompt_ids=[int(t) for t in prompt_ids],

@@ -99,9 +99,25 @@ class CompileCounter:
         self.active = True
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
+    def close(self) -> None:
+        """Stop counting and unregister the listener."""
+        self.active = False
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
     def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
         if self.active and event == self._EVENT:
             self.count += 1
+
+
+def _covering(sizes: tuple[int, ...], limit: int, name: str, what: str) -> tuple[int, ...]:
+    """Sorted bucket sizes; the largest must cover ``limit``."""
+    sizes = tuple(sorted(set(int(x) for x in sizes)))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"{name} must be positive integers, got {sizes}")
+    if sizes[-1] < limit:
+        raise ValueError(f"the largest of {name} {sizes} is below the {what} ({limit}): "
+                         f"steps that size could never run")
+    return sizes
 
 
 class ModelRunner:
@@ -146,10 +162,20 @@ class ModelRunner:
         self.shift_threshold = (parallel.shift_threshold
                                 if parallel is not None and isinstance(parallel.shift_threshold, int)
                                 else 512)
-        self.buckets = Buckets(tokens=token_buckets, seqs=(sched.max_num_seqs,),
-                               pages=page_buckets or defaults.pages)
+        self.buckets = Buckets(tokens=_covering(token_buckets, sched.max_num_batched_tokens,
+                                                "token_buckets", "max_num_batched_tokens"),
+                               seqs=(sched.max_num_seqs,),
+                               pages=_covering(page_buckets or defaults.pages,
+                                               sched.max_pages_per_seq, "page_buckets",
+                                               "pages per sequence (max_model_len / page_size)"))
         self.token_buffer = jnp.zeros((sched.max_num_seqs,), jnp.int32)
         self.calibration: list[tuple[int, float, float]] = []
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while an "auto" shift threshold has not been measured yet."""
+        return (self.parallel is not None and self.parallel.shift_threshold == "auto"
+                and len(self.variants) == 2 and not self.calibration)
 
     def variant_for(self, num_tokens: int) -> str:
         """The step variant for a step of ``num_tokens`` scheduled tokens."""
@@ -212,8 +238,7 @@ class ModelRunner:
             packed = self._run(variant, self._dummy_inputs(T, MP))
         if packed is not None:
             packed.block_until_ready()
-        if self.parallel is not None and self.parallel.shift_threshold == "auto" \
-                and len(self.variants) == 2:
+        if self.needs_calibration:
             self.calibrate()
         return time.perf_counter() - start
 

@@ -194,17 +194,19 @@ class PageAllocator:
 
     # ----------------------------------------------------------- prefix cache
 
-    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], int]:
+    def match_prefix(self, tokens: Sequence[int], count: bool = True) -> tuple[list[int], int]:
         """Longest chain of cached full pages holding a prefix of ``tokens``.
 
         Takes one reference to each returned page (reviving evictable ones); the
         caller frees them like allocated pages. At least one token is always left
-        to compute. Returns (pages, number of tokens they hold).
+        to compute. Returns (pages, number of tokens they hold). With ``count=False``
+        the hit-rate statistics are left to a later ``count_query``.
         """
         n_tokens = len(tokens)
         if n_tokens == 0:
             raise ValueError("match_prefix needs at least one token")
-        self._query_tokens += n_tokens
+        if count:
+            self._query_tokens += n_tokens
         if not self.enable_prefix_caching:
             _token_bytes(tokens)  # still validate
             return [], 0
@@ -224,8 +226,14 @@ class PageAllocator:
                 self._num_used += 1
             self._refcount[page] += 1
         hit = len(matched) * self.page_size
-        self._hit_tokens += hit
+        if count:
+            self._hit_tokens += hit
         return matched, hit
+
+    def count_query(self, num_tokens: int, num_hit: int) -> None:
+        """Record one prefix-cache lookup in the hit-rate statistics."""
+        self._query_tokens += num_tokens
+        self._hit_tokens += num_hit
 
     def register_full_pages(self, pages: Sequence[int], tokens: Sequence[int], start_page: int = 0) -> None:
         """Record the full pages ``[start_page, len(tokens) // page_size)`` of a sequence as cached.

@@ -94,7 +94,6 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        self.validate(len(request.prompt_ids))
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -180,7 +179,7 @@ class Scheduler:
         cfg = self.config
         pages, cached = [], 0
         if cfg.enable_prefix_caching:
-            pages, cached = self.allocator.match_prefix(request.all_ids)
+            pages, cached = self.allocator.match_prefix(request.all_ids, count=False)
         n = min(request.num_tokens - cached, budget)
         need = self._pages_for(cached + n) - len(pages)
         try:
@@ -189,6 +188,8 @@ class Scheduler:
             if pages:
                 self.allocator.free(pages)
             return False
+        if cfg.enable_prefix_caching:
+            self.allocator.count_query(request.num_tokens, cached)
         request.pages = list(pages) + new_pages
         request.num_computed = cached
         request.num_registered_pages = len(pages)
@@ -255,7 +256,7 @@ class Scheduler:
             request.output_ids.append(token)
             if lp is not None:
                 request.output_logprobs.append(lp)
-            if top is not None:
+            if top is not None and request.params.logprobs:
                 request.top_logprobs.append(top)
             touched.append(request)
             reason = self._stop_reason(request, token)

@@ -25,16 +25,6 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "ARCTIC_JAX_API_KEY"
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -56,26 +46,7 @@ def register(sub: argparse._SubParsersAction, add_model_args: Callable) -> None:
                    help="most requests in flight; more get 429 (default: unlimited)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the checkpoint's name)")
-    p.add_argument("--max-logprobs", type=int, default=None,
-                   help="most top logprobs a request may ask for (default 5, at most 20)")
-    p.add_argument("--token-buckets", type=_int_list, default=None,
-                   help="comma-separated step token counts to compile (default: powers of 2)")
-    p.add_argument("--page-buckets", type=_int_list, default=None,
-                   help="comma-separated page-table widths to compile (default: powers of 2)")
     p.set_defaults(func=cmd_serve)
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    from arctic_jax.cli import engine_kwargs
-
-    kwargs = engine_kwargs(args)
-    if args.max_logprobs is not None:
-        kwargs["max_logprobs"] = args.max_logprobs
-    if args.token_buckets is not None:
-        kwargs["token_buckets"] = args.token_buckets
-    if args.page_buckets is not None:
-        kwargs["page_buckets"] = args.page_buckets
-    return kwargs
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -93,13 +64,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else "warning", timeout_graceful_shutdown=5))
 
     def load() -> None:
-        from arctic_jax.cli import parse_dtype
+        from arctic_jax.cli import engine_kwargs, parse_dtype
         from arctic_jax.engine.async_engine import AsyncEngine
         from arctic_jax.llm import LLM
 
         try:
             start = time.perf_counter()
-            llm = LLM(args.model, dtype=parse_dtype(args.dtype), **_engine_kwargs(args))
+            llm = LLM(args.model, dtype=parse_dtype(args.dtype), **engine_kwargs(args))
             warm = llm.engine.runner.warmup(progress=True)
             engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
             engine.start()
