@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup(args)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"arctic-jax: error: {e}", file=sys.stderr)
         return 2
 

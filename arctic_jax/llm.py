@@ -6,6 +6,7 @@ import logging
 from typing import Any, Iterator, Sequence
 
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
+from arctic_jax.engine.request import CollectedOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.tokenizer import Conversation, encode_chat, encode_prompt, load_tokenizer
 
@@ -85,7 +86,7 @@ class LLM:
         for ids in prompt_ids:  # reject a bad prompt before any request is queued
             self.engine.validate_prompt(ids)
         streams = {self.engine.add_request(p, sp): p for p, sp in zip(prompt_ids, params)}
-        collected = {rid: _Collected() for rid in streams}
+        collected = {rid: CollectedOutput() for rid in streams}
         pending = set(streams)
         while pending:
             if not self.engine.has_unfinished():
@@ -97,7 +98,11 @@ class LLM:
                 c.add(out)
                 if out.finished:
                     pending.discard(out.request_id)
-        return [collected[rid].completion(prompt) for rid, prompt in streams.items()]
+        return [CompletionOutput(prompt_token_ids=prompt, text=collected[rid].text,
+                                 token_ids=collected[rid].token_ids,
+                                 finish_reason=collected[rid].finish_reason,
+                                 logprobs=collected[rid].logprobs)
+                for rid, prompt in streams.items()]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
         """Yield text pieces of one generation as they are produced."""
@@ -117,23 +122,3 @@ class LLM:
                 self.engine.abort(rid)
             while self.engine.has_unfinished() and not self.engine.scheduler.has_work():
                 self.engine.step()  # drain the in-flight step
-
-
-@dataclasses.dataclass
-class _Collected:
-    text: list[str] = dataclasses.field(default_factory=list)
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    finish_reason: str = ""
-
-    def add(self, out: Any) -> None:
-        self.text.append(out.new_text)
-        self.token_ids.extend(out.new_token_ids)
-        self.logprobs.extend(out.new_logprobs)
-        if out.finished:
-            self.finish_reason = out.finish_reason.value
-
-    def completion(self, prompt: list[int]) -> CompletionOutput:
-        return CompletionOutput(prompt_token_ids=prompt, text="".join(self.text),
-                                token_ids=self.token_ids, finish_reason=self.finish_reason,
-                                logprobs=self.logprobs)

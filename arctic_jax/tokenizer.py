@@ -1,6 +1,7 @@
 """Tokenizer and chat template, taken from the checkpoint itself."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +17,9 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
 
     hf_logging.set_verbosity_error()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file and importlib.util.find_spec("torch") is None:
+        raise ImportError("transformers needs PyTorch to read the tokenizer of a GGUF file: "
+                          "pip install 'arctic-jax[gguf]' (or any CPU build of torch)")
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 

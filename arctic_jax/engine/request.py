@@ -93,3 +93,30 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+
+
+@dataclasses.dataclass
+class CollectedOutput:
+    """The streamed ``RequestOutput``s of one request, joined (for non-streaming callers)."""
+
+    text_parts: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[Sequence[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text_parts.append(out.new_text)
+        self.token_ids.extend(out.new_token_ids)
+        self.logprobs.extend(out.new_logprobs)
+        self.top_logprobs.extend(out.new_top_logprobs)
+        self.last = out
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def finish_reason(self) -> str:
+        reason = self.last.finish_reason if self.last is not None else None
+        return reason.value if reason is not None else ""

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
-from arctic_jax.engine.request import RequestOutput
+from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -195,24 +195,6 @@ async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
-
-
-@dataclasses.dataclass
-class _Accumulated:
-    """One choice's outputs gathered for a non-streaming response."""
-
-    text: list[str] = dataclasses.field(default_factory=list)
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[Sequence[tuple[int, float]]] = dataclasses.field(default_factory=list)
-    last: RequestOutput | None = None
-
-    def add(self, out: RequestOutput) -> None:
-        self.text.append(out.new_text)
-        self.token_ids.extend(out.new_token_ids)
-        self.logprobs.extend(out.new_logprobs)
-        self.top_logprobs.extend(out.new_top_logprobs)
-        self.last = out
 
 
 def _usage(lasts: Sequence[RequestOutput]) -> Usage:
@@ -441,7 +423,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def run(request: Request, gens: _Generations, stream: bool,
                   events: Callable[[], AsyncIterator[str]],
-                  respond: Callable[[dict[int, _Accumulated]], Any]) -> Response:
+                  respond: Callable[[dict[int, CollectedOutput]], Any]) -> Response:
         """Start ``gens``; stream ``events()`` or collect and ``respond``; abort on disconnect."""
         streaming = False
         try:
@@ -452,10 +434,10 @@ def create_app(state: ServerState) -> FastAPI:
                                          media_type="text/event-stream", headers=_SSE_HEADERS,
                                          background=BackgroundTask(gens.close))
 
-            async def collect() -> dict[int, _Accumulated]:
-                acc: dict[int, _Accumulated] = {}
+            async def collect() -> dict[int, CollectedOutput]:
+                acc: dict[int, CollectedOutput] = {}
                 async for index, out in gens.outputs():
-                    acc.setdefault(index, _Accumulated()).add(out)
+                    acc.setdefault(index, CollectedOutput()).add(out)
                 return acc
 
             acc = await _until_disconnected(request, collect())
@@ -510,13 +492,13 @@ def create_app(state: ServerState) -> FastAPI:
         want_lp = body.logprobs is not None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def respond(acc: dict[int, _Accumulated]) -> CompletionResponse:
+        def respond(acc: dict[int, CollectedOutput]) -> CompletionResponse:
             choices = []
             for i in range(len(jobs)):
                 a = acc[i]
                 lp = _completion_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs, 0)[0] \
                     if want_lp else None
-                choices.append(CompletionChoice(index=i, text="".join(a.text), logprobs=lp,
+                choices.append(CompletionChoice(index=i, text=a.text, logprobs=lp,
                                                 finish_reason=_finish_reason(a.last)))
             return CompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=_usage([acc[i].last for i in range(len(jobs))]))
@@ -569,11 +551,11 @@ def create_app(state: ServerState) -> FastAPI:
         tt = state.token_texts
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def respond(acc: dict[int, _Accumulated]) -> ChatCompletionResponse:
+        def respond(acc: dict[int, CollectedOutput]) -> ChatCompletionResponse:
             a = acc[0]
             lp = _chat_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs) if body.logprobs \
                 else None
-            choice = ChatChoice(index=0, message=AssistantMessage(content="".join(a.text)),
+            choice = ChatChoice(index=0, message=AssistantMessage(content=a.text),
                                 logprobs=lp, finish_reason=_finish_reason(a.last))
             return ChatCompletionResponse(id=request_id, model=model, choices=[choice],
                                           usage=_usage([a.last]))
