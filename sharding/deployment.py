@@ -29,10 +29,6 @@ from sharding.rules import (ActivationSharding, dataclass_shardings, kv_cache_sh
 log = logging.getLogger(__name__)
 
 
-def _bytes(tree: Any) -> int:
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-
-
 @dataclasses.dataclass
 class ParallelDeployment:
     parallel: ParallelConfig
@@ -101,11 +97,10 @@ class ParallelDeployment:
                                                                      self.split_vocab))
 
     def log_memory(self) -> None:
-        per_device = {v: _bytes(w) / self.parallel.num_devices for v, w in self.weights.items()}
-        for v, w in self.weights.items():
-            shard = sum(int(x.addressable_shards[0].data.size) * x.dtype.itemsize
-                        for x in jax.tree_util.tree_leaves(w))
-            per_device[v] = shard
+        """Log each weight copy's bytes on one device (the shift copy's overhead included)."""
+        per_device = {v: sum(int(x.addressable_shards[0].data.size) * x.dtype.itemsize
+                             for x in jax.tree_util.tree_leaves(w))
+                      for v, w in self.weights.items()}
         total = sum(per_device.values())
         msg = ", ".join(f"{v}: {b / 2**30:.3f} GiB" for v, b in per_device.items())
         extra = ""

@@ -78,8 +78,6 @@ def resolve_parallel_config(tensor_parallel_size: int = 1, sequence_parallel_siz
         return None
     mode = parallel_mode or ("shift" if enable_shift_parallel
                              else "sp" if sequence_parallel_size > 1 else "tp")
-    if mode == "tp" and sequence_parallel_size > 1 and parallel_mode is None:
-        mode = "sp"
     return ParallelConfig(sequence_parallel_size=sequence_parallel_size,
                           tensor_parallel_size=tensor_parallel_size, mode=mode,
                           shift_threshold=shift_parallel_threshold)

@@ -5,9 +5,10 @@ are still on the device from the token buffer, runs the model step, samples,
 writes the sampled tokens back into the buffer, and packs everything the host
 needs into one int32 array, so a step costs one device-to-host transfer.
 
-Every bucket shape is compiled and run once ahead of time (``warmup``), so
-serving reuses compiled programs through jit's fast C++ dispatch path; a test
-counts compilations while serving and requires none.
+``warmup`` compiles and runs every bucket shape once ahead of time (the server
+and the bench call it before they report ready), so serving reuses compiled
+programs through jit's fast C++ dispatch path; a test counts compilations while
+serving and requires none. The offline ``LLM`` compiles shapes lazily instead.
 """
 from __future__ import annotations
 

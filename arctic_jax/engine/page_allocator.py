@@ -1,6 +1,6 @@
 """Host-side allocator of KV-cache pages, with reference counts and prefix caching.
 
-Pages ``[0, reserved_pages)`` are never handed out (e.g. page 0 as the padding
+Pages ``[0, reserved_pages)`` are never handed out (for example a page kept aside as the padding
 target of page tables). Every other page is in exactly one state:
 
 * free: refcount 0, no cached content, in the free list (FIFO deque);
