@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import secrets
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,22 +22,25 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
+from arctic_jax.engine.async_engine import AsyncEngine
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaMessage, ErrorInfo, ErrorResponse, ModelCard, ModelList,
-    PromptTokensDetails, RequestParseError, TokenLogprob, TopLogprob, Usage, parse_request)
+    ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionRequest,
+    CompletionResponse, DeltaMessage, ModelCard, ModelList,
+    RequestParseError, parse_request)
+from arctic_jax.serving.errors import APIError, ClientDisconnected, sampling_error
+from arctic_jax.serving.generations import (SSE_HEADERS, Generations, Job, finish_reason_of,
+                                            sse, sse_with_errors, until_disconnected, usage_of)
+from arctic_jax.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from arctic_jax.tokenizer import encode_chat, encode_prompt
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_COMPLETION_MAX_TOKENS = 16   # the OpenAI default for /v1/completions
-RETRY_AFTER_S = 1                    # Retry-After sent with 429 (queue full)
-DISCONNECT_POLL_S = 0.2              # how often a non-streaming request checks its client
 
 
 # ----------------------------------------------------------------- state
@@ -51,235 +53,15 @@ class ServerState:
     engine: AsyncEngine | None = None
     tokenizer: Any = None
     startup_error: str | None = None
-    token_texts: "_TokenTexts | None" = None
+    token_texts: "TokenTexts | None" = None
 
     def set_ready(self, engine: AsyncEngine, tokenizer: Any, model_name: str) -> None:
         self.tokenizer = tokenizer
-        self.token_texts = _TokenTexts(tokenizer)
+        self.token_texts = TokenTexts(tokenizer)
         if self.served_model_name is None:
             self.served_model_name = model_name
         self.engine = engine  # last: readiness is "engine is not None"
 
-
-# ----------------------------------------------------------------- errors
-class APIError(Exception):
-    """An error returned to the client as an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
-
-    def body(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type,
-                                             param=self.param, code=self.code))
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status,
-                            headers=self.headers)
-
-
-class _ClientDisconnected(Exception):
-    """The client closed the connection before the response was ready."""
-
-
-def _engine_error(exc: BaseException) -> APIError:
-    """The API error for an exception raised by ``AsyncEngine.generate``."""
-    if isinstance(exc, QueueFullError):
-        return APIError(429, f"the server is busy ({exc}); retry later", type="rate_limit_error",
-                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc))
-    return APIError(500, f"engine failure: {exc}", type="server_error", code="engine_failure")
-
-
-def _sampling_error(exc: ValueError, rename: dict[str, str]) -> APIError:
-    """SamplingParams raises "SamplingParams.<field>=<value>: why"; name the request field."""
-    message = str(exc)
-    m = re.match(r"SamplingParams\.(\w+)=", message)
-    param = None
-    if m:
-        param = rename.get(m.group(1), m.group(1))
-        message = param + message[m.end(1):]
-    return APIError(400, message, param=param)
-
-
-# ------------------------------------------------------- engine requests
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    index: int            # choice index in the response
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-class _Generations:
-    """Several engine requests run concurrently; their outputs merged in arrival order.
-
-    ``start`` submits every request and waits for each one's first output, so
-    that a rejected request (queue full, invalid) becomes an HTTP error before
-    any response is sent. ``close`` aborts whatever has not finished.
-    """
-
-    def __init__(self, engine: AsyncEngine, jobs: Sequence[_Job]):
-        self._engine = engine
-        self._jobs = list(jobs)
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
-        self._buffered: list[tuple[int, RequestOutput]] = []
-        self._unfinished = {job.index for job in jobs}
-
-    async def _pump(self, job: _Job) -> None:
-        stream = self._engine.generate(job.prompt_ids, job.params, job.request_id)
-        try:
-            async for out in stream:
-                self._queue.put_nowait((job.index, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            self._queue.put_nowait((job.index, e))
-        finally:
-            await stream.aclose()  # aborts the request if it has not finished
-
-    async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._pump(job)) for job in self._jobs]
-        started: set[int] = set()
-        try:
-            while len(started) < len(self._jobs):
-                index, item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise _engine_error(item)
-                self._buffered.append((index, item))
-                started.add(index)
-        except BaseException:
-            self.close()
-            raise
-
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) pairs until every request has finished."""
-        while self._unfinished:
-            if self._buffered:
-                index, item = self._buffered.pop(0)
-            else:
-                index, item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise _engine_error(item)
-            if item.finished:
-                self._unfinished.discard(index)
-            yield index, item
-
-    def close(self) -> None:
-        """Abort unfinished requests (idempotent, never blocks)."""
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
-        for job in self._jobs:
-            if job.index in self._unfinished:
-                self._engine.abort(job.request_id)
-        self._unfinished.clear()
-
-
-T = TypeVar("T")
-
-
-async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` but give up (cancelling it) if the client disconnects meanwhile."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise _ClientDisconnected()
-    finally:
-        if not task.done():
-            task.cancel()
-
-
-def _usage(lasts: Sequence[RequestOutput]) -> Usage:
-    prompt = sum(o.num_prompt_tokens for o in lasts)
-    completion = sum(o.num_output_tokens for o in lasts)
-    cached = sum(o.num_cached_tokens for o in lasts)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
-def _finish_reason(out: RequestOutput) -> str | None:
-    return out.finish_reason.value if out.finished and out.finish_reason else None
-
-
-# ----------------------------------------------------------- logprobs
-class _TokenTexts:
-    """Text of single tokens for logprobs (special tokens shown), memoised per token id."""
-
-    def __init__(self, tokenizer: Any):
-        self._tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
-        return text
-
-
-def _completion_logprobs(texts: _TokenTexts, ids: Sequence[int], lps: Sequence[float],
-                         tops: Sequence[Sequence[tuple[int, float]]], offset: int
-                         ) -> tuple[CompletionLogprobs, int]:
-    """Legacy logprobs of ``ids``; offsets count from ``offset``. Returns it and the next offset."""
-    out = CompletionLogprobs()
-    for k, (tid, lp) in enumerate(zip(ids, lps)):
-        token = texts(tid)
-        top = {texts(t): float(v) for t, v in (tops[k] if k < len(tops) else ())}
-        top.setdefault(token, float(lp))  # the chosen token is always listed
-        out.tokens.append(token)
-        out.token_logprobs.append(float(lp))
-        out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(token)
-    return out, offset
-
-
-def _chat_logprobs(texts: _TokenTexts, ids: Sequence[int], lps: Sequence[float],
-                   tops: Sequence[Sequence[tuple[int, float]]]) -> ChatLogprobs:
-    content = []
-    for k, (tid, lp) in enumerate(zip(ids, lps)):
-        token = texts(tid)
-        top = [TopLogprob(token=texts(t), logprob=float(v), bytes=list(texts(t).encode()))
-               for t, v in (tops[k] if k < len(tops) else ())]
-        content.append(TokenLogprob(token=token, logprob=float(lp), bytes=list(token.encode()),
-                                    top_logprobs=top))
-    return ChatLogprobs(content=content)
-
-
-# ------------------------------------------------------------ SSE helpers
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_SSE_DONE = "data: [DONE]\n\n"
-
-
-def _sse(payload: Any) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
-
-
-async def _sse_with_errors(gens: _Generations, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Forward ``events`` then ``[DONE]``; an error after the headers went out becomes an SSE
-    error event. Leaving early (client gone) aborts the requests."""
-    try:
-        async for event in events:
-            yield event
-        yield _SSE_DONE
-    except APIError as e:
-        yield _sse(e.body())
-        yield _SSE_DONE
-    except Exception as e:  # noqa: BLE001 - the status line is already sent
-        log.exception("streaming response failed")
-        yield _sse(APIError(500, f"internal error: {e}", type="server_error").body())
-        yield _SSE_DONE
-    finally:
-        gens.close()
 
 
 # ------------------------------------------------------------------ app
@@ -313,8 +95,8 @@ def create_app(state: ServerState) -> FastAPI:
         return APIError(exc.status_code, str(exc.detail), type=kind,
                         headers=getattr(exc, "headers", None)).response()
 
-    @app.exception_handler(_ClientDisconnected)
-    async def _on_disconnect(request: Request, exc: _ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnected)
+    async def _on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(Exception)
@@ -413,7 +195,7 @@ def create_app(state: ServerState) -> FastAPI:
                 stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=bool(body.ignore_eos), logprobs=logprobs)
         except ValueError as e:
-            raise _sampling_error(e, {"max_tokens": max_tokens_param}) from None
+            raise sampling_error(e, {"max_tokens": max_tokens_param}) from None
 
     async def parse(request: Request, model: type[T]) -> T:
         try:
@@ -421,17 +203,17 @@ def create_app(state: ServerState) -> FastAPI:
         except RequestParseError as e:
             raise APIError(400, str(e), param=e.param) from None
 
-    async def run(request: Request, gens: _Generations, stream: bool,
+    async def run(request: Request, gens: Generations, stream: bool,
                   events: Callable[[], AsyncIterator[str]],
                   respond: Callable[[dict[int, CollectedOutput]], Any]) -> Response:
         """Start ``gens``; stream ``events()`` or collect and ``respond``; abort on disconnect."""
         streaming = False
         try:
-            await _until_disconnected(request, gens.start())
+            await until_disconnected(request, gens.start())
             if stream:
                 streaming = True
-                return StreamingResponse(_sse_with_errors(gens, events()),
-                                         media_type="text/event-stream", headers=_SSE_HEADERS,
+                return StreamingResponse(sse_with_errors(gens, events()),
+                                         media_type="text/event-stream", headers=SSE_HEADERS,
                                          background=BackgroundTask(gens.close))
 
             async def collect() -> dict[int, CollectedOutput]:
@@ -440,7 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
                     acc.setdefault(index, CollectedOutput()).add(out)
                 return acc
 
-            acc = await _until_disconnected(request, collect())
+            acc = await until_disconnected(request, collect())
             return Response(respond(acc).model_dump_json(), media_type="application/json")
         finally:
             if not streaming:
@@ -484,9 +266,9 @@ def create_app(state: ServerState) -> FastAPI:
             check_prompt(ids, eng, "prompt")
             max_tokens = resolve_max_tokens(body.max_tokens, "max_tokens", len(ids), eng,
                                             DEFAULT_COMPLETION_MAX_TOKENS)
-            jobs.append(_Job(i, f"{request_id}-{i}", ids,
+            jobs.append(Job(i, f"{request_id}-{i}", ids,
                              sampling(body, max_tokens, "max_tokens", body.logprobs)))
-        gens = _Generations(eng, jobs)
+        gens = Generations(eng, jobs)
         model = state.served_model_name
         tt = state.token_texts
         want_lp = body.logprobs is not None
@@ -496,12 +278,12 @@ def create_app(state: ServerState) -> FastAPI:
             choices = []
             for i in range(len(jobs)):
                 a = acc[i]
-                lp = _completion_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs, 0)[0] \
+                lp = completion_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs, 0)[0] \
                     if want_lp else None
                 choices.append(CompletionChoice(index=i, text=a.text, logprobs=lp,
-                                                finish_reason=_finish_reason(a.last)))
+                                                finish_reason=finish_reason_of(a.last)))
             return CompletionResponse(id=request_id, model=model, choices=choices,
-                                      usage=_usage([acc[i].last for i in range(len(jobs))]))
+                                      usage=usage_of([acc[i].last for i in range(len(jobs))]))
 
         async def events() -> AsyncIterator[str]:
             offsets = [0] * len(jobs)
@@ -510,16 +292,16 @@ def create_app(state: ServerState) -> FastAPI:
                 lasts[i] = out
                 lp = None
                 if want_lp:
-                    lp, offsets[i] = _completion_logprobs(tt, out.new_token_ids, out.new_logprobs,
+                    lp, offsets[i] = completion_logprobs(tt, out.new_token_ids, out.new_logprobs,
                                                           out.new_top_logprobs, offsets[i])
                 if out.new_text or (want_lp and out.new_token_ids) or out.finished:
-                    yield _sse(CompletionResponse(
+                    yield sse(CompletionResponse(
                         id=request_id, model=model,
                         choices=[CompletionChoice(index=i, text=out.new_text, logprobs=lp,
-                                                  finish_reason=_finish_reason(out))]))
+                                                  finish_reason=finish_reason_of(out))]))
             if include_usage:
-                yield _sse(CompletionResponse(id=request_id, model=model, choices=[],
-                                              usage=_usage([lasts[i] for i in range(len(jobs))])))
+                yield sse(CompletionResponse(id=request_id, model=model, choices=[],
+                                              usage=usage_of([lasts[i] for i in range(len(jobs))])))
 
         return await run(request, gens, bool(body.stream), events, respond)
 
@@ -546,24 +328,24 @@ def create_app(state: ServerState) -> FastAPI:
         max_tokens = resolve_max_tokens(requested, param, len(ids), eng, None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         params = sampling(body, max_tokens, param, n_top if body.logprobs else None)
-        gens = _Generations(eng, [_Job(0, request_id, ids, params)])
+        gens = Generations(eng, [Job(0, request_id, ids, params)])
         model = state.served_model_name
         tt = state.token_texts
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def respond(acc: dict[int, CollectedOutput]) -> ChatCompletionResponse:
             a = acc[0]
-            lp = _chat_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs) if body.logprobs \
+            lp = chat_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs) if body.logprobs \
                 else None
             choice = ChatChoice(index=0, message=AssistantMessage(content=a.text),
-                                logprobs=lp, finish_reason=_finish_reason(a.last))
+                                logprobs=lp, finish_reason=finish_reason_of(a.last))
             return ChatCompletionResponse(id=request_id, model=model, choices=[choice],
-                                          usage=_usage([a.last]))
+                                          usage=usage_of([a.last]))
 
         async def events() -> AsyncIterator[str]:
             def chunk(delta: DeltaMessage, lp: ChatLogprobs | None = None,
                       finish: str | None = None) -> str:
-                return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[
+                return sse(ChatCompletionChunk(id=request_id, model=model, choices=[
                     ChatChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)]))
 
             yield chunk(DeltaMessage(role="assistant", content=""))
@@ -571,14 +353,14 @@ def create_app(state: ServerState) -> FastAPI:
             async for _, out in gens.outputs():
                 last = out
                 if out.new_text or (body.logprobs and out.new_token_ids):
-                    lp = _chat_logprobs(tt, out.new_token_ids, out.new_logprobs,
+                    lp = chat_logprobs(tt, out.new_token_ids, out.new_logprobs,
                                         out.new_top_logprobs) if body.logprobs else None
                     yield chunk(DeltaMessage(content=out.new_text), lp)
                 if out.finished:
-                    yield chunk(DeltaMessage(), finish=_finish_reason(out))
+                    yield chunk(DeltaMessage(), finish=finish_reason_of(out))
             if include_usage:
-                yield _sse(ChatCompletionChunk(id=request_id, model=model, choices=[],
-                                               usage=_usage([last])))
+                yield sse(ChatCompletionChunk(id=request_id, model=model, choices=[],
+                                               usage=usage_of([last])))
 
         return await run(request, gens, bool(body.stream), events, respond)
 
