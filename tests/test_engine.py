@@ -36,6 +36,22 @@ def weights():
     return random_weights(CFG, jax.random.PRNGKey(7), scale=0.3)
 
 
+@pytest.fixture
+def preemptions(monkeypatch):
+    """Counts Scheduler._preempt calls during a test."""
+    from arctic_jax.engine import scheduler as sched_mod
+
+    count = {"n": 0}
+    original = sched_mod.Scheduler._preempt
+
+    def counting(self, request):
+        count["n"] += 1
+        return original(self, request)
+
+    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", counting)
+    return count
+
+
 def make_engine(weights, **kw):
     base = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, page_size=4,
                 num_pages=96, token_buckets=(8, 16, 32), page_buckets=(32,))
@@ -105,37 +121,21 @@ def test_concurrent_requests_equal_alone_and_pages_freed(weights):
     assert alloc.usage() == 0.0
 
 
-def test_preemption_with_tiny_page_pool(weights):
+def test_preemption_with_tiny_page_pool(weights, preemptions):
     rng = np.random.default_rng(2)
     prompts = random_prompts(rng, 6, 10, 20)
     params = [SamplingParams(max_tokens=20, temperature=0)] * len(prompts)
     expected, _ = run_all(make_engine(weights, enable_prefix_caching=False), prompts, params)
     # 14 pages of 4 tokens cannot hold 6 sequences of up to 40 tokens at once.
     engine = make_engine(weights, num_pages=14, max_model_len=48, enable_prefix_caching=False)
+    preemptions["n"] = 0
     got, reasons = run_all(engine, prompts, params)
+    assert preemptions["n"] > 0
     assert got == expected
     assert reasons == ["length"] * len(prompts)
     assert engine.metrics.finished.labels("length")._value.get() == len(prompts)
     assert engine.scheduler.allocator.usage() == 0.0
     engine.scheduler.allocator.check_invariants()
-
-
-def test_preemption_actually_happens(weights, monkeypatch):
-    from arctic_jax.engine import scheduler as sched_mod
-
-    count = {"n": 0}
-    original = sched_mod.Scheduler._preempt
-
-    def counting(self, request):
-        count["n"] += 1
-        return original(self, request)
-
-    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", counting)
-    rng = np.random.default_rng(3)
-    prompts = random_prompts(rng, 6, 10, 20)
-    engine = make_engine(weights, num_pages=14, max_model_len=48, enable_prefix_caching=False)
-    run_all(engine, prompts, [SamplingParams(max_tokens=20, temperature=0)] * 6)
-    assert count["n"] > 0
 
 
 def test_prefix_cache_hit_gives_identical_output(weights):
@@ -208,26 +208,17 @@ def test_stop_token_and_bad_requests(weights):
         engine.add_request([CFG.vocab_size + 3], SamplingParams())
 
 
-def test_preemption_with_prefix_caching_gives_the_same_outputs(weights, monkeypatch):
-    from arctic_jax.engine import scheduler as sched_mod
-
-    count = {"n": 0}
-    original = sched_mod.Scheduler._preempt
-
-    def counting(self, request):
-        count["n"] += 1
-        return original(self, request)
-
+def test_preemption_with_prefix_caching_gives_the_same_outputs(weights, preemptions):
     rng = np.random.default_rng(9)
     system = list(rng.integers(0, CFG.vocab_size, size=9))
     prompts = [system + list(rng.integers(0, CFG.vocab_size, size=int(n)))
                for n in rng.integers(2, 10, size=6)]
     params = [SamplingParams(max_tokens=20, temperature=0)] * len(prompts)
     expected, _ = run_all(make_engine(weights, enable_prefix_caching=False), prompts, params)
-    monkeypatch.setattr(sched_mod.Scheduler, "_preempt", counting)
+    preemptions["n"] = 0
     engine = make_engine(weights, num_pages=14, max_model_len=48)
     got, _ = run_all(engine, prompts, params)
-    assert count["n"] > 0
+    assert preemptions["n"] > 0
     assert got == expected
     assert engine.scheduler.allocator.usage() == 0.0
     engine.scheduler.allocator.check_invariants()
