@@ -70,34 +70,65 @@ class EngineConfig:
         return cls(parallel=parallel, **kwargs)
 
 
-def _device_free_bytes() -> int | None:
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without memory stats
-        return None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+def _device_free_bytes(num_devices: int = 1) -> int | None:
+    """The least free memory over the first ``num_devices`` devices (None: not reported)."""
+    free = []
+    for device in jax.devices()[:num_devices]:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without memory stats
+            return None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return min(free)
+
+
+def _kv_bytes_per_page_per_device(cfg: ModelConfig, ec: EngineConfig, dtype: Any) -> int:
+    """Device bytes of one page on one device: the placed KV heads split over P devices."""
+    if ec.parallel is None or ec.parallel.num_devices == 1:
+        return bytes_per_page(cfg, ec.page_size, dtype)
+    from sharding.placement import placed_config, plan_heads
+
+    P = ec.parallel.num_devices
+    placed = placed_config(cfg, plan_heads(cfg, P))
+    return bytes_per_page(placed, ec.page_size, dtype) // P
+
+
+def _weight_copies_per_device(ec: EngineConfig, weight_bytes: int) -> int:
+    """Device bytes the sharded weight copies will take (one copy per step variant)."""
+    if ec.parallel is None or ec.parallel.num_devices == 1:
+        return 0  # the weights are already on the device, so already out of the free memory
+    split = {"tp": ec.parallel.num_devices, "sp": ec.parallel.tensor_parallel_size}
+    return sum(weight_bytes // split[v] for v in ec.parallel.variants)
 
 
 DEFAULT_MAX_MODEL_LEN = 4096
 
 
-def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any) -> SchedulerConfig:
-    """Scheduler limits; ``max_model_len`` defaults to min(the model's, 4096)."""
+def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
+                             weight_bytes: int = 0) -> SchedulerConfig:
+    """Scheduler limits; ``max_model_len`` defaults to min(the model's, 4096).
+
+    Without ``num_pages`` the cache takes ``kv_cache_memory_fraction`` of the least free
+    device memory, after the sharded weight copies still to be placed (``weight_bytes``:
+    the unsharded weights' size).
+    """
     max_model_len = ec.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if ec.max_model_len and ec.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len {ec.max_model_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     num_pages = ec.num_pages
     if num_pages is None:
-        page_bytes = bytes_per_page(cfg, ec.page_size, dtype)
-        free = _device_free_bytes()
+        page_bytes = _kv_bytes_per_page_per_device(cfg, ec, dtype)
+        P = ec.parallel.num_devices if ec.parallel is not None else 1
+        free = _device_free_bytes(P)
         if free is None:  # CPU: enough for every sequence at full length, capped at 4 GiB
             want = ec.max_num_seqs * -(-max_model_len // ec.page_size) + 1
             num_pages = max(2, min(want, (4 << 30) // page_bytes))
         else:
-            num_pages = int(free * ec.kv_cache_memory_fraction) // page_bytes
+            free -= _weight_copies_per_device(ec, weight_bytes)
+            num_pages = int(max(free, 0) * ec.kv_cache_memory_fraction) // page_bytes
         if num_pages < 2:
             raise ValueError("not enough device memory for a KV cache; lower max_model_len or "
                              "raise kv_cache_memory_fraction")
@@ -120,7 +151,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         dtype = dtype or weights.embed.dtype
-        self.sched_config = resolve_scheduler_config(cfg, config, dtype)
+        weight_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(weights))
+        self.sched_config = resolve_scheduler_config(cfg, config, dtype, weight_bytes)
         eos = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
