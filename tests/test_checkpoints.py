@@ -108,9 +108,11 @@ def test_extra_tensor(tmp_path, tensors):
 
 
 def test_rotary_inv_freq_buffers_ignored(tmp_path, tensors):
+    plain = load(write_hf(tmp_path / "plain", CFG, tensors))
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones((2,), np.float32)
     tensors["model.rotary_emb.inv_freq"] = np.ones((2,), np.float32)
-    load(write_hf(tmp_path / "m", CFG, tensors))
+    with_buffers = load(write_hf(tmp_path / "m", CFG, tensors))
+    assert trees_equal(plain.weights, with_buffers.weights)
 
 
 def test_tied_config_lm_head_must_equal_embedding(tmp_path):

@@ -190,3 +190,32 @@ def test_kv_cache_sizing_per_device(monkeypatch):
     copies = (8 << 20) // 8 + (8 << 20) // 2        # the TP copy (1/8) and the SP copy (1/2)
     page_per_device = bytes_per_page(cfg, 4, jnp.float32) * 4 // 8  # 2 kv heads placed as 8
     assert eight.num_pages == ((64 << 20) - copies) // 2 // page_per_device
+
+
+def test_calibration_puts_the_threshold_at_the_crossover(weights, monkeypatch):
+    """With a fake clock where TP costs T and SP costs T/2 + 6, SP first wins at T > 12."""
+    from arctic_jax.engine import model_runner as mr
+
+    engine = make_engine(weights, parallel_mode="shift", sequence_parallel_size=4,
+                         tensor_parallel_size=2, shift_parallel_threshold="auto")
+    runner = engine.runner
+    clock = {"t": 0.0}
+
+    class Done:
+        def block_until_ready(self):
+            return self
+
+    def fake_run(variant, inputs):
+        T = inputs.batch.tokens.shape[0]
+        clock["t"] += T if variant == "tp" else T / 2 + 6
+        return Done()
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    monkeypatch.setattr(mr.time, "perf_counter", lambda: clock["t"])
+    threshold = runner.calibrate(repeats=3)
+    buckets = runner.buckets.tokens
+    expected = max([0] + [T for T in buckets if T <= 12])
+    assert 0 < expected < buckets[-1]  # the crossover lies inside the bucket range
+    assert threshold == expected == runner.shift_threshold
+    assert [row[0] for row in runner.calibration] == list(buckets)
+    assert runner.variant_for(expected) == "tp" and runner.variant_for(expected + 1) == "sp"
