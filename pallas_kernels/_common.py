@@ -129,6 +129,18 @@ def check_block(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def check_query(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                axis_name: str) -> tuple[int, int, int, int, int]:
+    """Check q [rows, N, D] against the cache: (kv heads, pages, page size, D, rows, N)."""
+    kh, num_pages, page_size, d = check_cache(k_cache, v_cache)
+    if q.ndim != 3 or q.shape[2] != d:
+        raise ValueError(f"q must be [{axis_name}, N, {d}], got {q.shape}")
+    rows, n, _ = q.shape
+    if n % kh:
+        raise ValueError(f"query heads {n} are not a multiple of kv heads {kh}")
+    return kh, num_pages, page_size, d, rows, n
+
+
 def check_int_vector(x: jax.Array, n: int, name: str) -> jax.Array:
     if x.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {x.shape}")

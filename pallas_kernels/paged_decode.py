@@ -118,12 +118,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            interpret: bool = False) -> jax.Array:
     """Decode attention of q [B, N, D] over the paged cache; see the module docstring."""
     config = config or DecodeConfig()
-    kh, num_pages, page_size, d = c.check_cache(k_cache, v_cache)
-    if q.ndim != 3 or q.shape[2] != d:
-        raise ValueError(f"q must be [B, N, {d}], got {q.shape}")
-    B, N, _ = q.shape
-    if N % kh:
-        raise ValueError(f"query heads {N} are not a multiple of kv heads {kh}")
+    kh, num_pages, page_size, d, B, N = c.check_query(q, k_cache, v_cache, "B")
     kv_lens = c.check_int_vector(kv_lens, B, "kv_lens")
     S = page_tables.shape[0] if page_tables.ndim == 2 else -1
     if row_to_seq is None:

@@ -155,12 +155,7 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
                              interpret: bool = False) -> jax.Array:
     """Causal attention of ragged new tokens over their paged KV; see the module docstring."""
     config = config or PrefillConfig()
-    kh, num_pages, page_size, d = c.check_cache(k_cache, v_cache)
-    if q.ndim != 3 or q.shape[2] != d:
-        raise ValueError(f"q must be [T, N, {d}], got {q.shape}")
-    T, N, _ = q.shape
-    if N % kh:
-        raise ValueError(f"query heads {N} are not a multiple of kv heads {kh}")
+    kh, num_pages, page_size, d, T, N = c.check_query(q, k_cache, v_cache, "T")
     if page_tables.ndim != 2:
         raise ValueError(f"page_tables must be [S, MP], got {page_tables.shape}")
     pt = c.check_page_tables(page_tables)

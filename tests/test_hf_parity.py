@@ -101,16 +101,24 @@ def test_logits_match_transformers(case, tmp_path):
     assert loaded.weights.embed.dtype == jnp.float32
 
 
+def read_config(directory) -> dict:
+    with open(directory / "config.json") as f:
+        return json.load(f)
+
+
+def write_config(directory, d: dict) -> None:
+    with open(directory / "config.json", "w") as f:
+        json.dump(d, f)
+
+
 def test_llama3_scaling_matters(tmp_path):
     """The llama3 case would fail without scaling: guards against a vacuous rope test."""
     overrides, n_tokens = CASES["gqa4_llama3_rope"]
     model = randomized_llama(overrides, 11)
     model.save_pretrained(tmp_path)
-    with open(tmp_path / "config.json") as f:
-        d = json.load(f)
+    d = read_config(tmp_path)
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(d, f)
+    write_config(tmp_path, d)
     loaded = load_model(str(tmp_path), dtype=jnp.float32, use_cache=False, progress=False)
     tokens = np.random.default_rng(11).integers(0, model.config.vocab_size, n_tokens)
     assert rel_err(our_logits(loaded, tokens), torch_logits(model, tokens)) > 1e-2
@@ -129,14 +137,12 @@ def test_transformers4_style_config_file(tmp_path):
     overrides, n_tokens = CASES["gqa4_llama3_rope"]
     model = randomized_llama(overrides, 31)
     model.save_pretrained(tmp_path)
-    with open(tmp_path / "config.json") as f:
-        d = json.load(f)
+    d = read_config(tmp_path)
     rope = d.pop("rope_parameters")
     assert rope["rope_type"] == "llama3"
     d["rope_theta"] = rope.pop("rope_theta")
     d["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in rope.items()}
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(d, f)
+    write_config(tmp_path, d)
     loaded = check_parity(model, tmp_path, n_tokens, 31)
     assert loaded.config.rope_scaling.rope_type == "llama3"
     assert loaded.config.rope_scaling.original_max_position_embeddings == 64

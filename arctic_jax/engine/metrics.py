@@ -59,11 +59,9 @@ class EngineMetrics:
     def on_step(self, scheduler) -> None:  # noqa: ANN001 - Scheduler, avoids an import cycle
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
-        self.kv_usage.set(scheduler.allocator.usage())
         stats = scheduler.allocator.stats()
-        queries = stats.get("query_tokens", 0)
-        if queries:
-            self.prefix_hit_rate.set(stats.get("hit_tokens", 0) / queries)
+        self.kv_usage.set(stats["usage"])
+        self.prefix_hit_rate.set(stats["hit_rate"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
