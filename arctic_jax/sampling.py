@@ -14,10 +14,17 @@ its per-row device form for one step (R rows, padded with greedy rows).
   whatever its row index and whatever other rows share the batch.
 
 Tokens tied with the top-k / top-p cut-off value are all kept.
+
+The work a step needs is chosen on the host as a static ``SamplingMode``: all
+greedy rows need only an argmax, and only top-k / top-p need a sort of [R, V].
+A device-side ``lax.cond`` would do the same, but on a GPU it makes the host
+wait for the step to reach the predicate, which serialises the engine's
+overlapped steps.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from numbers import Integral, Real
 from typing import Any, Sequence
@@ -131,6 +138,26 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
 
+class SamplingMode(enum.Enum):
+    """How much of the sampler a step runs (static under jit)."""
+
+    GREEDY = "greedy"        # every row takes the argmax
+    RANDOM = "random"        # temperature, min-p and the Gumbel draw; no top-k / top-p
+    FILTERED = "filtered"    # everything, with the sort that top-k / top-p need
+
+    @classmethod
+    def for_params(cls, params_list: Sequence[SamplingParams]) -> "SamplingMode":
+        """The cheapest mode that samples every request of ``params_list`` exactly."""
+        mode = cls.GREEDY
+        for p in params_list:
+            if p.is_greedy():
+                continue
+            if p.top_k > 0 or p.top_p < 1.0:
+                return cls.FILTERED
+            mode = cls.RANDOM
+        return mode
+
+
 @pytree_dataclass
 class SamplingTensors:
     """Per-row sampling state of one step; R rows (padding rows are greedy)."""
@@ -221,17 +248,15 @@ def _gumbel_rows(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:
     return jax.vmap(row)(seed, step)
 
 
-def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> jax.Array:
+def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array,
+                 filtered: bool) -> jax.Array:
     v = logits.shape[-1]
     temp = jnp.where(greedy, 1.0, t.temperature).astype(jnp.float32)
     scaled = logits / temp[:, None]
-    top_k = t.top_k.astype(jnp.int32)
-    top_p = t.top_p.astype(jnp.float32)
-    needs_sort = jnp.any(~greedy & (((top_k > 0) & (top_k < v)) | (top_p < 1.0)))
-    cutoff = jax.lax.cond(
-        needs_sort,
-        lambda: _cutoff_values(scaled, top_k, top_p),
-        lambda: jnp.full(scaled.shape[:1], -jnp.inf, scaled.dtype))
+    if filtered:
+        cutoff = _cutoff_values(scaled, t.top_k.astype(jnp.int32), t.top_p.astype(jnp.float32))
+    else:
+        cutoff = jnp.full(scaled.shape[:1], -jnp.inf, scaled.dtype)
     # min-p: p_i < min_p * p_max  <=>  scaled_i < max(scaled) + log(min_p)
     row_max = jnp.max(scaled, axis=-1)
     min_p_cut = row_max + jnp.log(t.min_p.astype(jnp.float32))   # -inf when min_p == 0
@@ -242,12 +267,13 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> ja
     return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> SampleResult:
+def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0,
+           mode: SamplingMode = SamplingMode.FILTERED) -> SampleResult:
     """Draw one token per row of ``logits`` [R, V] f32 under ``t`` (R rows).
 
-    Pure and jit-compatible; ``num_top_logprobs`` is static (0..V). The sort
-    needed by top-k / top-p runs only when some sampled row uses them, and
-    the random draw is skipped when every row is greedy.
+    Pure and jit-compatible; ``num_top_logprobs`` (0..V) and ``mode`` are static.
+    ``mode`` must cover every row (``SamplingMode.for_params``); a cheaper mode
+    ignores the filters it does not run. Any covering mode gives the same tokens.
     """
     if logits.ndim != 2:
         raise ValueError(f"sample: logits must be [R, V], got shape {logits.shape}")
@@ -258,11 +284,12 @@ def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> 
     if not (0 <= num_top_logprobs <= v):
         raise ValueError(f"sample: num_top_logprobs={num_top_logprobs} not in [0, {v}]")
     logits = logits.astype(jnp.float32)
-    greedy = t.temperature < GREEDY_TEMPERATURE
-    tokens = jax.lax.cond(
-        jnp.all(greedy),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        lambda: _sample_rows(logits, t, greedy))
+    mode = SamplingMode(mode)
+    if mode is SamplingMode.GREEDY:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        greedy = t.temperature < GREEDY_TEMPERATURE
+        tokens = _sample_rows(logits, t, greedy, filtered=mode is SamplingMode.FILTERED)
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     top_ids = top_logprobs = None

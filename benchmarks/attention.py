@@ -176,7 +176,7 @@ def describe(cfg, B=None, K=None, ctx=None) -> str:
         return f"bk={cfg.block_k or 'auto'} ns={ns} w={cfg.num_warps} s={cfg.num_stages}"
     if isinstance(cfg, PrefillConfig):
         return (f"bq={cfg.block_q or 'auto'} bk={cfg.block_k or 'auto'} w={cfg.num_warps or 'auto'} "
-                f"s={cfg.num_stages}")
+                f"s={cfg.num_stages}{'' if cfg.heavy_first else ' in-order'}")
     return str(cfg)
 
 
@@ -290,10 +290,12 @@ def prefill_configs(args) -> list[PrefillConfig]:
     out = []
     g = args.q_heads // args.kv_heads
     gp = 1 << max(0, (g - 1).bit_length())
-    for bq, bk, nw, st in itertools.product(args.block_q or [16, 32, 64], args.block_k or [32, 64, 128],
-                                            args.num_warps or [4, 8], args.num_stages or [2, 3]):
+    for bq, bk, nw, st, hf in itertools.product(
+            args.block_q or [16, 32, 64], args.block_k or [32, 64, 128], args.num_warps or [4, 8],
+            args.num_stages or [2, 3], args.heavy_first or [1]):
         if 16 <= bq * gp <= 256:
-            out.append(PrefillConfig(block_q=bq, block_k=bk, num_warps=nw, num_stages=st))
+            out.append(PrefillConfig(block_q=bq, block_k=bk, num_warps=nw, num_stages=st,
+                                     heavy_first=bool(hf)))
     return out
 
 
@@ -437,6 +439,8 @@ def parse_args(argv=None):
     p.add_argument("--num-splits", type=ints, default=None, help="sweep: decode KV splits")
     p.add_argument("--num-warps", type=ints, default=None)
     p.add_argument("--num-stages", type=ints, default=None)
+    p.add_argument("--heavy-first", type=ints, default=None,
+                   help="sweep: 1 launches the prefill blocks with the most keys first, 0 in order")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--max-iters", type=int, default=200, help="max calls per timed loop")
     p.add_argument("--rotate", type=int, default=None,

@@ -110,16 +110,16 @@ class ParallelDeployment:
         self.weight_bytes_per_device = per_device
 
     # ------------------------------------------------------------------ jit
-    def jit_engine_step(self, variant: str, base: StepOptions, num_top_logprobs: int) -> Callable:
-        """Jitted engine step (model + sampling) for one variant; cache and token buffer donated."""
-        from arctic_jax.engine.model_runner import engine_step
+    def jit_engine_model_step(self, variant: str, base: StepOptions) -> Callable:
+        """Jitted engine model step for one variant (see ``model_runner.model_step``):
+        ``(weights, cache, token_buffer, packed, layout) -> (cache, logits)``, cache donated."""
+        from arctic_jax.engine.model_runner import model_step
 
-        fn = functools.partial(engine_step, cfg=self.cfg, opts=self.options(variant, base),
-                               num_top_logprobs=num_top_logprobs)
+        fn = functools.partial(model_step, cfg=self.cfg, opts=self.options(variant, base))
         cache_sh, rep = self.cache_sharding, self.replicated
-        return jax.jit(fn, donate_argnums=(1, 2), static_argnums=(4,),
+        return jax.jit(fn, donate_argnums=(1,), static_argnums=(4,),
                        in_shardings=(self.weight_shardings(variant), cache_sh, rep, rep),
-                       out_shardings=(cache_sh, rep, rep))
+                       out_shardings=(cache_sh, rep))
 
     def jit_model_step(self, variant: str, base: StepOptions = StepOptions()) -> Callable:
         """Jitted ``(weights, cache, batch) -> (logits, cache)`` for one variant; cache donated."""

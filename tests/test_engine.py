@@ -163,6 +163,21 @@ def test_seeded_sampling_independent_of_batch(weights):
     assert again == together
 
 
+def test_seeded_request_same_under_every_sampling_mode(weights):
+    """A temperature-only request runs in RANDOM mode alone and in FILTERED mode next to
+    a top-k request: its tokens must not depend on the step's mode."""
+    rng = np.random.default_rng(8)
+    prompts = random_prompts(rng, 3)
+    plain = SamplingParams(max_tokens=12, temperature=1.0, min_p=0.05, seed=41)
+    params = [plain, SamplingParams(max_tokens=12, temperature=0.8, top_k=5, seed=3),
+              SamplingParams(max_tokens=12, temperature=0.0)]
+    alone = run_all(make_engine(weights), [prompts[0]], [plain])[0][0]
+    together, _ = run_all(make_engine(weights), prompts, params)
+    assert together[0] == alone
+    greedy = run_all(make_engine(weights), [prompts[2]], [params[2]])[0][0]
+    assert together[2] == greedy
+
+
 def test_no_compilation_after_warmup(weights):
     counter = CompileCounter()
     engine = make_engine(weights, num_pages=83)  # a cache shape no other test compiles
@@ -172,8 +187,9 @@ def test_no_compilation_after_warmup(weights):
     counter.count = 0
     rng = np.random.default_rng(6)
     prompts = random_prompts(rng, 10, 2, 60)
-    params = [SamplingParams(max_tokens=int(n), temperature=0.7, seed=1)
-              for n in rng.integers(1, 30, size=10)]
+    kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=1), dict(temperature=0.9, top_p=0.8)]
+    params = [SamplingParams(max_tokens=int(n), **kinds[i % 3])   # every sampling mode
+              for i, n in enumerate(rng.integers(1, 30, size=10))]
     run_all(engine, prompts, params)
     assert counter.count == 0
     counter.active = False

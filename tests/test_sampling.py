@@ -7,10 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arctic_jax.sampling import (GREEDY_TEMPERATURE, MAX_SEED, SampleResult, SamplingParams,
-                                 SamplingTensors, _cutoff_values, sample)
+from arctic_jax.sampling import (
+    GREEDY_TEMPERATURE,
+    MAX_SEED,
+    SampleResult,
+    SamplingMode,
+    SamplingParams,
+    SamplingTensors,
+    _cutoff_values,
+    sample,
+)
 
-SAMPLE = jax.jit(sample, static_argnames="num_top_logprobs")
+SAMPLE = jax.jit(sample, static_argnames=("num_top_logprobs", "mode"))
 
 N_DRAWS = 20_000   # rows of one distribution draw (one compile for all of them)
 V_SMALL = 8        # vocabulary of the distribution tests
@@ -120,6 +128,40 @@ def test_top_k_one_equals_greedy_in_a_mixed_batch():
     free = [SamplingParams(temperature=1.3) for _ in range(16)]
     out2 = SAMPLE(jnp.asarray(logits), _tensors(free, list(t.step), [int(s) for s in t.seed]))
     assert (np.asarray(out2.tokens) != logits.argmax(-1)).sum() >= 12
+
+
+def test_mode_for_params_is_the_cheapest_covering_one():
+    G, R, F = SamplingMode.GREEDY, SamplingMode.RANDOM, SamplingMode.FILTERED
+    greedy = SamplingParams(temperature=0.0, top_k=3, top_p=0.5)   # filters ignored when greedy
+    assert SamplingMode.for_params([]) is G
+    assert SamplingMode.for_params([greedy, greedy]) is G
+    assert SamplingMode.for_params([greedy, SamplingParams(temperature=0.5, min_p=0.1)]) is R
+    assert SamplingMode.for_params([SamplingParams(temperature=0.5),
+                                    SamplingParams(temperature=1.0, top_p=0.9)]) is F
+    assert SamplingMode.for_params([SamplingParams(temperature=1.0, top_k=40), greedy]) is F
+
+
+@pytest.mark.parametrize("kind", ["greedy", "random"])
+def test_every_covering_mode_gives_the_same_tokens(kind):
+    """The cheap modes must agree exactly with the full sampler on the rows they cover."""
+    rng = np.random.default_rng(11 if kind == "greedy" else 12)
+    logits = jnp.asarray(rng.normal(size=(24, 500)).astype(np.float32) * 2)
+    if kind == "greedy":
+        params = [SamplingParams(temperature=0.0, top_k=int(rng.integers(0, 9))) for _ in range(24)]
+    else:
+        params = [SamplingParams(temperature=float(rng.uniform(0.3, 1.5)),
+                                 min_p=float(rng.choice([0.0, 0.05])))
+                  if i % 3 else SamplingParams(temperature=0.0) for i in range(24)]
+    t = _tensors(params, [int(s) for s in rng.integers(0, 900, 24)],
+                 [int(s) for s in rng.integers(0, MAX_SEED, 24)])
+    mode = SamplingMode.for_params(params)
+    assert mode is SamplingMode(kind)
+    cheap = SAMPLE(logits, t, num_top_logprobs=3, mode=mode)
+    full = SAMPLE(logits, t, num_top_logprobs=3, mode=SamplingMode.FILTERED)
+    for a, b in zip(jax.tree_util.tree_leaves(cheap), jax.tree_util.tree_leaves(full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if kind == "random":  # the rows really sampled (not all argmax), so the check has teeth
+        assert (np.asarray(full.tokens) != np.asarray(logits).argmax(-1)).sum() >= 4
 
 
 # ---------------------------------------------------------------- reproducibility
@@ -297,25 +339,27 @@ def test_logprobs_match_numpy():
 
 # ---------------------------------------------------------------- structure / errors
 
-def _primitives(jaxpr, inside_cond=False, out=None):
-    """(primitive name, nested under a cond?) for every equation, recursively."""
+def _primitives(jaxpr, out=None):
+    """Every primitive name of a jaxpr, recursively."""
     out = [] if out is None else out
     for eqn in jaxpr.eqns:
-        out.append((eqn.primitive.name, inside_cond))
+        out.append(eqn.primitive.name)
         for v in eqn.params.values():
             for x in (v if isinstance(v, (list, tuple)) else [v]):
                 sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns") else x
                 if hasattr(sub, "eqns"):
-                    _primitives(sub, inside_cond or eqn.primitive.name == "cond", out)
+                    _primitives(sub, out)
     return out
 
 
-def test_sort_runs_only_under_a_cond():
+@pytest.mark.parametrize("mode", list(SamplingMode))
+def test_only_the_filtered_mode_sorts_and_only_sampling_modes_draw(mode):
     logits = jnp.asarray(np.random.default_rng(6).normal(size=(4, 64)), jnp.float32)
     t = _tensors([SamplingParams(top_k=3)] * 4, [0] * 4, [0] * 4)
-    prims = _primitives(jax.make_jaxpr(sample)(logits, t).jaxpr)
-    sorts = [inside for name, inside in prims if name == "sort"]
-    assert sorts and all(sorts)
+    prims = _primitives(jax.make_jaxpr(lambda x, tt: sample(x, tt, mode=mode))(logits, t).jaxpr)
+    assert ("sort" in prims) == (mode is SamplingMode.FILTERED)
+    assert ("random_bits" in prims or "threefry2x32" in prims) == (mode is not SamplingMode.GREEDY)
+    assert "cond" not in prims and "while" not in prims
 
 
 def test_top_p_one_keeps_the_tail_even_when_the_cumsum_rounds_to_one():

@@ -206,7 +206,7 @@ def test_calibration_puts_the_threshold_at_the_crossover(weights, monkeypatch):
             return self
 
     def fake_run(variant, inputs):
-        T = inputs.batch.tokens.shape[0]
+        T = inputs.model.batch.tokens.shape[0]
         clock["t"] += T if variant == "tp" else T / 2 + 6
         return Done()
 

@@ -19,6 +19,11 @@ from arctic_jax.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are queued; retry later."""
 
@@ -96,10 +101,22 @@ class AsyncEngine:
 
     # -------------------------------------------------------- engine thread
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: Sequence[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs over with one wake-up per client event loop.
+
+        Waking the loop once per step, not once per request, keeps the client
+        thread's share of the GIL small at high concurrency.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
 
     def _drain_commands(self) -> None:
         while True:
@@ -124,12 +141,12 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                outputs = self.engine.step()
+                if outputs:
+                    self._deliver_all([(out.request_id, out) for out in outputs])
         except BaseException as e:  # noqa: BLE001 - report to every waiting client
             log.exception("engine loop failed")
             with self._lock:
                 self.error = e
                 ids = list(self._streams)
-            for rid in ids:
-                self._deliver(rid, RuntimeError(f"engine failure: {e}"))
+            self._deliver_all([(rid, RuntimeError(f"engine failure: {e}")) for rid in ids])

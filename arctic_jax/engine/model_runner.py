@@ -1,14 +1,23 @@
 """Runs scheduled steps on the device: batch building, compiled programs, sampling.
 
-The device program of one step is ``engine_step``: it reads decode tokens that
-are still on the device from the token buffer, runs the model step, samples,
-writes the sampled tokens back into the buffer, and packs everything the host
-needs into one int32 array, so a step costs one device-to-host transfer.
+A step is two device programs, launched back to back without waiting:
 
-``warmup`` compiles and runs every bucket shape once ahead of time (the server
-and the bench call it before they report ready), so serving reuses compiled
-programs through jit's fast C++ dispatch path; a test counts compilations while
-serving and requires none. The offline ``LLM`` compiles shapes lazily instead.
+- ``model_step`` reads decode tokens that are still on the device from the
+  token buffer and runs the model: (cache, token buffer, inputs) -> (cache, logits);
+- ``sampler_step`` samples from the logits, writes the tokens into the token
+  buffer and packs everything the host needs into one int32 array, so a step
+  costs one device-to-host transfer.
+
+The model program is compiled per token/page bucket (and per parallel variant);
+the sampler, whose shape is fixed, once per ``SamplingMode``. The host picks the
+mode from the step's requests, so no program holds a data-dependent branch: on a
+GPU such a branch makes the launching thread wait for the device, which would
+undo the engine's overlap of host work with the running step.
+
+``warmup`` compiles and runs every program ahead of time (the server and the
+bench call it before they report ready), so serving reuses compiled programs
+through jit's fast C++ dispatch path; a test counts compilations while serving
+and requires none. The offline ``LLM`` compiles shapes lazily instead.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import StepOptions, forward
 from arctic_jax.models.llama_weights import LlamaWeights
 from arctic_jax.pytree import pytree_dataclass, replace
-from arctic_jax.sampling import SamplingTensors, sample
+from arctic_jax.sampling import SamplingMode, SamplingTensors, sample
 
 if TYPE_CHECKING:
     from sharding.mesh import ParallelConfig
@@ -40,45 +49,78 @@ log = logging.getLogger(__name__)
 
 
 @pytree_dataclass
-class EngineInputs:
-    """Per-step inputs beyond the model batch."""
+class ModelInputs:
+    """Per-step inputs of the model program."""
 
     batch: StepBatch
     token_src: jax.Array       # [T] int32 token-buffer row holding the token, or -1 (host token)
+
+
+@pytree_dataclass
+class SamplerInputs:
+    """Per-step inputs of the sampler program (R rows)."""
+
     sample_slot: jax.Array     # [R] int32 token-buffer row that receives the sampled token, or -1
     sampling: SamplingTensors  # [R] rows
 
 
-def engine_step(weights: LlamaWeights, cache: KVCache, token_buffer: jax.Array,
-                packed_inputs: jax.Array, layout: PackedLayout, *, cfg: ModelConfig,
-                opts: StepOptions, num_top_logprobs: int) -> tuple[KVCache, jax.Array, jax.Array]:
-    """One decode/prefill step plus sampling.
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Host-side inputs of one step and the sampling mode its requests need."""
 
-    ``packed_inputs`` is the int32 buffer of ``pack(EngineInputs)`` (one transfer);
-    ``layout`` (static) unpacks it. Returns the updated cache, the updated token buffer
-    [max_num_seqs] and the packed int32 result [R, 2 + 2 * num_top_logprobs]: token,
-    logprob bits, top ids, top logprob bits.
+    model: ModelInputs
+    sampler: SamplerInputs
+    mode: SamplingMode
+
+
+def model_step(weights: LlamaWeights, cache: KVCache, token_buffer: jax.Array,
+               packed_inputs: jax.Array, layout: PackedLayout, *, cfg: ModelConfig,
+               opts: StepOptions) -> tuple[KVCache, jax.Array]:
+    """The model part of a step: returns the updated cache and logits [R, V].
+
+    ``packed_inputs`` is the int32 buffer of ``pack(ModelInputs)`` (one transfer);
+    ``layout`` (static) unpacks it. Tokens marked in ``token_src`` come from the
+    token buffer [max_num_seqs] (sampled by the previous step, never seen by the host).
     """
-    inputs: EngineInputs = unpack(packed_inputs, layout)
+    inputs: ModelInputs = unpack(packed_inputs, layout)
     batch = inputs.batch
     from_buffer = token_buffer[jnp.maximum(inputs.token_src, 0)]
     tokens = jnp.where(inputs.token_src >= 0, from_buffer, batch.tokens)
     logits, cache = forward(weights, cache, replace(batch, tokens=tokens), cfg=cfg, opts=opts)
-    result = sample(logits, inputs.sampling, num_top_logprobs)
+    return cache, logits
+
+
+def sampler_step(logits: jax.Array, token_buffer: jax.Array, packed_inputs: jax.Array,
+                 layout: PackedLayout, *, mode: SamplingMode,
+                 num_top_logprobs: int) -> tuple[jax.Array, jax.Array]:
+    """Sample logits [R, V]; returns the updated token buffer and the packed result.
+
+    The result is int32 [R, 2 + 2 * num_top_logprobs]: token, logprob bits, top ids,
+    top logprob bits.
+    """
+    inputs: SamplerInputs = unpack(packed_inputs, layout)
+    result = sample(logits, inputs.sampling, num_top_logprobs, mode)
     slots = jnp.where(inputs.sample_slot < 0, token_buffer.shape[0], inputs.sample_slot)
     token_buffer = token_buffer.at[slots].set(result.tokens, mode="drop")
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
     columns = [result.tokens[:, None], bits(result.logprob.astype(jnp.float32))[:, None]]
     if num_top_logprobs:
         columns += [result.top_ids.astype(jnp.int32), bits(result.top_logprobs.astype(jnp.float32))]
-    return cache, token_buffer, jnp.concatenate(columns, axis=1)
+    return token_buffer, jnp.concatenate(columns, axis=1)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_engine_step(cfg: ModelConfig, opts: StepOptions, num_top_logprobs: int) -> Callable:
+def _jitted_model_step(cfg: ModelConfig, opts: StepOptions) -> Callable:
     """One jitted program family per model config, shared by engines of that config."""
-    fn = functools.partial(engine_step, cfg=cfg, opts=opts, num_top_logprobs=num_top_logprobs)
-    return jax.jit(fn, donate_argnums=(1, 2), static_argnums=(4,))
+    fn = functools.partial(model_step, cfg=cfg, opts=opts)
+    return jax.jit(fn, donate_argnums=(1,), static_argnums=(4,))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_sampler_step(mode: SamplingMode, num_top_logprobs: int) -> Callable:
+    """The jitted sampler of one mode; the token buffer is donated."""
+    fn = functools.partial(sampler_step, mode=mode, num_top_logprobs=num_top_logprobs)
+    return jax.jit(fn, donate_argnums=(1,), static_argnums=(3,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,16 +192,16 @@ class ModelRunner:
             self.cfg = dep.cfg
             self.weights = dep.weights
             self.cache = dep.allocate_cache(sched.num_pages, sched.page_size, dtype)
-            self._jitted = {v: dep.jit_engine_step(v, opts, num_top_logprobs)
-                            for v in parallel.variants}
+            self._jitted = {v: dep.jit_engine_model_step(v, opts) for v in parallel.variants}
             self.deployment = dep
         else:
             self.cfg = cfg
             self.weights = {"single": weights}
             self.cache = KVCache.allocate(cfg, sched.num_pages, sched.page_size, dtype)
-            self._jitted = {"single": _jitted_engine_step(cfg, opts, num_top_logprobs)}
+            self._jitted = {"single": _jitted_model_step(cfg, opts)}
             self.deployment = None
         self.variants = tuple(self._jitted)
+        self._samplers = {m: jitted_sampler_step(m, num_top_logprobs) for m in SamplingMode}
         self.shift_threshold = (parallel.shift_threshold
                                 if parallel is not None and isinstance(parallel.shift_threshold, int)
                                 else 512)
@@ -185,7 +227,7 @@ class ModelRunner:
         return "tp" if num_tokens <= self.shift_threshold else "sp"
 
     # ---------------------------------------------------------------- inputs
-    def build_inputs(self, step: ScheduledStep) -> EngineInputs:
+    def build_inputs(self, step: ScheduledStep) -> StepInputs:
         chunks, samplers = [], []
         for c in step.chunks:
             chunks.append(SequenceChunk(tokens=c.host_tokens, start=c.start, pages=c.request.pages,
@@ -203,22 +245,27 @@ class ModelRunner:
             offset += c.num_tokens
         sample_slot = np.full(R, -1, np.int32)
         sample_slot[:len(samplers)] = [c.request.token_slot for c in samplers]
+        params = [c.request.params for c in samplers]
         sampling = SamplingTensors.from_params(
-            [c.request.params for c in samplers],
-            steps=[c.request.num_generated - 1 for c in samplers],
+            params, steps=[c.request.num_generated - 1 for c in samplers],
             seeds=[c.request.seed for c in samplers], num_rows=R)
-        return EngineInputs(batch=batch, token_src=token_src, sample_slot=sample_slot,
-                            sampling=sampling)
+        return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
+                          sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling),
+                          mode=SamplingMode.for_params(params))
 
     # -------------------------------------------------------------- programs
-    def _run(self, variant: str, inputs: EngineInputs) -> jax.Array:
-        """Launch one step through jit's C++ dispatch path (a warmed shape never compiles).
+    def _run(self, variant: str, inputs: StepInputs) -> jax.Array:
+        """Launch one step's two programs through jit's C++ dispatch path; returns the
+        packed result without waiting for it (a warmed shape never compiles).
 
-        The host inputs travel as one packed int32 buffer: one host-to-device transfer.
+        Each program's host inputs travel as one packed int32 buffer.
         """
-        flat, layout = pack(inputs)
-        self.cache, self.token_buffer, packed = self._jitted[variant](
-            self.weights[variant], self.cache, self.token_buffer, flat, layout)
+        flat, layout = pack(inputs.model)
+        self.cache, logits = self._jitted[variant](self.weights[variant], self.cache,
+                                                   self.token_buffer, flat, layout)
+        flat, layout = pack(inputs.sampler)
+        self.token_buffer, packed = self._samplers[inputs.mode](logits, self.token_buffer,
+                                                                flat, layout)
         return packed
 
     def warmup(self, progress: bool = True) -> float:
@@ -237,6 +284,10 @@ class ModelRunner:
         packed = None
         for variant, T, MP in iterator:
             packed = self._run(variant, self._dummy_inputs(T, MP))
+        for variant in self.variants:  # every sampler mode after each variant's logits
+            for mode in SamplingMode:
+                inputs = self._dummy_inputs(self.buckets.tokens[0], self.buckets.pages[0])
+                packed = self._run(variant, dataclasses.replace(inputs, mode=mode))
         if packed is not None:
             packed.block_until_ready()
         if self.needs_calibration:
@@ -276,7 +327,7 @@ class ModelRunner:
                     "threshold set to %d tokens", table, threshold)
         return threshold
 
-    def _dummy_inputs(self, T: int, MP: int) -> EngineInputs:
+    def _dummy_inputs(self, T: int, MP: int) -> StepInputs:
         S = self.buckets.seqs[0]
         batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
                           slot_mapping=np.full(T, -1, np.int32), seq_ids=np.zeros(T, np.int32),
@@ -284,8 +335,10 @@ class ModelRunner:
                           query_start=np.zeros(S + 1, np.int32), kv_lens=np.zeros(S, np.int32),
                           logits_indices=np.zeros(S, np.int32))
         sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=S)
-        return EngineInputs(batch=batch, token_src=np.full(T, -1, np.int32),
-                            sample_slot=np.full(S, -1, np.int32), sampling=sampling)
+        return StepInputs(model=ModelInputs(batch=batch, token_src=np.full(T, -1, np.int32)),
+                          sampler=SamplerInputs(sample_slot=np.full(S, -1, np.int32),
+                                                sampling=sampling),
+                          mode=SamplingMode.GREEDY)
 
     # ------------------------------------------------------------------- run
     def dispatch(self, step: ScheduledStep) -> tuple[jax.Array, str]:
