@@ -5,15 +5,18 @@ largest bucket: every step TP), static SP (threshold 0: every step SP) and shift
 (the threshold) are measured on the same compiled programs, weights and cache.
 
 Cases (Llama-3.1-8B shape, random bf16 weights):
-- single requests: TTFT of one 4k-token prompt; TPOT at batch 1 and 8;
+- single requests: TTFT of a 4k-token prompt (p50 of three); TPOT at batch 1 and 8;
 - mixed load: inputs uniform in [1k, 8k], 250 outputs, Poisson arrivals.
 
-Data parallelism (P independent one-GPU engines) is not run here: its latencies are
-those of a one-GPU engine at 1/P of the load (see the single-GPU serving rows of
-RESULTS.md), and its throughput P times that.
+``--data-parallel`` runs the same cases on P = SP x TP independent one-device engines
+instead (data-parallel replicas in one process, each request sent to the replica
+with the fewest requests in flight), each replica with the same KV memory per
+device as replica 0 sized itself. Run it as a separate process (it needs the
+devices' memory for itself).
 
-    python benchmarks/shift_parallel.py --sp 2 --tp 1            # 2 GPUs
-    python benchmarks/shift_parallel.py --tiny --sp 2 --tp 2     # CPU smoke run, 8 simulated devices
+    python benchmarks/shift_parallel.py --sp 2 --tp 1                    # 2 GPUs
+    python benchmarks/shift_parallel.py --sp 2 --tp 1 --data-parallel    # 2 one-GPU replicas
+    python benchmarks/shift_parallel.py --tiny --sp 2 --tp 2             # CPU smoke run, 8 simulated devices
 """
 from __future__ import annotations
 
@@ -38,6 +41,25 @@ def summarize(name: str, result) -> dict:
             "out_tps": r["output_throughput"], "n": r["num_completed"]}
 
 
+def build_replicas(shape: str, kwargs: dict, count: int) -> tuple[list, str]:
+    """``count`` one-device engines, replica i committed to device i; the others take
+    replica 0's number of KV pages (the same KV memory per device)."""
+    one = {k: v for k, v in kwargs.items()
+           if k not in ("parallel_mode", "sequence_parallel_size", "tensor_parallel_size",
+                        "shift_parallel_threshold")}
+    devices = jax.devices()[:count]
+    if len(devices) < count:
+        raise ValueError(f"{count} replicas need {count} devices, found {len(devices)}")
+    engines, name = [], ""
+    for device in devices:
+        if engines:
+            one = dict(one, num_pages=engines[0].sched_config.num_pages)
+        with jax.default_device(device):
+            engine, name = runner.build_random_engine(shape, one)
+        engines.append(runner.pin_to_device(engine, device))
+    return engines, name
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sp", type=int, default=2)
@@ -51,6 +73,8 @@ def main() -> None:
     p.add_argument("--mixed-out", type=int, default=250)
     p.add_argument("--max-model-len", type=int, default=8448)
     p.add_argument("--token-buckets", default="16,64,256,512,1024,2048")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="P = SP x TP one-device replicas instead of one shift deployment")
     p.add_argument("--append-results", action="store_true")
     args = p.parse_args()
 
@@ -65,11 +89,20 @@ def main() -> None:
                                  if not args.tiny else (16, 64, 128)),
                   page_buckets=(-(-args.max_model_len // 16),), kv_cache_memory_fraction=0.5,
                   enable_prefix_caching=False)  # modes replay the same prompts
-    engine, name = runner.build_random_engine("tiny" if args.tiny else "llama-3.1-8b", kwargs)
-    warm_s = runner.warmup_engine(engine)
-    top = engine.runner.buckets.tokens[-1]
-    vocab = engine.cfg.vocab_size
-    long_req = wl.synthetic_requests(1, wl.LengthRange(args.long_prompt, args.long_prompt),
+    shape = "tiny" if args.tiny else "llama-3.1-8b"
+    if args.data_parallel:
+        engine, name = build_replicas(shape, kwargs, args.sp * args.tp)
+        warm_s = sum(runner.warmup_engine(e) for e in engine)
+        modes = ((f"DP={len(engine)} replicas", None),)
+        first = engine[0]
+    else:
+        engine, name = runner.build_random_engine(shape, kwargs)
+        warm_s = runner.warmup_engine(engine)
+        top = engine.runner.buckets.tokens[-1]
+        modes = (("TP (static)", top), ("SP (static)", 0), ("shift", args.threshold))
+        first = engine
+    vocab = first.cfg.vocab_size
+    long_req = wl.synthetic_requests(3, wl.LengthRange(args.long_prompt, args.long_prompt),
                                      wl.LengthRange(8, 8), vocab, 1)
     n_out = 8 if args.tiny else 64
 
@@ -82,8 +115,9 @@ def main() -> None:
     offsets = wl.poisson_arrival_offsets(len(mixed), args.rate, 4)
 
     rows = []
-    for mode, threshold in (("TP (static)", top), ("SP (static)", 0), ("shift", args.threshold)):
-        engine.runner.shift_threshold = threshold
+    for mode, threshold in modes:
+        if threshold is not None:
+            engine.runner.shift_threshold = threshold
         ttft = summarize(mode, runner.run_in_process(engine, long_req, concurrency=1))["ttft_p50"]
         tpot1 = summarize(mode, runner.run_in_process(engine, short(2), concurrency=1))["tpot_p50"]
         tpot8 = summarize(mode, runner.run_in_process(engine, short(8), concurrency=8))["tpot_p50"]
@@ -91,12 +125,15 @@ def main() -> None:
         rows.append((mode, ttft, tpot1, tpot8, m))
         print(mode, ttft, tpot1, tpot8, m, flush=True)
 
-    steps = engine.metrics.render().decode()
-    lines = [f"### Shift parallelism: {name}, SP={args.sp} x TP={args.tp}, threshold {args.threshold}",
+    steps = "".join(e.metrics.render().decode() for e in (engine if args.data_parallel else [engine]))
+    setup = (f"{args.sp * args.tp} data-parallel one-device replicas" if args.data_parallel
+             else f"SP={args.sp} x TP={args.tp}, threshold {args.threshold}")
+    lines = [f"### Shift parallelism: {name}, {setup}",
              "",
              f"- date {datetime.date.today()}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
              f"jax {jax.__version__}; warm-up {warm_s:.0f} s",
-             f"- single requests: TTFT of one {args.long_prompt}-token prompt; TPOT at batch 1 and 8 "
+             f"- single requests: TTFT p50 of three {args.long_prompt}-token prompts, one at a time; "
+             f"TPOT at batch 1 and 8 "
              f"(128-token prompts)",
              f"- mixed load: {args.num_mixed} requests, inputs uniform in [{lo}, {hi}], "
              f"{args.mixed_out} outputs, Poisson {args.rate} req/s",

@@ -334,6 +334,31 @@ def test_in_process_run_writes_png_and_results(cli_run):
     assert "| TTFT |" in md and "random-weights:tiny" in md and "jax " in md
 
 
+def test_data_parallel_replicas_each_serve_on_their_own_device():
+    import jax
+
+    devices = jax.devices()[:2]
+    kwargs = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=8,
+                  token_buckets=(8, 32), page_buckets=(8,))
+    engines = []
+    for device in devices:
+        with jax.default_device(device):
+            engine, _ = runner.build_random_engine("tiny", kwargs)
+        engines.append(runner.pin_to_device(engine, device))
+        runner.warmup_engine(engine, progress=False)
+    requests = wl.synthetic_requests(8, wl.LengthRange(4, 20), wl.LengthRange(5, 5), 101, 4)
+    result = runner.run_in_process(engines, requests, concurrency=4)
+    assert all(r.ok and r.output_tokens == 5 for r in result.records)
+    assert result.info == {"xla_compiles_during_run": 0, "replicas": 2}
+    for engine, device in zip(engines, devices):
+        assert engine.runner.cache.k[0].devices() == {device}
+        assert engine.runner.token_buffer.devices() == {device}
+        served = engine.metrics.render().decode()
+        steps = [float(line.split()[-1]) for line in served.splitlines()
+                 if line.startswith("arctic_engine_steps_total")]
+        assert steps and steps[0] > 4  # both replicas took part of the load
+
+
 def test_cli_rejects_bad_combinations():
     with pytest.raises(ValueError, match="cannot be combined"):
         bench_cli(["--url", "http://x", "--random-weights", "tiny"])

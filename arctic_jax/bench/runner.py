@@ -240,10 +240,15 @@ def _probe_request(engine: Any, index: int) -> BenchRequest:
 
 
 class InProcessDriver:
-    """Streams requests from an ``AsyncEngine``; greedy, ``ignore_eos`` as the request says."""
+    """Streams requests from ``AsyncEngine``s; greedy, ``ignore_eos`` as the request says.
 
-    def __init__(self, async_engine: Any):
-        self.async_engine = async_engine
+    With several engines (data-parallel replicas) each request goes to the one
+    with the fewest requests in flight, as a load balancer in front of replicas would.
+    """
+
+    def __init__(self, async_engines: Any):
+        self.async_engines = list(async_engines) if isinstance(async_engines, (list, tuple)) \
+            else [async_engines]
 
     async def send(self, request: BenchRequest, record: RequestRecord) -> None:
         from arctic_jax.sampling import SamplingParams
@@ -252,8 +257,9 @@ class InProcessDriver:
             raise ValueError("in-process prompts must be token ids (tokenize them first)")
         params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0,
                                 ignore_eos=request.ignore_eos)
-        async for out in self.async_engine.generate(list(request.prompt), params,
-                                                    f"bench-{request.index}"):
+        target = min(self.async_engines, key=lambda e: e.num_requests())
+        async for out in target.generate(list(request.prompt), params,
+                                          f"bench-{request.index}"):
             record.add_delivery(time.perf_counter(), len(out.new_token_ids))
             if out.finished:
                 record.finish_reason = out.finish_reason.value if out.finish_reason else None
@@ -281,12 +287,29 @@ def check_fits(requests: Sequence[BenchRequest], engine: Any) -> None:
                              f"tokens exceed max_model_len {max_len}; raise --max-model-len")
 
 
+def pin_to_device(engine: Any, device: Any) -> Any:
+    """Commit a one-device engine's weights, cache and token buffer to ``device``.
+
+    Its steps then run there whatever the default device (data-parallel replicas
+    in one process). Call before ``warmup_engine``.
+    """
+    import jax
+
+    r = engine.runner
+    if r.deployment is not None:
+        raise ValueError("pin_to_device is for one-device engines, not parallel deployments")
+    r.weights, r.cache, r.token_buffer = jax.device_put((r.weights, r.cache, r.token_buffer),
+                                                        device)
+    return engine
+
+
 def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
                    concurrency: int | None = None,
                    arrival_offsets: Sequence[float] | None = None) -> RunResult:
-    """Run a workload on a warmed-up engine through an ``AsyncEngine`` thread.
+    """Run a workload on a warmed-up engine (or a list of data-parallel replica engines)
+    through ``AsyncEngine`` threads, one per engine.
 
-    One short untimed probe request goes first, on the same event loop.
+    One short untimed probe request goes first to each engine, on the same event loop.
 
     ``info`` of the result holds the number of XLA compilations during the run
     (0 when every bucket was compiled by ``warmup_engine``).
@@ -294,27 +317,34 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
     from arctic_jax.engine.async_engine import AsyncEngine
     from arctic_jax.engine.model_runner import CompileCounter
 
-    requests = tokenize_requests(requests, engine.tokenizer)
-    check_fits(requests, engine)
+    engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
+    requests = tokenize_requests(requests, engines[0].tokenizer)
+    for e in engines:
+        check_fits(requests, e)
+
     async def main() -> RunResult:
-        driver = InProcessDriver(async_engine)
-        probe = await _send(driver, _probe_request(engine, -1))  # warms the thread hand-off
-        if probe.error:
-            raise RuntimeError(f"the untimed probe request failed: {probe.error}")
-        return await run_load(driver, requests, concurrency=concurrency,
+        for i, a in enumerate(async_engines):  # warms each thread hand-off
+            probe = await _send(InProcessDriver(a), _probe_request(engines[i], -1 - i))
+            if probe.error:
+                raise RuntimeError(f"the untimed probe request failed: {probe.error}")
+        return await run_load(InProcessDriver(async_engines), requests, concurrency=concurrency,
                               arrival_offsets=arrival_offsets)
 
-    async_engine = AsyncEngine(engine)
-    async_engine.start()
+    async_engines = [AsyncEngine(e) for e in engines]
+    for a in async_engines:
+        a.start()
     counter = CompileCounter()
     try:
         result = asyncio.run(main())
     finally:
         counter.close()
-        async_engine.shutdown()
-    if async_engine.error is not None:
-        raise RuntimeError(f"the engine failed during the benchmark: {async_engine.error}")
+        for a in async_engines:
+            a.shutdown()
+    for a in async_engines:
+        if a.error is not None:
+            raise RuntimeError(f"the engine failed during the benchmark: {a.error}")
     result.info["xla_compiles_during_run"] = counter.count
+    result.info["replicas"] = len(engines)
     return result
 
 
