@@ -41,23 +41,11 @@ def summarize(name: str, result) -> dict:
             "out_tps": r["output_throughput"], "n": r["num_completed"]}
 
 
-def build_replicas(shape: str, kwargs: dict, count: int) -> tuple[list, str]:
-    """``count`` one-device engines, replica i committed to device i; the others take
-    replica 0's number of KV pages (the same KV memory per device)."""
-    one = {k: v for k, v in kwargs.items()
-           if k not in ("parallel_mode", "sequence_parallel_size", "tensor_parallel_size",
-                        "shift_parallel_threshold")}
-    devices = jax.devices()[:count]
-    if len(devices) < count:
-        raise ValueError(f"{count} replicas need {count} devices, found {len(devices)}")
-    engines, name = [], ""
-    for device in devices:
-        if engines:
-            one = dict(one, num_pages=engines[0].sched_config.num_pages)
-        with jax.default_device(device):
-            engine, name = runner.build_random_engine(shape, one)
-        engines.append(runner.pin_to_device(engine, device))
-    return engines, name
+def one_device_kwargs(kwargs: dict) -> dict:
+    """The engine options without the parallel ones (for one-device replicas)."""
+    return {k: v for k, v in kwargs.items()
+            if k not in ("parallel_mode", "sequence_parallel_size", "tensor_parallel_size",
+                         "shift_parallel_threshold")}
 
 
 def main() -> None:
@@ -91,7 +79,8 @@ def main() -> None:
                   enable_prefix_caching=False)  # modes replay the same prompts
     shape = "tiny" if args.tiny else "llama-3.1-8b"
     if args.data_parallel:
-        engine, name = build_replicas(shape, kwargs, args.sp * args.tp)
+        engine, name = runner.build_replicas(lambda kw: runner.build_random_engine(shape, kw),
+                                             one_device_kwargs(kwargs), args.sp * args.tp)
         warm_s = sum(runner.warmup_engine(e) for e in engine)
         modes = ((f"DP={len(engine)} replicas", None),)
         first = engine[0]

@@ -340,11 +340,9 @@ def test_data_parallel_replicas_each_serve_on_their_own_device():
     devices = jax.devices()[:2]
     kwargs = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=8,
                   token_buckets=(8, 32), page_buckets=(8,))
-    engines = []
-    for device in devices:
-        with jax.default_device(device):
-            engine, _ = runner.build_random_engine("tiny", kwargs)
-        engines.append(runner.pin_to_device(engine, device))
+    engines, _ = runner.build_replicas(lambda kw: runner.build_random_engine("tiny", kw), kwargs, 2)
+    assert engines[1].sched_config.num_pages == engines[0].sched_config.num_pages
+    for engine in engines:
         runner.warmup_engine(engine, progress=False)
     requests = wl.synthetic_requests(8, wl.LengthRange(4, 20), wl.LengthRange(5, 5), 101, 4)
     result = runner.run_in_process(engines, requests, concurrency=4)
@@ -370,6 +368,25 @@ def test_cli_rejects_bad_combinations():
         bench_cli(["--url", "http://x", "--dataset", "d.jsonl", "--output-len", "4"])
     with pytest.raises(SystemExit):  # argparse: mutually exclusive
         bench_cli(["--concurrency", "2", "--request-rate", "3"])
+    with pytest.raises(ValueError, match="data-parallel-size must be >= 1"):
+        bench_cli(["--random-weights", "tiny", "--data-parallel-size", "0"])
+    with pytest.raises(ValueError, match="in-process replicas"):
+        bench_cli(["--url", "http://x", "--data-parallel-size", "2", "--vocab-size", "9"])
+    with pytest.raises(ValueError, match="one-device engines"):
+        bench_cli(["--random-weights", "tiny", "--data-parallel-size", "2", "-tp", "2",
+                   "--input-len", "4"])
+
+
+def test_cli_data_parallel_replicas(tmp_path):
+    out = tmp_path / "dp.json"
+    rc = bench_cli(["--random-weights", "tiny", "--data-parallel-size", "2", "--num-requests", "6",
+                    "--concurrency", "3", "--input-len", "9", "--output-len", "4",
+                    "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "64",
+                    "--page-size", "8", "--output-json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["num_completed"] == 6 and report["length_mismatches"] == []
+    assert report["meta"]["data_parallel_size"] == 2
+    assert report["info"] == {"xla_compiles_during_run": 0, "replicas": 2}
 
 
 def test_bench_modules_import_without_http_or_plot_stack():

@@ -34,6 +34,9 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
                      choices=["llama-3.1-8b", "smollm2-shape", "tiny"],
                      help="in-process model with random weights of this shape: llama-3.1-8b, "
                           "smollm2-shape, or tiny (harness smoke test); ignores --model")
+    src.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                     help="in-process: N one-device engine replicas on devices 0..N-1, each "
+                          "request sent to the replica with the fewest in flight")
     src.add_argument("--warmup-requests", type=int, default=1,
                      help="untimed requests sent to a server first (HTTP only)")
     load = p.add_argument_group("load (default: every request at once)")
@@ -140,6 +143,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--warmup-requests must be >= 0")
     if args.num_requests is not None and args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+    if args.data_parallel_size > 1 and args.url:
+        raise ValueError("--data-parallel-size runs in-process replicas; it cannot be combined "
+                         "with --url")
     if args.dataset is None:
         _lengths(args)  # fail on bad length flags before loading a model
 
@@ -150,7 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "card": f"server at {args.url} (not reported over HTTP)", "engine_config": {}}
         engine, vocab = None, args.vocab_size
     else:
-        engine, model_name, meta = _build_engine(args)
+        replicas, model_name, meta = _build_engines(args)
+        engine = replicas[0]
         vocab = engine.cfg.vocab_size
         if args.vocab_size is not None:
             if not 1 <= args.vocab_size <= vocab:
@@ -161,7 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runner.check_fits(requests, engine)  # before the (long) warm-up
         print(f"warming up: compiling {len(engine.runner.buckets.tokens)} x "
               f"{len(engine.runner.buckets.pages)} step buckets ...", file=sys.stderr)
-        meta["warmup_s"] = runner.warmup_engine(engine)
+        meta["warmup_s"] = sum(runner.warmup_engine(e) for e in replicas)
         meta["model"] = model_name
     failed = False
     for level in levels:
@@ -178,7 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                      warmup_requests=args.warmup_requests, **load_kwargs)
             meta["model"] = result.info.get("served_model", args.model)
         else:
-            result = runner.run_in_process(engine, requests, **load_kwargs)
+            result = runner.run_in_process(replicas, requests, **load_kwargs)
         level_meta = dict(meta, workload=wl.describe(requests), workload_text=workload_text,
                           load_text=load_text)
         report = rep.build_report(result, level_meta)
@@ -206,23 +215,37 @@ def _with_suffix(path: str, suffix: str) -> str:
     return f"{root}{suffix}{ext}"
 
 
-def _build_engine(args: argparse.Namespace) -> tuple[Any, str, dict]:
+def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
+    """The in-process engine (or ``--data-parallel-size`` replicas), its name and metadata."""
     from arctic_jax.bench import runner
     from arctic_jax.cli import engine_kwargs, parse_dtype
     from arctic_jax.attention.dispatch import default_attention_impl
 
     kwargs = engine_kwargs(args)
     dtype = parse_dtype(args.dtype)
-    if args.random_weights:
-        engine, name = runner.build_random_engine(args.random_weights, kwargs, dtype=dtype,
-                                                  seed=args.seed)
+
+    def build(kw: dict) -> tuple[Any, str]:
+        if args.random_weights:
+            return runner.build_random_engine(args.random_weights, kw, dtype=dtype, seed=args.seed)
+        return runner.build_checkpoint_engine(args.model, kw, dtype=dtype)
+
+    dp = args.data_parallel_size
+    if dp == 1:
+        engine, name = build(kwargs)
+        replicas = [engine]
     else:
-        engine, name = runner.build_checkpoint_engine(args.model, kwargs, dtype=dtype)
+        parallel = kwargs.get("tensor_parallel_size", 1) * kwargs.get("sequence_parallel_size", 1)
+        if parallel > 1:
+            raise ValueError("--data-parallel-size replicas are one-device engines; drop the "
+                             "tensor/sequence-parallel flags")
+        replicas, name = runner.build_replicas(build, kwargs, dp)
+        engine = replicas[0]
     sc = engine.sched_config
     config = dataclasses.asdict(engine.config)
     config.update(max_model_len=sc.max_model_len, num_pages=sc.num_pages,
                   attention_impl=config["attention_impl"] or default_attention_impl())
     config = {k: v for k, v in config.items() if v is not None}
-    meta = {"driver": "in-process AsyncEngine", "engine_config": config,
+    driver = "in-process AsyncEngine" if dp == 1 else f"in-process, {dp} data-parallel replicas"
+    meta = {"driver": driver, "engine_config": config, "data_parallel_size": dp,
             "dtype": str(next(iter(engine.runner.weights.values())).embed.dtype), **runner.device_info()}
-    return engine, name, meta
+    return replicas, name, meta

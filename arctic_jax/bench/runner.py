@@ -303,6 +303,33 @@ def pin_to_device(engine: Any, device: Any) -> Any:
     return engine
 
 
+def build_replicas(build: Callable[[dict], tuple[Any, str]], engine_kwargs: dict,
+                   count: int) -> tuple[list[Any], str]:
+    """``count`` one-device engines (data-parallel replicas in one process).
+
+    ``build(kwargs) -> (engine, name)`` makes one engine; replica i is built with
+    device i as the default device and then committed to it. Replicas after the first
+    take its number of KV pages (the first sizes its cache from its device's free memory).
+    """
+    import jax
+
+    if count < 1:
+        raise ValueError(f"data-parallel size must be >= 1, got {count}")
+    devices = jax.devices()[:count]
+    if len(devices) < count:
+        raise ValueError(f"{count} data-parallel replicas need {count} devices, found {len(devices)}")
+    engines: list[Any] = []
+    name = ""
+    for device in devices:
+        kwargs = dict(engine_kwargs)
+        if engines:
+            kwargs["num_pages"] = engines[0].sched_config.num_pages
+        with jax.default_device(device):
+            engine, name = build(kwargs)
+        engines.append(pin_to_device(engine, device))
+    return engines, name
+
+
 def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
                    concurrency: int | None = None,
                    arrival_offsets: Sequence[float] | None = None) -> RunResult:
