@@ -27,6 +27,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated step token counts to compile (default: powers of 2)")
     p.add_argument("--page-buckets", type=int_list, default=None,
                    help="comma-separated page-table widths to compile (default: powers of 2)")
+    p.add_argument("--contiguous-prefill-min-tokens", type=int, default=None,
+                   help="steps that are one prompt's first chunk of at least this many (padded) "
+                        "tokens run cuDNN causal attention on their own K/V; 0: never "
+                        "(default: 1024 on a GPU with Pallas attention, else 0)")
     p.add_argument("--max-logprobs", type=int, default=None,
                    help="most top logprobs a request may ask for (default 5, at most 20)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -59,7 +63,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
              "kv_cache_memory_fraction", "attention_impl", "tensor_parallel_size",
              "sequence_parallel_size", "shift_parallel_threshold", "parallel_mode",
-             "token_buckets", "page_buckets", "max_logprobs"]
+             "token_buckets", "page_buckets", "max_logprobs", "contiguous_prefill_min_tokens"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "enable_shift_parallel", False):
         kwargs["enable_shift_parallel"] = True

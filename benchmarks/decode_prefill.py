@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-impl", default="reference")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--contiguous-prefill", action="store_true",
+                   help="also time prefill with StepOptions.contiguous_prefill (cuDNN on a GPU)")
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--note", default="")
     args = p.parse_args()
@@ -139,8 +141,15 @@ def main() -> None:
         batch, pages = prefill_batch(n, args.page_size, rng)
         cache = random_cache(cfg, pages, args.page_size, dtype, jax.random.PRNGKey(n))
         sec, piped, cache = time_steps(step, weights, cache, batch, max(3, args.iters // 4))
-        del cache
         rows.append((f"prefill {n} tokens", sec * 1e3, piped * 1e3, n / piped))
+        if args.contiguous_prefill:  # the engine's route for a prompt's first chunk
+            contiguous = make_step_fn(cfg, StepOptions(attention_impl=args.attention_impl,
+                                                       contiguous_prefill=True))
+            sec, piped, cache = time_steps(contiguous, weights, cache, batch,
+                                           max(3, args.iters // 4))
+            rows.append((f"prefill {n} tokens, contiguous attention", sec * 1e3, piped * 1e3,
+                         n / piped))
+        del cache
 
     device = jax.devices()[0].device_kind
     lines = [f"### decode_prefill: {name}, {dtype.name}, attention={args.attention_impl}",

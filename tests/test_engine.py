@@ -180,7 +180,8 @@ def test_seeded_request_same_under_every_sampling_mode(weights):
 
 def test_no_compilation_after_warmup(weights):
     counter = CompileCounter()
-    engine = make_engine(weights, num_pages=83)  # a cache shape no other test compiles
+    engine = make_engine(weights, num_pages=83,  # a cache shape no other test compiles
+                         contiguous_prefill_min_tokens=16)
     engine.runner.warmup(progress=False)
     compiled = counter.count
     assert compiled >= len(engine.runner.buckets.tokens)  # the counter does see compiles
@@ -191,6 +192,9 @@ def test_no_compilation_after_warmup(weights):
     params = [SamplingParams(max_tokens=int(n), **kinds[i % 3])   # every sampling mode
               for i, n in enumerate(rng.integers(1, 30, size=10))]
     run_all(engine, prompts, params)
+    alone = random_prompts(rng, 1, 20, 30)   # a prompt alone: its first chunk is contiguous
+    run_all(engine, alone, [SamplingParams(max_tokens=3)])
+    assert engine.runner.num_contiguous_steps >= 1
     assert counter.count == 0
     counter.active = False
 

@@ -45,11 +45,12 @@ def _control_flow(lowered_text: str) -> dict[str, int]:
     return {op: lowered_text.count(op) for op in CONTROL_FLOW if op in lowered_text}
 
 
-def test_model_program_has_no_control_flow_on_cuda(runner):
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_model_program_has_no_control_flow_on_cuda(runner, contiguous):
     inputs = runner._dummy_inputs(32, 16)
     flat, layout = pack(inputs.model)
-    traced = runner._jitted["single"].trace(runner.weights["single"], runner.cache,
-                                            runner.token_buffer, flat, layout)
+    traced = runner._jitted["single", contiguous].trace(runner.weights["single"], runner.cache,
+                                                        runner.token_buffer, flat, layout)
     assert _control_flow(traced.lower(lowering_platforms=("cuda",)).as_text()) == {}
 
 

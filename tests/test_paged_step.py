@@ -16,7 +16,7 @@ import pytest
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ModelConfig, RopeScaling
 from arctic_jax.kv_cache import KVCache
-from arctic_jax.models.llama import make_step_fn
+from arctic_jax.models.llama import StepOptions, make_step_fn
 from arctic_jax.models.llama_weights import random_weights
 from oracles import llama_forward_dense, rel_err
 
@@ -294,6 +294,28 @@ def test_tied_head_biases_llama3_rope_match_oracle():
         (g,), cache = run_step(step, w, cache, [all_logits(tokens[t:t + 1], t, pages)])
         dec.append(g)
     assert rel_err(np.concatenate(dec), want) <= ORACLE_TOL
+
+
+@pytest.mark.parametrize("cfg", [CFG, VARIANT_CFG], ids=["gqa2", "gqa4-tied-biases"])
+def test_contiguous_prefill_matches_paged_step_and_writes_the_same_cache(cfg):
+    """StepOptions.contiguous_prefill (attention on the step's own K/V) for one fresh
+    sequence padded to its bucket: same logits and same cache as the paged step."""
+    w = random_weights(cfg, jax.random.key(21), scale=0.15)
+    rng = np.random.default_rng(9)
+    tokens = rng.integers(0, cfg.vocab_size, 13)          # padded to the 32-token bucket
+    pages = deal_pages(rng, [4])[0]
+    want = llama_forward_dense(w, cfg, tokens)
+    cache = random_cache(cfg, rng)
+    paged = make_step_fn(cfg, StepOptions(attention_impl="reference"))
+    contiguous = make_step_fn(cfg, StepOptions(attention_impl="reference", contiguous_prefill=True))
+    chunk = [all_logits(tokens, 0, pages)]
+    buckets = Buckets(tokens=(32,), seqs=(1,), pages=(8,))
+    (a,), cache_a = run_step(paged, w, jax.tree_util.tree_map(jnp.copy, cache), chunk, buckets)
+    (b,), cache_b = run_step(contiguous, w, cache, chunk, buckets)
+    assert rel_err(b, a) <= SELF_TOL
+    assert rel_err(b, want) <= ORACLE_TOL
+    for x, y in zip(jax.tree_util.tree_leaves(cache_a), jax.tree_util.tree_leaves(cache_b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
 def _to_torch_llama(weights, cfg: ModelConfig):

@@ -12,6 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from arctic_jax.attention import contiguous_causal_attention
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from pallas_kernels import (DecodeConfig, PrefillConfig, block_schedule, compile_write_kv,
@@ -192,6 +193,24 @@ class TestKernels:
         out, ref = self._prefill(q, kc, vc, qs, kv, _page_tables(rng, 3, 8, 24))
         assert out.dtype == jnp.bfloat16
         self._close(out, ref, self.bf16_tol)
+
+    def test_contiguous_route_matches_causal_oracle(self):
+        """The route for prompt-only steps: cuDNN on a GPU (bf16), XLA on CPU; GQA 4 and a
+        padding tail after the sequence, whose rows are discarded."""
+        rng = np.random.default_rng(31)
+        n, T, kh, group, d = 300, 320, 2, 4, 128
+        draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+        q, k, v = draw(T, kh * group, d), draw(T, kh, d), draw(T, kh, d)
+        scale = 1.0 / np.sqrt(d)
+        out = contiguous_causal_attention(q, k, v, scale, impl="pallas")
+        qf, kf, vf = (np.asarray(x[:n], np.float32) for x in (q, k, v))
+        s = np.einsum("tkgd,skd->tkgs", qf.reshape(n, kh, group, d), kf) * scale
+        s = np.where(np.tril(np.ones((n, n), bool))[:, None, None, :], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ref = np.einsum("tkgs,skd->tkgd", p, vf).reshape(n, kh * group, d)
+        assert out.shape == q.shape and out.dtype == jnp.bfloat16
+        self._close(out[:n], jnp.asarray(ref), self.bf16_tol)
 
     def test_prefill_all_padding(self):
         rng = np.random.default_rng(14)

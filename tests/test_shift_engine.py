@@ -17,7 +17,7 @@ from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.model_runner import CompileCounter
 from arctic_jax.models.llama_weights import random_weights
 from arctic_jax.sampling import SamplingParams
-from test_engine import CFG, CharTokenizer, random_prompts
+from test_engine import CFG, CharTokenizer, random_prompts, run_all
 
 THRESHOLD = 8
 TOKEN_BUCKETS = (8, 16, 32)
@@ -219,3 +219,24 @@ def test_calibration_puts_the_threshold_at_the_crossover(weights, monkeypatch):
     assert threshold == expected == runner.shift_threshold
     assert [row[0] for row in runner.calibration] == list(buckets)
     assert runner.variant_for(expected) == "tp" and runner.variant_for(expected + 1) == "sp"
+
+
+@pytest.mark.parametrize("parallel", [{}, dict(parallel_mode="shift", sequence_parallel_size=4,
+                                               tensor_parallel_size=2,
+                                               shift_parallel_threshold=THRESHOLD)],
+                         ids=["one-device", "shift-sp4tp2"])
+def test_contiguous_prefill_gives_the_same_tokens(weights, parallel):
+    """Prompts whose first chunk runs alone take the contiguous-attention program (on the
+    SP variant under shift); greedy tokens equal the paged path's."""
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(rng, 3, 17, 33)   # first chunks fill the 32-token bucket
+    params = SamplingParams(max_tokens=6, temperature=0)
+
+    def run(**kw):
+        engine = make_engine(weights, **parallel, **kw)
+        return [run_all(engine, [p], [params])[0][0] for p in prompts], engine.runner
+
+    paged, _ = run(contiguous_prefill_min_tokens=0)
+    contiguous, runner = run(contiguous_prefill_min_tokens=16)
+    assert contiguous == paged
+    assert runner.num_contiguous_steps == len(prompts)

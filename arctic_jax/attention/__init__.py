@@ -1,2 +1,3 @@
 """Attention over the paged KV cache, behind one ``attention_impl`` switch."""
-from arctic_jax.attention.dispatch import ATTENTION_IMPLS, paged_attention  # noqa: F401
+from arctic_jax.attention.dispatch import (  # noqa: F401
+    ATTENTION_IMPLS, contiguous_causal_attention, paged_attention)

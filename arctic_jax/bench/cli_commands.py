@@ -243,7 +243,8 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
     sc = engine.sched_config
     config = dataclasses.asdict(engine.config)
     config.update(max_model_len=sc.max_model_len, num_pages=sc.num_pages,
-                  attention_impl=config["attention_impl"] or default_attention_impl())
+                  attention_impl=config["attention_impl"] or default_attention_impl(),
+                  contiguous_prefill_min_tokens=engine.runner.contiguous_prefill_min_tokens)
     config = {k: v for k, v in config.items() if v is not None}
     driver = "in-process AsyncEngine" if dp == 1 else f"in-process, {dp} data-parallel replicas"
     meta = {"driver": driver, "engine_config": config, "data_parallel_size": dp,

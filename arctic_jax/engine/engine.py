@@ -46,6 +46,9 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None
     page_buckets: tuple[int, ...] | None = None
     parallel: ParallelConfig | None = None
+    # Prompt-only steps of >= this many padded tokens use contiguous (cuDNN) attention;
+    # 0: never; None: DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS with Pallas attention on a GPU.
+    contiguous_prefill_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -53,6 +56,9 @@ class EngineConfig:
                              f"{self.kv_cache_memory_fraction}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages must be >= 2, got {self.num_pages}")
+        if self.contiguous_prefill_min_tokens is not None and self.contiguous_prefill_min_tokens < 0:
+            raise ValueError(f"contiguous_prefill_min_tokens must be >= 0, got "
+                             f"{self.contiguous_prefill_min_tokens}")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
 
@@ -104,6 +110,18 @@ def _weight_copies_per_device(ec: EngineConfig, weight_bytes: int) -> int:
 
 
 DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS = 1024
+
+
+def resolve_contiguous_prefill(ec: EngineConfig, attention_impl: str) -> int:
+    """The token bucket from which a prompt's first chunk runs contiguous attention (0: off).
+
+    By default on only where it is faster: on a GPU next to the Pallas kernels (cuDNN).
+    """
+    if ec.contiguous_prefill_min_tokens is not None:
+        return ec.contiguous_prefill_min_tokens
+    on_gpu = jax.default_backend() == "gpu" and attention_impl == "pallas"
+    return DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS if on_gpu else 0
 
 
 def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
@@ -162,7 +180,9 @@ class LLMEngine:
                                   num_top_logprobs=config.max_logprobs,
                                   token_buckets=config.token_buckets,
                                   page_buckets=config.page_buckets,
-                                  parallel=config.parallel)
+                                  parallel=config.parallel,
+                                  contiguous_prefill_min_tokens=resolve_contiguous_prefill(
+                                      config, opts.attention_impl))
         self.metrics = EngineMetrics()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[ScheduledStep, Any, str] | None = None

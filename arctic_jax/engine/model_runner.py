@@ -71,6 +71,7 @@ class StepInputs:
     model: ModelInputs
     sampler: SamplerInputs
     mode: SamplingMode
+    contiguous_prefill: bool = False   # run the model program of StepOptions.contiguous_prefill
 
 
 def model_step(weights: LlamaWeights, cache: KVCache, token_buffer: jax.Array,
@@ -175,7 +176,8 @@ class ModelRunner:
                  dtype: Any, opts: StepOptions = StepOptions(), num_top_logprobs: int = 0,
                  token_buckets: tuple[int, ...] | None = None,
                  page_buckets: tuple[int, ...] | None = None,
-                 parallel: "ParallelConfig | None" = None):
+                 parallel: "ParallelConfig | None" = None,
+                 contiguous_prefill_min_tokens: int = 0):
         self.sched = sched
         self.num_top_logprobs = num_top_logprobs
         defaults = Buckets.for_limits(sched.max_num_batched_tokens, sched.max_num_seqs,
@@ -192,15 +194,20 @@ class ModelRunner:
             self.cfg = dep.cfg
             self.weights = dep.weights
             self.cache = dep.allocate_cache(sched.num_pages, sched.page_size, dtype)
-            self._jitted = {v: dep.jit_engine_model_step(v, opts) for v in parallel.variants}
+            jit_model = dep.jit_engine_model_step
             self.deployment = dep
         else:
             self.cfg = cfg
             self.weights = {"single": weights}
             self.cache = KVCache.allocate(cfg, sched.num_pages, sched.page_size, dtype)
-            self._jitted = {"single": _jitted_model_step(cfg, opts)}
+            jit_model = lambda _variant, o: _jitted_model_step(cfg, o)  # noqa: E731
             self.deployment = None
-        self.variants = tuple(self._jitted)
+        self.variants = tuple(parallel.variants) if self.deployment else ("single",)
+        # Model programs by (variant, contiguous prefill); see StepOptions.contiguous_prefill.
+        self._jitted = {(v, c): jit_model(v, dataclasses.replace(opts, contiguous_prefill=c))
+                        for v in self.variants for c in (False, True)}
+        self.contiguous_prefill_min_tokens = contiguous_prefill_min_tokens
+        self.num_contiguous_steps = 0
         self._samplers = {m: jitted_sampler_step(m, num_top_logprobs) for m in SamplingMode}
         self.shift_threshold = (parallel.shift_threshold
                                 if parallel is not None and isinstance(parallel.shift_threshold, int)
@@ -251,7 +258,15 @@ class ModelRunner:
             seeds=[c.request.seed for c in samplers], num_rows=R)
         return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
                           sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling),
-                          mode=SamplingMode.for_params(params))
+                          mode=SamplingMode.for_params(params),
+                          contiguous_prefill=self.uses_contiguous_prefill(step, T))
+
+    def uses_contiguous_prefill(self, step: ScheduledStep, num_tokens_padded: int) -> bool:
+        """True for a step that is one sequence's first chunk (no cached prefix) in a token
+        bucket of at least ``contiguous_prefill_min_tokens`` (0: never)."""
+        least = self.contiguous_prefill_min_tokens
+        return (least > 0 and num_tokens_padded >= least and len(step.chunks) == 1
+                and step.chunks[0].start == 0 and not step.chunks[0].from_slot)
 
     # -------------------------------------------------------------- programs
     def _run(self, variant: str, inputs: StepInputs) -> jax.Array:
@@ -261,8 +276,10 @@ class ModelRunner:
         Each program's host inputs travel as one packed int32 buffer.
         """
         flat, layout = pack(inputs.model)
-        self.cache, logits = self._jitted[variant](self.weights[variant], self.cache,
-                                                   self.token_buffer, flat, layout)
+        program = self._jitted[variant, inputs.contiguous_prefill]
+        self.cache, logits = program(self.weights[variant], self.cache, self.token_buffer, flat,
+                                     layout)
+        self.num_contiguous_steps += inputs.contiguous_prefill
         flat, layout = pack(inputs.sampler)
         self.token_buffer, packed = self._samplers[inputs.mode](logits, self.token_buffer,
                                                                 flat, layout)
@@ -275,15 +292,19 @@ class ModelRunner:
         all padding, so it writes no KV slot and no token-buffer row. Returns seconds.
         """
         start = time.perf_counter()
-        shapes = [(v, t, p) for v in self.variants for t in self.buckets.tokens
-                  for p in self.buckets.pages]
+        least = self.contiguous_prefill_min_tokens
+        shapes = [(v, t, p, c) for v in self.variants for t in self.buckets.tokens
+                  for p in self.buckets.pages for c in (False, True)
+                  if not c or (least > 0 and t >= least)]
         iterator = shapes
         if progress:
             from tqdm import tqdm
             iterator = tqdm(shapes, desc="compiling step buckets", file=sys.stderr, unit="program")
         packed = None
-        for variant, T, MP in iterator:
-            packed = self._run(variant, self._dummy_inputs(T, MP))
+        for variant, T, MP, contiguous in iterator:
+            inputs = dataclasses.replace(self._dummy_inputs(T, MP), contiguous_prefill=contiguous)
+            packed = self._run(variant, inputs)
+        self.num_contiguous_steps = 0
         for variant in self.variants:  # every sampler mode after each variant's logits
             for mode in SamplingMode:
                 inputs = self._dummy_inputs(self.buckets.tokens[0], self.buckets.pages[0])

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from arctic_jax.attention import paged_attention
+from arctic_jax.attention import contiguous_causal_attention, paged_attention
 from arctic_jax.batch import StepBatch
 from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache, write_kv
@@ -29,6 +29,9 @@ class StepOptions:
 
     attention_impl: str = "reference"
     sharding: ActivationSharding | None = None   # None: one device, no constraints
+    # The batch is one sequence's first chunk (no cached prefix, its tokens first, padding
+    # after): attention runs causally on the step's own K/V (cuDNN on a GPU), not the cache.
+    contiguous_prefill: bool = False
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -60,8 +63,13 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     q = apply_rope(q, cos, sin)
     k = apply_rope(kv[:, 0], cos, sin)
     cache_k, cache_v = write_kv(cache_k, cache_v, k, kv[:, 1], batch.slot_mapping)
-    attn = paged_attention(q, cache_k, cache_v, batch, scale=cfg.head_dim ** -0.5,
-                           impl=opts.attention_impl, sharding=sh)
+    scale = cfg.head_dim ** -0.5
+    if opts.contiguous_prefill:
+        attn = contiguous_causal_attention(q, k, kv[:, 1], scale=scale, impl=opts.attention_impl,
+                                           sharding=sh)
+    else:
+        attn = paged_attention(q, cache_k, cache_v, batch, scale=scale, impl=opts.attention_impl,
+                               sharding=sh)
     attn = constrain(sh, attn, ax.HEADS_OUT_AXES)  # back to the token layout
     out = _maybe_add(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
     return constrain(sh, out, ax.HIDDEN_AXES), cache_k, cache_v
