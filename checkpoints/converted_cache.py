@@ -70,8 +70,14 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def abstract_weights(cfg: ModelConfig, dtype: Any) -> LlamaWeights:
-    """A LlamaWeights of ShapeDtypeStructs on the default device (orbax's restore target)."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """A LlamaWeights of ShapeDtypeStructs on the default device (orbax's restore target).
+
+    The default device honours ``jax.default_device`` (data-parallel replicas load there).
+    """
+    device = jax.config.jax_default_device or jax.devices()[0]
+    if isinstance(device, str):  # the config may name a platform instead of a device
+        device = jax.devices(device)[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
 
     def spec(shape: tuple[int, ...] | None) -> jax.ShapeDtypeStruct | None:
         return None if shape is None else jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

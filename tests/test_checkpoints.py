@@ -292,6 +292,19 @@ def test_cache_second_load_skips_conversion(tmp_path, tensors, monkeypatch):
     assert not load(d, use_cache=True, cache_dir=cache).from_cache
 
 
+def test_cache_restores_onto_the_default_device(tmp_path, tensors):
+    """A data-parallel replica built under jax.default_device(d) must load its cached
+    weights onto d, not onto device 0 (which holds another replica)."""
+    d = write_hf(tmp_path / "m", CFG, tensors)
+    cache = tmp_path / "cache"
+    load(d, use_cache=True, cache_dir=cache)
+    device = jax.devices()[1]
+    with jax.default_device(device):
+        again = load(d, use_cache=True, cache_dir=cache)
+    assert again.from_cache
+    assert {x.sharding.device_set.pop() for x in jax.tree.leaves(again.weights)} == {device}
+
+
 def test_cache_gguf_and_env_var(tmp_path, monkeypatch):
     path = write_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setenv(converted_cache.ENV_VAR, str(tmp_path / "envcache"))

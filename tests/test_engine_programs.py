@@ -68,3 +68,21 @@ def test_the_check_sees_a_device_side_branch():
     f = jax.jit(lambda x: jax.lax.cond(x.sum() > 0, lambda: x * 2, lambda: x))
     text = f.trace(jnp.ones(4)).lower(lowering_platforms=("cuda",)).as_text()
     assert _control_flow(text)
+
+
+def test_contiguous_prefill_default_follows_cudnn_support():
+    """On by default only where cuDNN takes the inputs; an explicit value always wins."""
+    from arctic_jax.attention.dispatch import cudnn_attention_supported
+    from arctic_jax.engine.engine import DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS, resolve_contiguous_prefill
+
+    auto, explicit = EngineConfig(), EngineConfig(contiguous_prefill_min_tokens=64)
+    on_gpu = jax.default_backend() == "gpu"
+    assert resolve_contiguous_prefill(auto, "pallas", jnp.bfloat16, 128) == (
+        DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS if on_gpu else 0)
+    for dtype, head_dim, impl in ((jnp.float32, 128, "pallas"), (jnp.bfloat16, 256, "pallas"),
+                                  (jnp.bfloat16, 128, "reference")):
+        assert resolve_contiguous_prefill(auto, impl, dtype, head_dim) == 0
+        assert resolve_contiguous_prefill(explicit, impl, dtype, head_dim) == 64
+    assert not cudnn_attention_supported(jnp.float32, 64)
+    with pytest.raises(ValueError, match="contiguous_prefill_min_tokens"):
+        EngineConfig(contiguous_prefill_min_tokens=-1)

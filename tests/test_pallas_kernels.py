@@ -180,8 +180,11 @@ class TestKernels:
         mp = 192
         kc, vc = _cache(rng, 2 * mp, ps, d, jnp.float32)
         q = jnp.asarray(rng.standard_normal((T, KV_HEADS * group, d)), jnp.float32)
-        out, ref = self._prefill(q, kc, vc, qs, kv, _page_tables(rng, 2, mp, 2 * mp))
+        pt = _page_tables(rng, 2, mp, 2 * mp)
+        out, ref = self._prefill(q, kc, vc, qs, kv, pt)
         self._close(out, ref, self.f32_tol)
+        in_order, _ = self._prefill(q, kc, vc, qs, kv, pt, PrefillConfig(heavy_first=False))
+        self._close(in_order, ref, self.f32_tol)
 
     def test_prefill_bf16_non_pow2_group(self):
         """GQA ratio 3 (SmolLM2: 9 heads / 3 kv heads) pads the group to 4 inside."""

@@ -221,10 +221,13 @@ def test_calibration_puts_the_threshold_at_the_crossover(weights, monkeypatch):
     assert runner.variant_for(expected) == "tp" and runner.variant_for(expected + 1) == "sp"
 
 
-@pytest.mark.parametrize("parallel", [{}, dict(parallel_mode="shift", sequence_parallel_size=4,
-                                               tensor_parallel_size=2,
-                                               shift_parallel_threshold=THRESHOLD)],
-                         ids=["one-device", "shift-sp4tp2"])
+@pytest.mark.parametrize("parallel", [
+    {},
+    dict(parallel_mode="shift", sequence_parallel_size=4, tensor_parallel_size=2,
+         shift_parallel_threshold=THRESHOLD),     # first chunks run on the SP variant
+    dict(parallel_mode="shift", sequence_parallel_size=4, tensor_parallel_size=2,
+         shift_parallel_threshold=32)],           # every step runs on the TP variant
+    ids=["one-device", "shift-sp-variant", "shift-tp-variant"])
 def test_contiguous_prefill_gives_the_same_tokens(weights, parallel):
     """Prompts whose first chunk runs alone take the contiguous-attention program (on the
     SP variant under shift); greedy tokens equal the paged path's."""

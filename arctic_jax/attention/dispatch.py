@@ -17,6 +17,7 @@ prefill against 308 for the ragged Pallas kernel (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +60,18 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch:
                          out_specs=qkv, check_vma=False)(q, k_cache, v_cache, batch)
 
 
+def cudnn_attention_supported(dtype: Any, head_dim: int) -> bool:
+    """Whether cuDNN flash attention takes these inputs here (a GPU, 16-bit, head_dim a
+    multiple of 8 up to 128)."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
 def _local_contiguous(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                       impl: str) -> jax.Array:
-    cudnn = (impl == "pallas" and jax.default_backend() == "gpu"
-             and q.dtype in (jnp.bfloat16, jnp.float16))
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+    cudnn = impl == "pallas" and cudnn_attention_supported(q.dtype, q.shape[-1])
     out = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
                                        implementation="cudnn" if cudnn else "xla")
     return out[0]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import jax
 
-from arctic_jax.attention.dispatch import default_attention_impl
+from arctic_jax.attention.dispatch import cudnn_attention_supported, default_attention_impl
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.detokenizer import IncrementalDetokenizer
 from arctic_jax.engine.metrics import EngineMetrics
@@ -113,15 +113,17 @@ DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS = 1024
 
 
-def resolve_contiguous_prefill(ec: EngineConfig, attention_impl: str) -> int:
+def resolve_contiguous_prefill(ec: EngineConfig, attention_impl: str, dtype: Any,
+                               head_dim: int) -> int:
     """The token bucket from which a prompt's first chunk runs contiguous attention (0: off).
 
-    By default on only where it is faster: on a GPU next to the Pallas kernels (cuDNN).
+    By default on only where it is faster: where cuDNN takes the inputs (a GPU, 16-bit,
+    head_dim a multiple of 8 up to 128), next to the Pallas kernels.
     """
     if ec.contiguous_prefill_min_tokens is not None:
         return ec.contiguous_prefill_min_tokens
-    on_gpu = jax.default_backend() == "gpu" and attention_impl == "pallas"
-    return DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS if on_gpu else 0
+    faster = attention_impl == "pallas" and cudnn_attention_supported(dtype, head_dim)
+    return DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS if faster else 0
 
 
 def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
@@ -182,7 +184,7 @@ class LLMEngine:
                                   page_buckets=config.page_buckets,
                                   parallel=config.parallel,
                                   contiguous_prefill_min_tokens=resolve_contiguous_prefill(
-                                      config, opts.attention_impl))
+                                      config, opts.attention_impl, dtype, cfg.head_dim))
         self.metrics = EngineMetrics()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[ScheduledStep, Any, str] | None = None
