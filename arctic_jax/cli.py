@@ -31,6 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="steps that are one prompt's first chunk of at least this many (padded) "
                         "tokens run cuDNN causal attention on their own K/V; 0: never "
                         "(default: 1024 on a GPU with Pallas attention, else 0)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   choices=["auto", "fp8", "fp8_e4m3", "bfloat16", "float16", "float32"],
+                   help="KV cache element type; fp8 (float8_e4m3fn, saturating) halves the "
+                        "cache bytes of a 16-bit model (default auto: the model's dtype)")
     p.add_argument("--max-logprobs", type=int, default=None,
                    help="most top logprobs a request may ask for (default 5, at most 20)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -63,7 +67,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
              "kv_cache_memory_fraction", "attention_impl", "tensor_parallel_size",
              "sequence_parallel_size", "shift_parallel_threshold", "parallel_mode",
-             "token_buckets", "page_buckets", "max_logprobs", "contiguous_prefill_min_tokens"]
+             "token_buckets", "page_buckets", "max_logprobs", "contiguous_prefill_min_tokens",
+             "kv_cache_dtype"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "enable_shift_parallel", False):
         kwargs["enable_shift_parallel"] = True

@@ -44,6 +44,16 @@ def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
             * jnp.dtype(dtype).itemsize)
 
 
+def to_cache_dtype(x: jax.Array, dtype: Any) -> jax.Array:
+    """Cast K/V to the cache dtype; 8-bit floats saturate at their largest finite value
+    (float8_e4m3fn has no infinity: an overflowing cast would give nan)."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -big, big)
+    return x.astype(dtype)
+
+
 def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scatter new k, v [T, K, D] into their slots; slot < 0 (padding) writes nothing.
@@ -57,7 +67,8 @@ def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
 
     def scatter(cache: jax.Array, new: jax.Array) -> jax.Array:
         flat = cache.reshape(kh, num_slots, d)
-        flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(cache.dtype), mode="drop")
+        flat = flat.at[:, slots].set(to_cache_dtype(jnp.swapaxes(new, 0, 1), cache.dtype),
+                                     mode="drop")
         return flat.reshape(kh, pages, page_size, d)
 
     return scatter(cache_k, k), scatter(cache_v, v)

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch  # noqa: E402
 from arctic_jax.config import llama_3_1_8b  # noqa: E402
+from arctic_jax.engine.engine import resolve_kv_cache_dtype  # noqa: E402
 from arctic_jax.kv_cache import KVCache  # noqa: E402
 from arctic_jax.models.llama import StepOptions, make_step_fn  # noqa: E402
 from arctic_jax.models.llama_weights import random_weights  # noqa: E402
@@ -108,6 +109,8 @@ def main() -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-impl", default="reference")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="cache element type: auto (the model's), fp8, bfloat16, ... (as the engine)")
     p.add_argument("--contiguous-prefill", action="store_true",
                    help="also time prefill with StepOptions.contiguous_prefill (cuDNN on a GPU)")
     p.add_argument("--append-results", action="store_true")
@@ -127,19 +130,20 @@ def main() -> None:
     wbytes = weight_bytes(weights)
     bw = copy_bandwidth((2 << 30) if on_gpu else (256 << 20))
     floor_ms = wbytes / bw * 1e3
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     step = make_step_fn(cfg, StepOptions(attention_impl=args.attention_impl))
     rng = np.random.default_rng(0)
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
         for b in [int(x) for x in args.batches.split(",")]:
             batch, pages = decode_batch(b, ctx, args.page_size, rng)
-            cache = random_cache(cfg, pages, args.page_size, dtype, jax.random.PRNGKey(b + ctx))
+            cache = random_cache(cfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(b + ctx))
             sec, piped, cache = time_steps(step, weights, cache, batch, args.iters)
             del cache
             rows.append((f"decode batch {b}, context {ctx}", sec * 1e3, piped * 1e3, b / piped))
     for n in [int(x) for x in args.prefill.split(",") if x]:
         batch, pages = prefill_batch(n, args.page_size, rng)
-        cache = random_cache(cfg, pages, args.page_size, dtype, jax.random.PRNGKey(n))
+        cache = random_cache(cfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(n))
         sec, piped, cache = time_steps(step, weights, cache, batch, max(3, args.iters // 4))
         rows.append((f"prefill {n} tokens", sec * 1e3, piped * 1e3, n / piped))
         if args.contiguous_prefill:  # the engine's route for a prompt's first chunk
@@ -152,7 +156,8 @@ def main() -> None:
         del cache
 
     device = jax.devices()[0].device_kind
-    lines = [f"### decode_prefill: {name}, {dtype.name}, attention={args.attention_impl}",
+    lines = [f"### decode_prefill: {name}, {dtype.name}, KV cache {kv_dtype.name}, "
+             f"attention={args.attention_impl}",
              "",
              f"- date {datetime.date.today()}, device **{device}** ({jax.default_backend()}), "
              f"jax {jax.__version__}, python {platform.python_version()}",

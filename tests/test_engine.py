@@ -244,6 +244,21 @@ def test_preemption_with_prefix_caching_gives_the_same_outputs(weights, preempti
     engine.scheduler.allocator.check_invariants()
 
 
+def test_fp8_kv_cache_engine(weights):
+    """--kv-cache-dtype fp8: the cache holds float8_e4m3fn, requests complete, pages are
+    freed, and a bad name fails at configuration time."""
+    engine = make_engine(weights, kv_cache_dtype="fp8")
+    assert {x.dtype for x in jax.tree_util.tree_leaves(engine.runner.cache)} == {
+        jnp.dtype(jnp.float8_e4m3fn)}
+    rng = np.random.default_rng(12)
+    prompts = random_prompts(rng, 6)
+    tokens, reasons = run_all(engine, prompts, [SamplingParams(max_tokens=7, temperature=0)] * 6)
+    assert reasons == ["length"] * 6 and all(len(t) == 7 for t in tokens)
+    assert engine.scheduler.allocator.usage() == 0.0
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp4'"):
+        EngineConfig(kv_cache_dtype="fp4")
+
+
 def test_impossible_limits_fail_at_start(weights):
     with pytest.raises(ValueError, match="cannot hold one sequence"):
         make_engine(weights, num_pages=8, max_model_len=128)  # 8 x 4 tokens < 128

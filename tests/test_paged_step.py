@@ -318,6 +318,39 @@ def test_contiguous_prefill_matches_paged_step_and_writes_the_same_cache(cfg):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
+def test_fp8_cache_step_is_close_to_the_f32_cache_step(weights, sequences):
+    """An fp8 (float8_e4m3fn) cache: prefill then decode logits stay within fp8 rounding of
+    the f32-cache step, and differ from it (the cache really holds fp8)."""
+    rng = np.random.default_rng(13)
+    tokens = sequences[0]
+    pages = deal_pages(rng, [-(-SEQ_LEN // PS)])[0]
+    step = make_step_fn(CFG)
+    out = {}
+    for dtype in (jnp.float32, jnp.float8_e4m3fn):
+        cache = KVCache.allocate(CFG, NUM_PAGES, PS, dtype)
+        (pre,), cache = run_step(step, weights, cache, [all_logits(tokens[:12], 0, pages)])
+        dec = []
+        for t in range(12, SEQ_LEN):
+            (g,), cache = run_step(step, weights, cache, [all_logits(tokens[t:t + 1], t, pages)])
+            dec.append(g)
+        assert cache.k[0].dtype == dtype
+        out[dtype] = np.concatenate([pre] + dec)
+    # e4m3 keeps 3 mantissa bits (element error up to 6.25%); on this tiny, sharp model the
+    # logits move ~9%, while logits of another sequence differ by ~100%.
+    err = rel_err(out[jnp.float8_e4m3fn], out[jnp.float32])
+    assert 1e-4 < err < 0.15, err
+    assert rel_err(out[jnp.float32][::-1], out[jnp.float32]) > 0.5
+
+
+def test_fp8_cache_writes_saturate_instead_of_nan():
+    from arctic_jax.kv_cache import write_kv
+
+    cache = jnp.zeros((1, 2, 2, 4), jnp.float8_e4m3fn)
+    big = jnp.array([[[1000.0, -1000.0, 3.0, -0.5]]], jnp.float32)     # [T=1, K=1, D=4]
+    k, _ = write_kv(cache, cache, big, big, jnp.array([1], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(k[0, 0, 1], np.float32), [448.0, -448.0, 3.0, -0.5])
+
+
 def _to_torch_llama(weights, cfg: ModelConfig):
     """transformers' LlamaForCausalLM (float64) holding ``weights``."""
     import torch

@@ -197,6 +197,22 @@ class TestKernels:
         assert out.dtype == jnp.bfloat16
         self._close(out, ref, self.bf16_tol)
 
+    @pytest.mark.parametrize("mode", ["prefill", "decode"])
+    def test_fp8_cache_matches_reference_on_the_same_values(self, mode):
+        """An fp8 cache read by the kernels equals the reference over its f32 values."""
+        rng = np.random.default_rng(33)
+        ps, d, group, pages = 16, 64, 4, 48
+        buckets = Buckets.for_limits(max_tokens=64, max_seqs=4, max_pages_per_seq=16)
+        batch = self._step(rng, [(30, 0), (9, 40), (1, 75), (1, 16)], ps, buckets, pages)
+        kc, vc = (x.astype(jnp.float8_e4m3fn) for x in _cache(rng, pages, ps, d, jnp.float32))
+        T = batch.tokens.shape[0]
+        q = jnp.asarray(rng.standard_normal((T, KV_HEADS * group, d)), jnp.float32)
+        scale = 1.0 / np.sqrt(d)
+        out = paged_attention_pallas(q, kc, vc, batch, scale, self.interpret, mode=mode)
+        ref = reference_attention(q, kc.astype(jnp.float32), vc.astype(jnp.float32), batch, scale)
+        n = int(batch.query_start[-1])
+        self._close(out[:n], ref[:n], self.f32_tol)
+
     def test_contiguous_route_matches_causal_oracle(self):
         """The route for prompt-only steps: cuDNN on a GPU (bf16), XLA on CPU; GQA 4 and a
         padding tail after the sequence, whose rows are discarded."""

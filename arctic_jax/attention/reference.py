@@ -24,6 +24,8 @@ _MASKED = -1e30  # finite, so a fully masked padding row stays finite
 
 def _softmax_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                     scores_spec: str, out_spec: str, scale: float) -> jax.Array:
+    if k.dtype != q.dtype:  # e.g. an fp8 cache: compute in the queries' dtype
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     scores = jnp.einsum(scores_spec, q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)

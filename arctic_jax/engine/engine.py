@@ -13,6 +13,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from arctic_jax.attention.dispatch import cudnn_attention_supported, default_attention_impl
 from arctic_jax.config import ModelConfig
@@ -49,8 +50,10 @@ class EngineConfig:
     # Prompt-only steps of >= this many padded tokens use contiguous (cuDNN) attention;
     # 0: never; None: DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS with Pallas attention on a GPU.
     contiguous_prefill_min_tokens: int | None = None
+    kv_cache_dtype: str = "auto"     # "auto": the model's dtype; "fp8": float8_e4m3fn (half the bytes)
 
     def __post_init__(self) -> None:
+        resolve_kv_cache_dtype(self.kv_cache_dtype, jnp.float32)  # fails early on a bad name
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got "
                              f"{self.kv_cache_memory_fraction}")
@@ -110,6 +113,17 @@ def _weight_copies_per_device(ec: EngineConfig, weight_bytes: int) -> int:
 
 
 DEFAULT_MAX_MODEL_LEN = 4096
+KV_CACHE_DTYPES = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                   "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: Any) -> Any:
+    """The cache dtype for ``--kv-cache-dtype``: "auto" is the model's dtype."""
+    if name == "auto":
+        return jnp.dtype(model_dtype)
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not one of auto, {', '.join(KV_CACHE_DTYPES)}")
+    return jnp.dtype(KV_CACHE_DTYPES[name])
 DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS = 1024
 
 
@@ -171,14 +185,15 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         dtype = dtype or weights.embed.dtype
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
         weight_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(weights))
-        self.sched_config = resolve_scheduler_config(cfg, config, dtype, weight_bytes)
+        self.sched_config = resolve_scheduler_config(cfg, config, kv_dtype, weight_bytes)
         eos = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.scheduler = Scheduler(self.sched_config, eos_token_ids=eos)
         opts = StepOptions(attention_impl=config.attention_impl or default_attention_impl())
-        self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=dtype, opts=opts,
+        self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=kv_dtype, opts=opts,
                                   num_top_logprobs=config.max_logprobs,
                                   token_buckets=config.token_buckets,
                                   page_buckets=config.page_buckets,
@@ -191,7 +206,7 @@ class LLMEngine:
         self._counter = 0
         log.info("KV cache: %d pages of %d tokens (%.2f GiB)", self.sched_config.num_pages,
                  self.sched_config.page_size,
-                 self.sched_config.num_pages * bytes_per_page(cfg, config.page_size, dtype) / 2**30)
+                 self.sched_config.num_pages * bytes_per_page(cfg, config.page_size, kv_dtype) / 2**30)
 
     # ------------------------------------------------------------- requests
     def new_request_id(self) -> str:
