@@ -102,44 +102,51 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     R = S if num_logits <= S else Buckets.pick(num_logits, buckets.tokens, "logits rows")
     MP = Buckets.pick(max_pages, buckets.pages, "pages per sequence")
 
-    tokens = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    slots = np.full(T, -1, np.int32)
-    seq_ids = np.zeros(T, np.int32)
+    # Vectorised over chunks (the host builds one of these per engine step).
+    lens = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
+    starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
+    if (lens == 0).any():
+        raise ValueError(f"sequence {int(np.argmax(lens == 0))} has no tokens in this step")
+    if (starts < 0).any():
+        s = int(np.argmax(starts < 0))
+        raise ValueError(f"sequence {s} starts at negative position {int(starts[s])}")
+    ends = starts + lens
+    need = -(-ends // page_size)
     page_tables = np.zeros((S, MP), np.int32)
-    query_start = np.zeros(S + 1, np.int32)
-    kv_lens = np.zeros(S, np.int32)
-    logits_indices = np.zeros(R, np.int32)
-
-    t = r = 0
     for s, c in enumerate(chunks):
-        n = len(c.tokens)
-        if n == 0:
-            raise ValueError(f"sequence {s} has no tokens in this step")
-        if c.start < 0:
-            raise ValueError(f"sequence {s} starts at negative position {c.start}")
-        end = c.start + n
-        need = -(-end // page_size)
-        if len(c.pages) < need:
-            raise ValueError(f"sequence {s} needs {need} pages for {end} positions, has {len(c.pages)}")
-        pages = np.asarray(c.pages[:need], np.int32)
-        if (pages < 0).any():
-            raise ValueError(f"sequence {s} has negative page ids {pages[pages < 0].tolist()}")
-        pos = np.arange(c.start, end, dtype=np.int32)
-        tokens[t:t + n] = np.asarray(c.tokens, np.int32)
-        positions[t:t + n] = pos
-        slots[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
-        seq_ids[t:t + n] = s
-        page_tables[s, :need] = pages
-        kv_lens[s] = end
+        if len(c.pages) < need[s]:
+            raise ValueError(f"sequence {s} needs {need[s]} pages for {ends[s]} positions, "
+                             f"has {len(c.pages)}")
+        page_tables[s, :need[s]] = c.pages[:need[s]]
+    if (page_tables < 0).any():
+        s = int(np.argmax((page_tables < 0).any(axis=1)))
+        bad = page_tables[s][page_tables[s] < 0]
+        raise ValueError(f"sequence {s} has negative page ids {bad.tolist()}")
+
+    n = num_tokens
+    seq_of_token = np.repeat(np.arange(len(chunks), dtype=np.int32), lens)
+    first = np.cumsum(lens) - lens                                   # flat start of each chunk
+    pos = (np.arange(n) - np.repeat(first, lens) + np.repeat(starts, lens)).astype(np.int32)
+    tokens = np.zeros(T, np.int32)
+    tokens[:n] = np.fromiter((tok for c in chunks for tok in c.tokens), np.int32, n)
+    positions = np.zeros(T, np.int32)
+    positions[:n] = pos
+    slots = np.full(T, -1, np.int32)
+    slots[:n] = page_tables[seq_of_token, pos // page_size] * page_size + pos % page_size
+    seq_ids = np.zeros(T, np.int32)
+    seq_ids[:n] = seq_of_token
+    query_start = np.full(S + 1, n, np.int32)
+    query_start[:len(chunks)] = first
+    kv_lens = np.zeros(S, np.int32)
+    kv_lens[:len(chunks)] = ends
+    logits_indices = np.zeros(R, np.int32)
+    r = 0
+    for s, c in enumerate(chunks):
         for i in c.wanted():
-            if not 0 <= i < n:
-                raise ValueError(f"logits index {i} outside the chunk of {n} tokens")
-            logits_indices[r] = t + i
+            if not 0 <= i < lens[s]:
+                raise ValueError(f"logits index {i} outside the chunk of {lens[s]} tokens")
+            logits_indices[r] = first[s] + i
             r += 1
-        t += n
-        query_start[s + 1] = t
-    query_start[len(chunks) + 1:] = t
     batch = StepBatch(tokens=tokens, positions=positions, slot_mapping=slots, seq_ids=seq_ids,
                       page_tables=page_tables, query_start=query_start, kv_lens=kv_lens,
                       logits_indices=logits_indices)

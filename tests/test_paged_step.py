@@ -420,3 +420,57 @@ def test_oracle_matches_transformers(which, weights):
         want = model(torch.from_numpy(tokens)[None]).logits[0].numpy()
     # transformers computes the rope angles in float32 even in a float64 model
     assert rel_err(llama_forward_dense(w, cfg, tokens), want) <= 1e-5
+
+
+def _batch_oracle(chunks, page_size, T, S, MP, R):
+    """Per-chunk loop construction of the StepBatch arrays (the test's own oracle)."""
+    out = dict(tokens=np.zeros(T), positions=np.zeros(T), slot_mapping=np.full(T, -1),
+               seq_ids=np.zeros(T), page_tables=np.zeros((S, MP)), query_start=np.zeros(S + 1),
+               kv_lens=np.zeros(S), logits_indices=np.zeros(R))
+    t = r = 0
+    for s, c in enumerate(chunks):
+        for j, tok in enumerate(c.tokens):
+            p = c.start + j
+            out["tokens"][t + j], out["positions"][t + j], out["seq_ids"][t + j] = tok, p, s
+            out["slot_mapping"][t + j] = c.pages[p // page_size] * page_size + p % page_size
+        need = -(-(c.start + len(c.tokens)) // page_size)
+        out["page_tables"][s, :need] = c.pages[:need]
+        out["kv_lens"][s] = c.start + len(c.tokens)
+        for i in c.wanted():
+            out["logits_indices"][r] = t + i
+            r += 1
+        t += len(c.tokens)
+        out["query_start"][s + 1:] = t
+    return out
+
+
+def test_build_step_batch_matches_a_per_chunk_construction():
+    rng = np.random.default_rng()
+    for _ in range(20):
+        n_seq = int(rng.integers(1, 5))
+        chunks = []
+        for _s in range(n_seq):
+            n, start = int(rng.integers(1, 9)), int(rng.integers(0, 20))
+            pages = [int(p) for p in rng.permutation(40)[:-(-(start + n) // PS) + int(rng.integers(0, 3))]]
+            logits_at = None if rng.random() < 0.5 else sorted({int(i) for i in rng.integers(0, n, 2)})
+            chunks.append(SequenceChunk(tokens=[int(x) for x in rng.integers(0, 99, n)], start=start,
+                                        pages=pages, logits_at=logits_at))
+        buckets = Buckets(tokens=(8, 32, 64), seqs=(4, 8), pages=(8,))
+        batch, _ = build_step_batch(chunks, PS, buckets)
+        want = _batch_oracle(chunks, PS, batch.tokens.shape[0], batch.page_tables.shape[0], 8,
+                             batch.logits_indices.shape[0])
+        for name, value in want.items():
+            np.testing.assert_array_equal(getattr(batch, name), value.astype(np.int32), name)
+
+
+@pytest.mark.parametrize("chunk,match", [
+    (SequenceChunk(tokens=[], start=0, pages=[0]), "no tokens"),
+    (SequenceChunk(tokens=[1], start=-1, pages=[0]), "negative position"),
+    (SequenceChunk(tokens=[1] * 5, start=0, pages=[0]), "needs 2 pages for 5 positions, has 1"),
+    (SequenceChunk(tokens=[1], start=0, pages=[-3]), r"negative page ids \[-3\]"),
+    (SequenceChunk(tokens=[1, 2], start=0, pages=[0], logits_at=[2]), "logits index 2 outside"),
+])
+def test_build_step_batch_rejects_bad_chunks(chunk, match):
+    ok = SequenceChunk(tokens=[5], start=3, pages=[1])
+    with pytest.raises(ValueError, match=match):
+        build_step_batch([ok, chunk], PS, Buckets(tokens=(8,), seqs=(2,), pages=(4,)))
