@@ -93,15 +93,6 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     """Pack chunks into a padded numpy StepBatch; returns it and the real logits rows."""
     if not chunks:
         raise ValueError("a step needs at least one sequence")
-    num_tokens = sum(len(c.tokens) for c in chunks)
-    num_logits = sum(len(c.wanted()) for c in chunks)
-    max_pages = max(-(-(c.start + len(c.tokens)) // page_size) for c in chunks)
-    T = Buckets.pick(num_tokens, buckets.tokens, "tokens")
-    S = Buckets.pick(len(chunks), buckets.seqs, "sequences")
-    # One logits row per sequence unless a sequence wants several (speculative verify).
-    R = S if num_logits <= S else Buckets.pick(num_logits, buckets.tokens, "logits rows")
-    MP = Buckets.pick(max_pages, buckets.pages, "pages per sequence")
-
     # Vectorised over chunks (the host builds one of these per engine step).
     lens = np.fromiter((len(c.tokens) for c in chunks), np.int64, len(chunks))
     starts = np.fromiter((c.start for c in chunks), np.int64, len(chunks))
@@ -112,6 +103,14 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
         raise ValueError(f"sequence {s} starts at negative position {int(starts[s])}")
     ends = starts + lens
     need = -(-ends // page_size)
+    n = int(lens.sum())                                              # real tokens
+    num_logits = sum(len(c.wanted()) for c in chunks)
+    T = Buckets.pick(n, buckets.tokens, "tokens")
+    S = Buckets.pick(len(chunks), buckets.seqs, "sequences")
+    # One logits row per sequence unless a sequence wants several (speculative verify).
+    R = S if num_logits <= S else Buckets.pick(num_logits, buckets.tokens, "logits rows")
+    MP = Buckets.pick(int(need.max()), buckets.pages, "pages per sequence")
+
     page_tables = np.zeros((S, MP), np.int32)
     for s, c in enumerate(chunks):
         if len(c.pages) < need[s]:
@@ -123,7 +122,6 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
         bad = page_tables[s][page_tables[s] < 0]
         raise ValueError(f"sequence {s} has negative page ids {bad.tolist()}")
 
-    n = num_tokens
     seq_of_token = np.repeat(np.arange(len(chunks), dtype=np.int32), lens)
     first = np.cumsum(lens) - lens                                   # flat start of each chunk
     pos = (np.arange(n) - np.repeat(first, lens) + np.repeat(starts, lens)).astype(np.int32)

@@ -32,9 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokens run cuDNN causal attention on their own K/V; 0: never "
                         "(default: 1024 on a GPU with Pallas attention, else 0)")
     p.add_argument("--kv-cache-dtype", default=None,
-                   choices=["auto", "fp8", "fp8_e4m3", "bfloat16", "float16", "float32"],
-                   help="KV cache element type; fp8 (float8_e4m3fn, saturating) halves the "
-                        "cache bytes of a 16-bit model (default auto: the model's dtype)")
+                   help="KV cache element type: auto (the model's dtype, default) or fp8 "
+                        "(float8_e4m3fn, saturating: half the cache bytes of a 16-bit model)")
     p.add_argument("--max-logprobs", type=int, default=None,
                    help="most top logprobs a request may ask for (default 5, at most 20)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)

@@ -26,6 +26,18 @@ def prefill_logits(cfg, weights, tokens: np.ndarray, page_size: int = 16) -> np.
     return np.asarray(logits)[:rows]
 
 
+def deal_pages(rng: np.random.Generator, counts: list[int], num_pages: int) -> list[list[int]]:
+    """Shuffled page ids of a pool of ``num_pages`` dealt round-robin, ``counts[i]`` to
+    sequence i, so the sequences' pages interleave in the cache."""
+    pool = list(rng.permutation(num_pages))
+    pages: list[list[int]] = [[] for _ in counts]
+    while any(len(p) < c for p, c in zip(pages, counts)):
+        for p, c in zip(pages, counts):
+            if len(p) < c:
+                p.append(int(pool.pop()))
+    return pages
+
+
 def server_env() -> dict[str, str]:
     """The test environment minus conftest's 8 simulated devices (a server uses one)."""
     env = dict(os.environ)

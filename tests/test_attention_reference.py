@@ -15,6 +15,7 @@ import pytest
 from arctic_jax.attention import reference
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.pytree import replace
+from helpers import deal_pages
 from oracles import dense_causal_attention, rel_err
 
 NUM_KV_HEADS = 2
@@ -43,12 +44,7 @@ def _make_case(rng, specs, ps, ratio, head_dim, buckets, extra_pages=3):
     """Random cache, q and StepBatch for ``specs``; pages dealt round-robin from a shuffled pool."""
     needs = [-(-(s + n) // ps) for s, n in specs]
     num_pages = sum(needs) + extra_pages
-    pool = list(rng.permutation(num_pages))
-    pages = [[] for _ in specs]
-    while any(len(p) < need for p, need in zip(pages, needs)):
-        for p, need in zip(pages, needs):
-            if len(p) < need:
-                p.append(int(pool.pop()))
+    pages = deal_pages(rng, needs, num_pages)
     chunks = [SequenceChunk(tokens=list(rng.integers(0, 100, n)), start=s, pages=p,
                             logits_at=[])
               for (s, n), p in zip(specs, pages)]
@@ -163,3 +159,16 @@ def test_oracle_matches_torch_sdpa(ratio):
         to_t(q), to_t(k), to_t(v), attn_mask=mask, enable_gqa=True)[0].numpy()
     got = dense_causal_attention(q, k, v, positions)
     assert rel_err(got, np.swapaxes(want, 0, 1)) <= 1e-12
+
+
+def test_unknown_attention_impl_is_rejected_by_both_routes():
+    from arctic_jax.attention import contiguous_causal_attention, paged_attention
+
+    rng = np.random.default_rng(2)
+    q, k_cache, v_cache, batch, _ = _make_case(rng, [(0, 5)], 4, 2, 8,
+                                               Buckets(tokens=(8,), seqs=(1,), pages=(4,)))
+    with pytest.raises(ValueError, match="unknown attention_impl 'triton'"):
+        paged_attention(q, k_cache, v_cache, batch, 0.3, impl="triton")
+    k = rng.standard_normal((q.shape[0], NUM_KV_HEADS, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="unknown attention_impl 'triton'"):
+        contiguous_causal_attention(q, k, k, 0.3, impl="triton")

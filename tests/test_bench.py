@@ -357,24 +357,24 @@ def test_data_parallel_replicas_each_serve_on_their_own_device():
         assert steps and steps[0] > 4  # both replicas took part of the load
 
 
-def test_cli_rejects_bad_combinations():
-    with pytest.raises(ValueError, match="cannot be combined"):
-        bench_cli(["--url", "http://x", "--random-weights", "tiny"])
-    with pytest.raises(ValueError, match="--vocab-size"):
-        bench_cli(["--url", "http://x", "--input-len", "4"])
-    with pytest.raises(ValueError, match="not both"):
-        bench_cli(["--random-weights", "tiny", "--input-len", "4", "--input-len-range", "2:3"])
-    with pytest.raises(ValueError, match="drop the length flags"):
-        bench_cli(["--url", "http://x", "--dataset", "d.jsonl", "--output-len", "4"])
+@pytest.mark.parametrize("argv,match", [
+    (["--url", "http://x", "--random-weights", "tiny"], "cannot be combined"),
+    (["--url", "http://x", "--input-len", "4"], "--vocab-size"),
+    (["--random-weights", "tiny", "--input-len", "4", "--input-len-range", "2:3"], "not both"),
+    (["--url", "http://x", "--dataset", "d.jsonl", "--output-len", "4"], "drop the length flags"),
+    (["--random-weights", "tiny", "--data-parallel-size", "0"], "data-parallel size must be >= 1"),
+    (["--url", "http://x", "--data-parallel-size", "2", "--vocab-size", "9"], "in-process replicas"),
+    (["--random-weights", "tiny", "--data-parallel-size", "2", "-tp", "2", "--input-len", "4"],
+     "one-device engines"),
+])
+def test_cli_rejects_bad_combinations(argv, match):
+    with pytest.raises(ValueError, match=match):
+        bench_cli(argv)
+
+
+def test_cli_rejects_exclusive_load_modes():
     with pytest.raises(SystemExit):  # argparse: mutually exclusive
         bench_cli(["--concurrency", "2", "--request-rate", "3"])
-    with pytest.raises(ValueError, match="data-parallel-size must be >= 1"):
-        bench_cli(["--random-weights", "tiny", "--data-parallel-size", "0"])
-    with pytest.raises(ValueError, match="in-process replicas"):
-        bench_cli(["--url", "http://x", "--data-parallel-size", "2", "--vocab-size", "9"])
-    with pytest.raises(ValueError, match="one-device engines"):
-        bench_cli(["--random-weights", "tiny", "--data-parallel-size", "2", "-tp", "2",
-                   "--input-len", "4"])
 
 
 def test_cli_data_parallel_replicas(tmp_path):

@@ -32,6 +32,16 @@ def _rand_tokens(rng, n, vocab=50_000):
     return [rng.randrange(vocab) for _ in range(n)]
 
 
+def _cached_chain(seed, num_pages, page_size, num_tokens, **kwargs):
+    """An allocator holding one sequence of random tokens in registered pages
+    (the last page partial unless num_tokens fills it); returns (allocator, tokens, pages)."""
+    a = PageAllocator(num_pages, page_size, **kwargs)
+    toks = _rand_tokens(random.Random(seed), num_tokens)
+    pages = a.allocate(-(-num_tokens // page_size))
+    a.register_full_pages(pages, toks)
+    return a, toks, pages
+
+
 # --------------------------------------------------------------------- hashing
 
 def test_page_hashes_match_oracle_and_are_chained():
@@ -199,12 +209,8 @@ def test_shared_system_prompt():
 
 
 def test_partial_page_not_matched_until_full():
-    rng = random.Random(2)
-    a = PageAllocator(16, 4)
-    toks = _rand_tokens(rng, 10)
-    pages = a.allocate(3)
-    a.register_full_pages(pages, toks)
-    longer = toks + _rand_tokens(rng, 6)
+    a, toks, pages = _cached_chain(2, 16, 4, 10)
+    longer = toks + _rand_tokens(random.Random(12), 6)
     m, n = a.match_prefix(longer)
     assert m == pages[:2] and n == 8
     a.free(m)
@@ -219,11 +225,7 @@ def test_partial_page_not_matched_until_full():
 
 
 def test_divergent_token_stops_chain():
-    rng = random.Random(3)
-    a = PageAllocator(16, 4)
-    toks = _rand_tokens(rng, 17)
-    pages = a.allocate(5)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(3, 16, 4, 17)
     for pos, expect_pages in [(0, 0), (3, 0), (4, 1), (9, 2), (15, 3)]:
         other = list(toks)
         other[pos] = (other[pos] + 1) % 50_000
@@ -237,11 +239,7 @@ def test_divergent_token_stops_chain():
 
 
 def test_match_never_covers_whole_input():
-    rng = random.Random(4)
-    a = PageAllocator(16, 4)
-    toks = _rand_tokens(rng, 12)
-    pages = a.allocate(3)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(4, 16, 4, 12)
     for length, expect in [(12, 2), (9, 2), (8, 1), (5, 1), (4, 0), (1, 0)]:
         m, n = a.match_prefix(toks[:length])
         assert n < length
@@ -251,11 +249,7 @@ def test_match_never_covers_whole_input():
 
 
 def test_match_revives_evictable_pages():
-    rng = random.Random(5)
-    a = PageAllocator(6, 4)
-    toks = _rand_tokens(rng, 9)
-    pages = a.allocate(3)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(5, 6, 4, 9)
     a.free(pages)
     assert a.num_free() == 6 and a.usage() == 0.0
     assert not a.is_cached(pages[2]) and a.refcount(pages[2]) == 0   # partial page went back to free list
@@ -294,11 +288,7 @@ def test_duplicate_registration_keeps_first_mapping():
 
 
 def test_register_conflicting_content_raises():
-    rng = random.Random(7)
-    a = PageAllocator(8, 4)
-    toks = _rand_tokens(rng, 8)
-    pages = a.allocate(2)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(7, 8, 4, 8)
     before = _snapshot(a)
     wrong = list(toks)
     wrong[1] += 1
@@ -338,11 +328,7 @@ def test_lru_eviction_order():
 
 
 def test_free_releases_tail_pages_first():
-    rng = random.Random(8)
-    a = PageAllocator(4, 2)
-    toks = _rand_tokens(rng, 8)
-    pages = a.allocate(4)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(8, 4, 2, 8)
     a.free(pages)
     # The tail page is evicted first, so the head of the chain stays matchable longest.
     got = a.allocate(1)
@@ -355,11 +341,7 @@ def test_free_releases_tail_pages_first():
 
 
 def test_prefix_caching_disabled():
-    rng = random.Random(9)
-    a = PageAllocator(6, 4, enable_prefix_caching=False)
-    toks = _rand_tokens(rng, 9)
-    pages = a.allocate(3)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(9, 6, 4, 9, enable_prefix_caching=False)
     assert a.match_prefix(toks) == ([], 0)
     a.free(pages)
     s = a.stats()
@@ -543,12 +525,9 @@ def test_incremental_registration_hashes_only_new_tokens(monkeypatch):
         return real(tokens, page_size, num_pages, parent)
 
     monkeypatch.setattr(mod, "page_hashes", spy)
-    rng = random.Random(10)
     ps = 4
-    a = PageAllocator(40, ps)
-    toks = _rand_tokens(rng, 4 * ps)
-    pages = a.allocate(4)
-    a.register_full_pages(pages, toks)
+    a, toks, pages = _cached_chain(10, 40, ps, 4 * ps)
+    rng = random.Random(11)
     for step in range(16 * ps):                  # decode, registering each page as it fills
         toks.append(rng.randrange(50_000))
         if len(toks) > len(pages) * ps:

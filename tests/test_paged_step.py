@@ -18,6 +18,7 @@ from arctic_jax.config import ModelConfig, RopeScaling
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import StepOptions, make_step_fn
 from arctic_jax.models.llama_weights import random_weights
+from helpers import deal_pages
 from oracles import llama_forward_dense, rel_err
 
 PS = 4              # page size
@@ -85,17 +86,6 @@ def chunked_alone(step, weights, tokens, pages, rng, sizes=CHUNKS):
 
 def decode_alone(step, weights, tokens, pages, rng):
     return chunked_alone(step, weights, tokens, pages, rng, sizes=(1,) * len(tokens))
-
-
-def deal_pages(rng, counts, num_pages=NUM_PAGES):
-    """Shuffled page ids dealt round-robin, so the sequences' pages interleave."""
-    pool = list(rng.permutation(num_pages))
-    pages = [[] for _ in counts]
-    while any(len(p) < c for p, c in zip(pages, counts)):
-        for p, c in zip(pages, counts):
-            if len(p) < c:
-                p.append(int(pool.pop()))
-    return pages
 
 
 @contextlib.contextmanager
@@ -168,7 +158,7 @@ def test_mixed_step_matches_each_sequence_alone(step, weights):
             (0, 4),    # starting, exactly one page
             (3, 1)]    # decode into the last slot of the first page
     seqs = [rng.integers(0, CFG.vocab_size, pre + n) for pre, n in plan]
-    pages = deal_pages(rng, [-(-len(s) // PS) for s in seqs])
+    pages = deal_pages(rng, [-(-len(s) // PS) for s in seqs], NUM_PAGES)
     alone = [prefill_alone(step, weights, s, p, rng) for s, p in zip(seqs, pages)]
 
     cache = random_cache(CFG, rng)
@@ -188,7 +178,7 @@ def test_interleaved_pages_do_not_interfere(step, weights, sequences):
     """Two sequences on alternating shuffled pages, prefilled then decoded in lock step."""
     rng = np.random.default_rng(2)
     a, b = sequences
-    pa, pb = deal_pages(rng, [-(-SEQ_LEN // PS)] * 2)
+    pa, pb = deal_pages(rng, [-(-SEQ_LEN // PS)] * 2, NUM_PAGES)
     alone_a = prefill_alone(step, weights, a, pa, rng)
     alone_b = prefill_alone(step, weights, b, pb, rng)
     cache = random_cache(CFG, rng)
@@ -211,7 +201,7 @@ def test_padding_slots_write_nothing(step, weights):
     rng = np.random.default_rng(3)
     lens = (7, 4)   # 11 real tokens -> T bucket 32 (21 padding tokens), S bucket 4 (2 padding seqs)
     seqs = [rng.integers(0, CFG.vocab_size, n) for n in lens]
-    pages = deal_pages(rng, [-(-n // PS) for n in lens])
+    pages = deal_pages(rng, [-(-n // PS) for n in lens], NUM_PAGES)
     cache = random_cache(CFG, rng)
     before_k = [np.array(x) for x in cache.k]
     before_v = [np.array(x) for x in cache.v]
@@ -256,7 +246,7 @@ def test_compiles_once_per_bucket(weights):
     step = make_step_fn(CFG)
     rng = np.random.default_rng(6)
     cache = random_cache(CFG, rng)
-    pa, pb = deal_pages(rng, [8, 6])
+    pa, pb = deal_pages(rng, [8, 6], NUM_PAGES)
     # (tokens of a, tokens of b or 0): real token counts 1..12 over two T buckets
     plan = [(1, 0), (3, 2), (2, 4), (5, 0), (4, 5), (6, 6), (7, 3), (1, 1)]
     starts, shapes = [0, 0], set()
@@ -284,7 +274,7 @@ def test_tied_head_biases_llama3_rope_match_oracle():
     step = make_step_fn(cfg)
     rng = np.random.default_rng(8)
     tokens = rng.integers(0, cfg.vocab_size, 12)
-    pages = deal_pages(rng, [3])[0]
+    pages = deal_pages(rng, [3], NUM_PAGES)[0]
     want = llama_forward_dense(w, cfg, tokens)
     cache = random_cache(cfg, rng)
     (full,), _ = run_step(step, w, cache, [all_logits(tokens, 0, pages)])
@@ -303,7 +293,7 @@ def test_contiguous_prefill_matches_paged_step_and_writes_the_same_cache(cfg):
     w = random_weights(cfg, jax.random.key(21), scale=0.15)
     rng = np.random.default_rng(9)
     tokens = rng.integers(0, cfg.vocab_size, 13)          # padded to the 32-token bucket
-    pages = deal_pages(rng, [4])[0]
+    pages = deal_pages(rng, [4], NUM_PAGES)[0]
     want = llama_forward_dense(w, cfg, tokens)
     cache = random_cache(cfg, rng)
     paged = make_step_fn(cfg, StepOptions(attention_impl="reference"))
@@ -323,7 +313,7 @@ def test_fp8_cache_step_is_close_to_the_f32_cache_step(weights, sequences):
     the f32-cache step, and differ from it (the cache really holds fp8)."""
     rng = np.random.default_rng(13)
     tokens = sequences[0]
-    pages = deal_pages(rng, [-(-SEQ_LEN // PS)])[0]
+    pages = deal_pages(rng, [-(-SEQ_LEN // PS)], NUM_PAGES)[0]
     step = make_step_fn(CFG)
     out = {}
     for dtype in (jnp.float32, jnp.float8_e4m3fn):

@@ -17,7 +17,7 @@ prefill against 308 for the ragged Pallas kernel (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,15 +35,32 @@ def default_attention_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+def _over_local_heads(fn: Callable[..., jax.Array], sharding: ActivationSharding | None,
+                      arg_axes: tuple[Any, ...], *args: Any) -> jax.Array:
+    """``fn(*args)`` on one device, or inside ``shard_map`` over the attention-head axis
+    (``arg_axes``: each argument's logical axes, None for a replicated pytree)."""
+    if sharding is None:
+        return fn(*args)
+    specs = tuple(jax.tree_util.tree_map(lambda _: PartitionSpec(), a) if axes is None
+                  else partition_spec(axes, sharding.rules) for a, axes in zip(args, arg_axes))
+    qkv = partition_spec(ax.ATTN_QKV_AXES, sharding.rules)
+    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=specs, out_specs=qkv,
+                         check_vma=False)(*args)
+
+
 def _local_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
                      scale: float, impl: str) -> jax.Array:
+    _check_impl(impl)
     if impl == "reference":
         return reference_attention(q, k_cache, v_cache, batch, scale)
-    if impl == "pallas":
-        from pallas_kernels import paged_attention_pallas
-        return paged_attention_pallas(q, k_cache, v_cache, batch, scale,
-                                      interpret=jax.default_backend() != "gpu")
-    raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+    from pallas_kernels import paged_attention_pallas
+    return paged_attention_pallas(q, k_cache, v_cache, batch, scale,
+                                  interpret=jax.default_backend() != "gpu")
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
@@ -51,13 +68,8 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch:
                     sharding: ActivationSharding | None = None) -> jax.Array:
     """q [T, N, D] attends over the paged cache [K, P, PS, D]; returns [T, N, D]."""
     fn = functools.partial(_local_attention, scale=scale, impl=impl)
-    if sharding is None:
-        return fn(q, k_cache, v_cache, batch)
-    qkv = partition_spec(ax.ATTN_QKV_AXES, sharding.rules)
-    cache = partition_spec(ax.KV_CACHE_AXES, sharding.rules)
-    replicated = jax.tree_util.tree_map(lambda _: PartitionSpec(), batch)
-    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(qkv, cache, cache, replicated),
-                         out_specs=qkv, check_vma=False)(q, k_cache, v_cache, batch)
+    return _over_local_heads(fn, sharding, (ax.ATTN_QKV_AXES, ax.KV_CACHE_AXES, ax.KV_CACHE_AXES,
+                                            None), q, k_cache, v_cache, batch)
 
 
 def cudnn_attention_supported(dtype: Any, head_dim: int) -> bool:
@@ -69,8 +81,7 @@ def cudnn_attention_supported(dtype: Any, head_dim: int) -> bool:
 
 def _local_contiguous(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                       impl: str) -> jax.Array:
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+    _check_impl(impl)
     cudnn = impl == "pallas" and cudnn_attention_supported(q.dtype, q.shape[-1])
     out = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
                                        implementation="cudnn" if cudnn else "xla")
@@ -86,8 +97,4 @@ def contiguous_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale:
     0 followed by padding (padding rows come out as garbage and must be discarded).
     """
     fn = functools.partial(_local_contiguous, scale=scale, impl=impl)
-    if sharding is None:
-        return fn(q, k, v)
-    qkv = partition_spec(ax.ATTN_QKV_AXES, sharding.rules)
-    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(qkv, qkv, qkv), out_specs=qkv,
-                         check_vma=False)(q, k, v)
+    return _over_local_heads(fn, sharding, (ax.ATTN_QKV_AXES,) * 3, q, k, v)

@@ -143,8 +143,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--warmup-requests must be >= 0")
     if args.num_requests is not None and args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
-    if args.data_parallel_size < 1:
-        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     if args.data_parallel_size > 1 and args.url:
         raise ValueError("--data-parallel-size runs in-process replicas; it cannot be combined "
                          "with --url")
@@ -234,10 +232,6 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
         engine, name = build(kwargs)
         replicas = [engine]
     else:
-        parallel = kwargs.get("tensor_parallel_size", 1) * kwargs.get("sequence_parallel_size", 1)
-        if parallel > 1:
-            raise ValueError("--data-parallel-size replicas are one-device engines; drop the "
-                             "tensor/sequence-parallel flags")
         replicas, name = runner.build_replicas(build, kwargs, dp)
         engine = replicas[0]
     sc = engine.sched_config

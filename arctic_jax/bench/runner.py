@@ -315,6 +315,9 @@ def build_replicas(build: Callable[[dict], tuple[Any, str]], engine_kwargs: dict
 
     if count < 1:
         raise ValueError(f"data-parallel size must be >= 1, got {count}")
+    if engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("sequence_parallel_size", 1) > 1:
+        raise ValueError("data-parallel replicas are one-device engines; drop the "
+                         "tensor/sequence-parallel options")
     devices = jax.devices()[:count]
     if len(devices) < count:
         raise ValueError(f"{count} data-parallel replicas need {count} devices, found {len(devices)}")

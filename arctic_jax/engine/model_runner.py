@@ -261,11 +261,16 @@ class ModelRunner:
                           mode=SamplingMode.for_params(params),
                           contiguous_prefill=self.uses_contiguous_prefill(step, T))
 
-    def uses_contiguous_prefill(self, step: ScheduledStep, num_tokens_padded: int) -> bool:
-        """True for a step that is one sequence's first chunk (no cached prefix) in a token
-        bucket of at least ``contiguous_prefill_min_tokens`` (0: never)."""
+    def contiguous_bucket(self, num_tokens_padded: int) -> bool:
+        """Whether this token bucket has a contiguous-prefill program
+        (>= ``contiguous_prefill_min_tokens``; 0: none has)."""
         least = self.contiguous_prefill_min_tokens
-        return (least > 0 and num_tokens_padded >= least and len(step.chunks) == 1
+        return least > 0 and num_tokens_padded >= least
+
+    def uses_contiguous_prefill(self, step: ScheduledStep, num_tokens_padded: int) -> bool:
+        """True for a step that is one sequence's first chunk (no cached prefix) in a
+        contiguous bucket."""
+        return (self.contiguous_bucket(num_tokens_padded) and len(step.chunks) == 1
                 and step.chunks[0].start == 0 and not step.chunks[0].from_slot)
 
     # -------------------------------------------------------------- programs
@@ -292,10 +297,9 @@ class ModelRunner:
         all padding, so it writes no KV slot and no token-buffer row. Returns seconds.
         """
         start = time.perf_counter()
-        least = self.contiguous_prefill_min_tokens
         shapes = [(v, t, p, c) for v in self.variants for t in self.buckets.tokens
                   for p in self.buckets.pages for c in (False, True)
-                  if not c or (least > 0 and t >= least)]
+                  if not c or self.contiguous_bucket(t)]
         iterator = shapes
         if progress:
             from tqdm import tqdm
