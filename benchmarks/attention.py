@@ -8,6 +8,10 @@ Prefill (one sequence, N new tokens after an optional cached prefix): TFLOP/s
 over the causal pairs (n * prefix + n (n + 1) / 2 query-key pairs, 4 * D * heads
 FLOPs each). Variants: our ragged prefill kernel, the XLA reference, cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")` on contiguous KV).
+Mixed (a serving step: B decodes at one context plus one prefill chunk of N new
+tokens after a cached prefix, in a token bucket of B + N): effective TB/s over
+the K/V bytes the step must read. Variants: `paged_attention_pallas` in each
+mode ("mixed", "prefill", "decode") and the XLA reference.
 
 Timing: each variant runs `n` times inside one jitted fori_loop (static trip
 count, each iteration depending on the last through a negligible update of q),
@@ -20,6 +24,7 @@ Any failing variant is reported and the run continues.
     python benchmarks/attention.py                    # full grid (~4 min on an H100)
     python benchmarks/attention.py --quick            # a few cases
     python benchmarks/attention.py --only decode --batches 1 --contexts 16384 --sweep
+    python benchmarks/attention.py --only mixed --batches 64 --contexts 1152 --prefill-new 448
     python benchmarks/attention.py --smoke            # CPU, interpret mode, tiny shapes
     python benchmarks/attention.py --append-results   # append the table to benchmarks/RESULTS.md
 """
@@ -47,7 +52,7 @@ from jax import lax  # noqa: E402
 
 from arctic_jax.attention.reference import reference_attention  # noqa: E402
 from arctic_jax.batch import StepBatch  # noqa: E402
-from pallas_kernels import (DecodeConfig, PrefillConfig, compile_write_kv,  # noqa: E402
+from pallas_kernels import (DecodeConfig, PrefillConfig, compile_write_kv, paged_attention_pallas,  # noqa: E402
                             default_num_splits, paged_decode_attention, paged_decode_reference,
                             ragged_prefill_attention, write_in_place_report)
 
@@ -139,14 +144,15 @@ def run_variant(rows: list[Row], row: Row, step, q, arrays, ref, est_s, n_rot, a
 def decode_case(args, B, ctx, ps, rng):
     K, N, D = args.kv_heads, args.q_heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
+    kv_dtype = jnp.dtype(args.kv_dtype or args.dtype)
     mp = -(-ctx // ps)
     pages = B * mp
-    kv_bytes = 2 * B * ctx * K * D * dtype.itemsize
+    kv_bytes = 2 * B * ctx * K * D * kv_dtype.itemsize
     n_rot = args.rotate or int(min(16, max(1, ROTATE_BYTES // max(kv_bytes, 1))))
     key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
     k1, k2, k3 = jax.random.split(key, 3)
-    base_k = jax.random.normal(k1, (K, pages, ps, D), jnp.float32).astype(dtype)
-    base_v = jax.random.normal(k2, (K, pages, ps, D), jnp.float32).astype(dtype)
+    base_k = jax.random.normal(k1, (K, pages, ps, D), jnp.float32).astype(kv_dtype)
+    base_v = jax.random.normal(k2, (K, pages, ps, D), jnp.float32).astype(kv_dtype)
     q = jax.random.normal(k3, (B, N, D), jnp.float32).astype(dtype)
     pt0 = jnp.asarray(rng.permutation(pages).reshape(B, mp).astype(np.int32))
     lens = jnp.full((B,), ctx, jnp.int32)
@@ -391,6 +397,58 @@ def bench_prefill(args, rows: list[Row]) -> None:
         gc.collect()
 
 
+# ---------------------------------------------------------------------------- mixed
+def mixed_case(args, B, ctx, n, prefix, ps, rng):
+    """A step of B decode rows (context ctx) then one chunk of n tokens after `prefix`."""
+    K, N, D = args.kv_heads, args.q_heads, args.head_dim
+    dtype = jnp.dtype(args.dtype)
+    kv_dtype = jnp.dtype(args.kv_dtype or args.dtype)
+    lens = np.array([ctx] * B + [prefix + n], np.int32)
+    mp = -(-int(lens.max()) // ps)
+    pages = (B + 1) * mp
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+    k1, k2, k3 = jax.random.split(key, 3)
+    kc = jax.random.normal(k1, (K, pages, ps, D), jnp.float32).astype(kv_dtype)
+    vc = jax.random.normal(k2, (K, pages, ps, D), jnp.float32).astype(kv_dtype)
+    T = B + n
+    q = jax.random.normal(k3, (T, N, D), jnp.float32).astype(dtype)
+    batch = StepBatch(
+        tokens=jnp.zeros((T,), jnp.int32),
+        positions=jnp.asarray(np.concatenate([lens[:B] - 1, prefix + np.arange(n)]), jnp.int32),
+        slot_mapping=jnp.zeros((T,), jnp.int32),
+        seq_ids=jnp.asarray(np.concatenate([np.arange(B), np.full(n, B)]), jnp.int32),
+        page_tables=jnp.asarray(rng.permutation(pages).reshape(B + 1, mp).astype(np.int32)),
+        query_start=jnp.asarray(np.concatenate([np.arange(B + 1), [B + n]]), jnp.int32),
+        kv_lens=jnp.asarray(lens), logits_indices=jnp.zeros((1,), jnp.int32))
+    kv_bytes = 2 * int(lens.sum()) * K * D * kv_dtype.itemsize
+    return q, kc, vc, batch, kv_bytes
+
+
+def bench_mixed(args, rows: list[Row]) -> None:
+    rng = np.random.default_rng(2)
+    scale, interp = args.scale, args.smoke
+    for ps, B, ctx, n, prefix in itertools.product(args.page_sizes, args.batches, args.contexts,
+                                                   args.prefill_new, args.prefill_prefix):
+        name = f"B={B} ctx={ctx} + new={n} prefix={prefix} ps={ps}"
+        q, kc, vc, batch, kv_bytes = mixed_case(args, B, ctx, n, prefix, ps, rng)
+        ref = (reference_attention(q.astype(jnp.float32), kc.astype(jnp.float32),
+                                   vc.astype(jnp.float32), batch, scale), lambda o: o)
+        metric = lambda t, b=kv_bytes: {"tbps": b / t / 1e12}  # noqa: E731
+        est = kv_bytes / 2.0e12 + 1e-5
+        for mode in ("mixed", "prefill", "decode"):
+            def ours(q, r, kc, vc, batch, mode=mode):
+                return paged_attention_pallas(q, kc, vc, batch, scale, interp, mode=mode)
+            run_variant(rows, Row("mixed", name, f"pallas mode={mode}"), ours, q,
+                        (kc, vc, batch), ref, est, 1, args, metric)
+        if "xla" in args.baselines:
+            def xla(q, r, kc, vc, batch):
+                return reference_attention(q, kc, vc, batch, scale)
+            run_variant(rows, Row("mixed", name, "xla reference"), xla, q, (kc, vc, batch), ref,
+                        est * 3, 1, args, metric)
+        del q, kc, vc, batch
+        gc.collect()
+
+
 # ---------------------------------------------------------------------------- output
 def fmt(x, spec):
     return "" if x is None else format(x, spec)
@@ -421,7 +479,7 @@ def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--quick", action="store_true", help="a few cases, fewer repeats")
     p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
-    p.add_argument("--only", choices=["all", "decode", "prefill"], default="all")
+    p.add_argument("--only", choices=["all", "decode", "prefill", "mixed"], default="all")
     p.add_argument("--batches", type=ints, default=None)
     p.add_argument("--contexts", type=ints, default=None)
     p.add_argument("--page-sizes", type=ints, default=None)
@@ -431,6 +489,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kv-dtype", default=None, type=lambda v: "float8_e4m3fn" if v == "fp8" else v,
+                   help="decode KV cache dtype (default: --dtype; fp8 = float8_e4m3fn)")
     p.add_argument("--baselines", default="xla,jax_paged,jax_gqa,cudnn",
                    help="comma list from xla,jax_paged,jax_gqa,cudnn (empty: none)")
     p.add_argument("--sweep", action="store_true", help="sweep kernel block parameters")
@@ -483,6 +543,8 @@ def main(argv=None) -> int:
         bench_decode(args, rows)
     if args.only in ("all", "prefill"):
         bench_prefill(args, rows)
+    if args.only == "mixed":
+        bench_mixed(args, rows)
     note = kv_write_check(args)
     elapsed = time.perf_counter() - t0
     table = "\n".join([HEADER] + [fmt_row(r) for r in rows])

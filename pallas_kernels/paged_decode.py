@@ -11,9 +11,12 @@ Kernel design (Pallas, Triton lowering on GPU; ``interpret=True`` on CPU):
   Gp = max(16, next_pow2(G)) rows because Triton dots need M >= 16.
 - Each program walks its split of the row's keys ``block_k`` keys per iteration.
   Every key's page is looked up in the page table (a [block_k] int gather), so
-  one tile spans block_k / PS pages (or part of one page); K/V tiles are loaded
-  as [block_k, D] from the cache viewed as slots [K, P * PS, D]. Keys at or past
-  kv_len are masked, so lengths may end mid-page.
+  one tile spans block_k / PS pages; K/V tiles are loaded as [block_k, D] from
+  the cache viewed as slots [K, P * PS, D]. When block_k divides PS a tile lies
+  in one page and is one contiguous load. Keys at or past kv_len are masked, so
+  lengths may end mid-page.
+- An fp8 cache uses 64-key tiles (see default_block_k); its tiles are cast to the
+  query dtype before the dots.
 - Split-K: the row's keys (from its actual kv_len) are divided evenly over
   ``num_splits`` programs, in whole tiles. Each writes a partial (max, sum,
   unnormalised acc) in f32; a small jnp log-sum-exp combine merges them. With one
@@ -54,9 +57,11 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-def default_block_k(dtype) -> int:
-    """128 keys for 16-bit caches, 64 for f32 (keeps 2 pipeline stages in shared memory)."""
-    return max(16, 256 // jnp.dtype(dtype).itemsize)
+def default_block_k(cache_dtype) -> int:
+    """128 keys for 16-bit caches; 64 for f32 (keeps 2 pipeline stages in shared memory) and
+    for fp8 (H100, B=64, 32/8 heads, ps 16: 89 us at 64 keys vs 101 at 128 and 116 at 256
+    for 1,152-token contexts; 280 / 295 / 321 us at 4,096)."""
+    return 128 if jnp.dtype(cache_dtype).itemsize == 2 else 64
 
 
 def default_num_splits(num_rows: int, num_kv_heads: int, max_kv_len: int) -> int:

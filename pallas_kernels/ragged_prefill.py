@@ -70,9 +70,11 @@ def default_block_q(group_padded: int) -> int:
     return max(16, 128 // group_padded)
 
 
-def default_block_k(dtype) -> int:
-    """128 keys for 16-bit caches, 64 for f32."""
-    return max(16, 256 // jnp.dtype(dtype).itemsize)
+def default_block_k(cache_dtype, query_dtype) -> int:
+    """128 keys, or 64 when the cache or the queries are f32 (shared memory: the tiles are
+    used in the wider of the two dtypes)."""
+    widest = max(jnp.dtype(cache_dtype).itemsize, jnp.dtype(query_dtype).itemsize)
+    return 64 if widest >= 4 else 128
 
 
 @pytree_dataclass
@@ -99,7 +101,9 @@ def block_schedule(query_start: jax.Array, kv_lens: jax.Array, num_tokens: int, 
     nblk = (lens + block_q - 1) // block_q
     cum = jnp.cumsum(nblk)
     j = jnp.arange(nb, dtype=jnp.int32)
-    s = jnp.searchsorted(cum, j, side="right").astype(jnp.int32)            # [NB] in [0, S+1]
+    # compare_all: a [NB, S+1] comparison. The default binary search is a while loop, which
+    # on a GPU copies its predicate to the host every iteration (blocking the launch).
+    s = jnp.searchsorted(cum, j, side="right", method="compare_all").astype(jnp.int32)
     sc = jnp.minimum(s, S)
     local = j - (cum[sc] - nblk[sc])
     q_start = qs[sc] + local * block_q
@@ -173,7 +177,7 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     gp = c.next_pow2(g)
     bq = config.block_q or default_block_q(gp)
     c.check_block("block_q", bq)
-    bk = c.check_block("block_k", config.block_k or default_block_k(k_cache.dtype), 16)
+    bk = c.check_block("block_k", config.block_k or default_block_k(k_cache.dtype, q.dtype), 16)
     if bq * gp < 16:
         raise ValueError(f"block_q * padded group ({bq} * {gp}) must be >= 16 for Triton dots")
     num_warps = config.num_warps or (8 if bq * gp * d >= 128 * 128 else 4)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from arctic_jax.attention import contiguous_causal_attention
 from arctic_jax.attention.reference import reference_attention
-from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
 from pallas_kernels import (DecodeConfig, PrefillConfig, block_schedule, compile_write_kv,
                             paged_attention_pallas, paged_decode_attention, paged_decode_reference,
                             ragged_prefill_attention, ragged_prefill_reference, select_mode,
@@ -197,7 +197,7 @@ class TestKernels:
         assert out.dtype == jnp.bfloat16
         self._close(out, ref, self.bf16_tol)
 
-    @pytest.mark.parametrize("mode", ["prefill", "decode"])
+    @pytest.mark.parametrize("mode", ["prefill", "decode", "mixed"])
     def test_fp8_cache_matches_reference_on_the_same_values(self, mode):
         """An fp8 cache read by the kernels equals the reference over its f32 values."""
         rng = np.random.default_rng(33)
@@ -251,7 +251,7 @@ class TestKernels:
         batch, _ = build_step_batch(chunks, page_size, buckets)
         return jax.tree_util.tree_map(jnp.asarray, batch)
 
-    @pytest.mark.parametrize("mode", ["prefill", "decode"])
+    @pytest.mark.parametrize("mode", ["prefill", "decode", "mixed", "auto"])
     def test_matches_reference_attention_mixed_batch(self, mode):
         rng = np.random.default_rng(21)
         ps, d, group, pages = 16, 64, 4, 64
@@ -263,6 +263,8 @@ class TestKernels:
         T = batch.tokens.shape[0]
         q = jnp.asarray(rng.standard_normal((T, KV_HEADS * group, d)), jnp.float32)
         scale = 1.0 / np.sqrt(d)
+        if mode == "auto":
+            assert select_mode(T, batch.page_tables.shape[0]) == "mixed"
         out = paged_attention_pallas(q, kc, vc, batch, scale, self.interpret, mode=mode)
         ref = reference_attention(q, kc, vc, batch, scale)
         n = int(batch.query_start[-1])
@@ -379,3 +381,32 @@ def test_kernels_lower_to_triton_for_cuda(group, page_size, monkeypatch):
             raise
     if reg is not None:
         assert len(verified) == len(cases)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="cross-lowering check for the CPU suite")
+@pytest.mark.parametrize("mode", ["prefill", "decode", "mixed"])
+def test_attention_lowers_without_control_flow_for_cuda(mode):
+    """The kernels' jnp wrappers (block schedule, masks, merges) hold no while/cond: on a GPU
+    each would copy a predicate to the host per layer and block the step's launch."""
+    K, D, P, T, S, MP = 8, 128, 512, 256, 9, 64
+    kc = jax.ShapeDtypeStruct((K, P, 16, D), jnp.bfloat16)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    batch = StepBatch(tokens=i32(T), positions=i32(T), slot_mapping=i32(T), seq_ids=i32(T),
+                      page_tables=i32(S, MP), query_start=i32(S + 1), kv_lens=i32(S),
+                      logits_indices=i32(S))
+
+    def fn(q, k, v, batch):
+        return paged_attention_pallas(q, k, v, batch, 0.1, mode=mode)
+
+    skip = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    try:
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[skip])(
+            jax.ShapeDtypeStruct((T, 32, D), jnp.bfloat16), kc, kc, batch)
+    except RuntimeError as e:
+        if "compilation handler" in str(e):
+            pytest.skip("this jaxlib compiles Triton at lowering time and has no CUDA plugin")
+        raise
+    text = exported.mlir_module()
+    assert "tt_call" in text or "triton" in text, "expected the Triton kernels in the module"
+    for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
+        assert op not in text, f"{op} in the {mode} attention program"
