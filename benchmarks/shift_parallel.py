@@ -32,6 +32,7 @@ import jax  # noqa: E402
 from arctic_jax.bench import report as rep  # noqa: E402
 from arctic_jax.bench import runner  # noqa: E402
 from arctic_jax.bench import workload as wl  # noqa: E402
+from arctic_jax.engine.replicas import build_replicas  # noqa: E402
 
 
 def summarize(name: str, result) -> dict:
@@ -79,7 +80,7 @@ def main() -> None:
                   enable_prefix_caching=False)  # modes replay the same prompts
     shape = "tiny" if args.tiny else "llama-3.1-8b"
     if args.data_parallel:
-        engine, name = runner.build_replicas(lambda kw: runner.build_random_engine(shape, kw),
+        engine, name = build_replicas(lambda kw: runner.build_random_engine(shape, kw),
                                              one_device_kwargs(kwargs), args.sp * args.tp)
         warm_s = sum(runner.warmup_engine(e) for e in engine)
         modes = ((f"DP={len(engine)} replicas", None),)

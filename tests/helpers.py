@@ -38,10 +38,13 @@ def deal_pages(rng: np.random.Generator, counts: list[int], num_pages: int) -> l
     return pages
 
 
-def server_env() -> dict[str, str]:
-    """The test environment minus conftest's 8 simulated devices (a server uses one)."""
+def server_env(devices: int = 1) -> dict[str, str]:
+    """The test environment with ``devices`` simulated CPU devices instead of conftest's 8
+    (a server uses one, or one per data-parallel replica)."""
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    if devices > 1:
+        flags += f" --xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = flags.strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     return env

@@ -14,6 +14,7 @@ import pytest
 from arctic_jax.bench import report as rep
 from arctic_jax.bench import runner
 from arctic_jax.bench import workload as wl
+from arctic_jax.engine.replicas import build_replicas
 
 
 def fresh_rng() -> tuple[np.random.Generator, int]:
@@ -340,14 +341,17 @@ def test_data_parallel_replicas_each_serve_on_their_own_device():
     devices = jax.devices()[:2]
     kwargs = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=8,
                   token_buckets=(8, 32), page_buckets=(8,))
-    engines, _ = runner.build_replicas(lambda kw: runner.build_random_engine("tiny", kw), kwargs, 2)
+    engines, _ = build_replicas(lambda kw: runner.build_random_engine("tiny", kw), kwargs, 2)
     assert engines[1].sched_config.num_pages == engines[0].sched_config.num_pages
     for engine in engines:
         runner.warmup_engine(engine, progress=False)
     requests = wl.synthetic_requests(8, wl.LengthRange(4, 20), wl.LengthRange(5, 5), 101, 4)
     result = runner.run_in_process(engines, requests, concurrency=4)
     assert all(r.ok and r.output_tokens == 5 for r in result.records)
-    assert result.info == {"xla_compiles_during_run": 0, "replicas": 2}
+    assert result.info["xla_compiles_during_run"] == 0 and result.info["replicas"] == 2
+    routed = result.info["requests_per_replica"]
+    assert sum(routed) == 8 and min(routed) >= 2, routed       # the probes bypass the router
+
     for engine, device in zip(engines, devices):
         assert engine.runner.cache.k[0].devices() == {device}
         assert engine.runner.token_buffer.devices() == {device}
@@ -386,7 +390,9 @@ def test_cli_data_parallel_replicas(tmp_path):
     report = json.loads(out.read_text())
     assert rc == 0 and report["num_completed"] == 6 and report["length_mismatches"] == []
     assert report["meta"]["data_parallel_size"] == 2
-    assert report["info"] == {"xla_compiles_during_run": 0, "replicas": 2}
+    info = report["info"]
+    assert info["xla_compiles_during_run"] == 0 and info["replicas"] == 2
+    assert sum(info["requests_per_replica"]) == 6 and min(info["requests_per_replica"]) >= 1
 
 
 def test_bench_modules_import_without_http_or_plot_stack():

@@ -218,6 +218,7 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
     from arctic_jax.bench import runner
     from arctic_jax.cli import engine_kwargs, parse_dtype
     from arctic_jax.attention.dispatch import default_attention_impl
+    from arctic_jax.engine.replicas import build_replicas
 
     kwargs = engine_kwargs(args)
     dtype = parse_dtype(args.dtype)
@@ -232,7 +233,7 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
         engine, name = build(kwargs)
         replicas = [engine]
     else:
-        replicas, name = runner.build_replicas(build, kwargs, dp)
+        replicas, name = build_replicas(build, kwargs, dp)
         engine = replicas[0]
     sc = engine.sched_config
     config = dataclasses.asdict(engine.config)

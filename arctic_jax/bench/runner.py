@@ -240,15 +240,12 @@ def _probe_request(engine: Any, index: int) -> BenchRequest:
 
 
 class InProcessDriver:
-    """Streams requests from ``AsyncEngine``s; greedy, ``ignore_eos`` as the request says.
+    """Streams requests from an ``AsyncEngine`` (or a ``ReplicaRouter`` over data-parallel
+    replicas, which picks one per request as the server does); greedy, ``ignore_eos`` as
+    the request says."""
 
-    With several engines (data-parallel replicas) each request goes to the one
-    with the fewest requests in flight, as a load balancer in front of replicas would.
-    """
-
-    def __init__(self, async_engines: Any):
-        self.async_engines = list(async_engines) if isinstance(async_engines, (list, tuple)) \
-            else [async_engines]
+    def __init__(self, async_engine: Any):
+        self.async_engine = async_engine
 
     async def send(self, request: BenchRequest, record: RequestRecord) -> None:
         from arctic_jax.sampling import SamplingParams
@@ -257,9 +254,8 @@ class InProcessDriver:
             raise ValueError("in-process prompts must be token ids (tokenize them first)")
         params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0,
                                 ignore_eos=request.ignore_eos)
-        target = min(self.async_engines, key=lambda e: e.num_requests())
-        async for out in target.generate(list(request.prompt), params,
-                                          f"bench-{request.index}"):
+        async for out in self.async_engine.generate(list(request.prompt), params,
+                                                    f"bench-{request.index}"):
             record.add_delivery(time.perf_counter(), len(out.new_token_ids))
             if out.finished:
                 record.finish_reason = out.finish_reason.value if out.finish_reason else None
@@ -287,57 +283,11 @@ def check_fits(requests: Sequence[BenchRequest], engine: Any) -> None:
                              f"tokens exceed max_model_len {max_len}; raise --max-model-len")
 
 
-def pin_to_device(engine: Any, device: Any) -> Any:
-    """Commit a one-device engine's weights, cache and token buffer to ``device``.
-
-    Its steps then run there whatever the default device (data-parallel replicas
-    in one process). Call before ``warmup_engine``.
-    """
-    import jax
-
-    r = engine.runner
-    if r.deployment is not None:
-        raise ValueError("pin_to_device is for one-device engines, not parallel deployments")
-    r.weights, r.cache, r.token_buffer = jax.device_put((r.weights, r.cache, r.token_buffer),
-                                                        device)
-    return engine
-
-
-def build_replicas(build: Callable[[dict], tuple[Any, str]], engine_kwargs: dict,
-                   count: int) -> tuple[list[Any], str]:
-    """``count`` one-device engines (data-parallel replicas in one process).
-
-    ``build(kwargs) -> (engine, name)`` makes one engine; replica i is built with
-    device i as the default device and then committed to it. Replicas after the first
-    take its number of KV pages (the first sizes its cache from its device's free memory).
-    """
-    import jax
-
-    if count < 1:
-        raise ValueError(f"data-parallel size must be >= 1, got {count}")
-    if engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("sequence_parallel_size", 1) > 1:
-        raise ValueError("data-parallel replicas are one-device engines; drop the "
-                         "tensor/sequence-parallel options")
-    devices = jax.devices()[:count]
-    if len(devices) < count:
-        raise ValueError(f"{count} data-parallel replicas need {count} devices, found {len(devices)}")
-    engines: list[Any] = []
-    name = ""
-    for device in devices:
-        kwargs = dict(engine_kwargs)
-        if engines:
-            kwargs["num_pages"] = engines[0].sched_config.num_pages
-        with jax.default_device(device):
-            engine, name = build(kwargs)
-        engines.append(pin_to_device(engine, device))
-    return engines, name
-
-
 def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
                    concurrency: int | None = None,
                    arrival_offsets: Sequence[float] | None = None) -> RunResult:
-    """Run a workload on a warmed-up engine (or a list of data-parallel replica engines)
-    through ``AsyncEngine`` threads, one per engine.
+    """Run a workload on a warmed-up engine (or a list of data-parallel replica engines,
+    behind a ``ReplicaRouter``) through ``AsyncEngine`` threads, one per engine.
 
     One short untimed probe request goes first to each engine, on the same event loop.
 
@@ -346,6 +296,7 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
     """
     from arctic_jax.engine.async_engine import AsyncEngine
     from arctic_jax.engine.model_runner import CompileCounter
+    from arctic_jax.engine.replicas import ReplicaRouter
 
     engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
     requests = tokenize_requests(requests, engines[0].tokenizer)
@@ -357,10 +308,11 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
             probe = await _send(InProcessDriver(a), _probe_request(engines[i], -1 - i))
             if probe.error:
                 raise RuntimeError(f"the untimed probe request failed: {probe.error}")
-        return await run_load(InProcessDriver(async_engines), requests, concurrency=concurrency,
+        return await run_load(InProcessDriver(front), requests, concurrency=concurrency,
                               arrival_offsets=arrival_offsets)
 
     async_engines = [AsyncEngine(e) for e in engines]
+    front = async_engines[0] if len(async_engines) == 1 else ReplicaRouter(async_engines)
     for a in async_engines:
         a.start()
     counter = CompileCounter()
@@ -375,6 +327,8 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
             raise RuntimeError(f"the engine failed during the benchmark: {a.error}")
     result.info["xla_compiles_during_run"] = counter.count
     result.info["replicas"] = len(engines)
+    if isinstance(front, ReplicaRouter):
+        result.info["requests_per_replica"] = list(front.routed)
     return result
 
 

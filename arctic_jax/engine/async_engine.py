@@ -62,6 +62,10 @@ class AsyncEngine:
         with self._lock:
             return len(self._streams)
 
+    def render_metrics(self) -> bytes:
+        """The engine's metrics in Prometheus text form."""
+        return self.engine.metrics.render()
+
     # ------------------------------------------------------------ clients
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

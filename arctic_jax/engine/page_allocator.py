@@ -230,6 +230,19 @@ class PageAllocator:
             self._hit_tokens += hit
         return matched, hit
 
+    def cached_prefix_pages(self, hashes: Sequence[bytes]) -> int:
+        """How many leading ``hashes`` (a ``page_hashes`` chain) name cached pages.
+
+        Read-only (no references taken, no statistics), so a router on another thread
+        may call it as a hint; the answer can be stale by the time it is used.
+        """
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n
+
     def count_query(self, num_tokens: int, num_hit: int) -> None:
         """Record one prefix-cache lookup in the hit-rate statistics."""
         self._query_tokens += num_tokens

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API on top of an ``AsyncEngine`` (FastAPI).
+"""The OpenAI-compatible HTTP API on top of an ``AsyncEngine``, or a ``ReplicaRouter``
+over data-parallel replicas (FastAPI).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming over
 SSE or not), GET /v1/models, GET /health, GET /metrics. Errors use the OpenAI
@@ -23,6 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arctic_jax.engine.async_engine import AsyncEngine
+from arctic_jax.engine.replicas import ReplicaRouter
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.protocol import (
@@ -50,12 +52,13 @@ class ServerState:
 
     served_model_name: str | None = None
     api_key: str | None = None
-    engine: AsyncEngine | None = None
+    engine: AsyncEngine | ReplicaRouter | None = None
     tokenizer: Any = None
     startup_error: str | None = None
     token_texts: "TokenTexts | None" = None
 
-    def set_ready(self, engine: AsyncEngine, tokenizer: Any, model_name: str) -> None:
+    def set_ready(self, engine: AsyncEngine | ReplicaRouter, tokenizer: Any,
+                  model_name: str) -> None:
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
         if self.served_model_name is None:
@@ -106,7 +109,7 @@ def create_app(state: ServerState) -> FastAPI:
                         type="server_error").response()
 
     # ------------------------------------------------------------- helpers
-    def engine() -> AsyncEngine:
+    def engine() -> AsyncEngine | ReplicaRouter:
         eng = state.engine
         if eng is None:
             why = state.startup_error or "the model is still loading"
@@ -151,7 +154,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
 
-    def check_prompt(ids: Sequence[int], eng: AsyncEngine, param: str) -> None:
+    def check_prompt(ids: Sequence[int], eng: AsyncEngine | ReplicaRouter, param: str) -> None:
         vocab = eng.engine.cfg.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -162,7 +165,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
 
     def resolve_max_tokens(requested: int | None, param: str, prompt_len: int,
-                           eng: AsyncEngine, default: int | None) -> int:
+                           eng: AsyncEngine | ReplicaRouter, default: int | None) -> int:
         max_len = eng.engine.sched_config.max_model_len
         room = max_len - prompt_len
         if requested is None:
@@ -176,7 +179,7 @@ def create_app(state: ServerState) -> FastAPI:
                            code="context_length_exceeded")
         return requested
 
-    def check_logprobs(n: int, param: str, eng: AsyncEngine) -> None:
+    def check_logprobs(n: int, param: str, eng: AsyncEngine | ReplicaRouter) -> None:
         limit = eng.engine.config.max_logprobs
         if not 0 <= n <= limit:
             raise APIError(400, f"{param}={n} is out of range: this server returns at most "
@@ -382,6 +385,6 @@ def create_app(state: ServerState) -> FastAPI:
         eng = state.engine
         if eng is None:
             return Response("the model is still loading\n", 503, media_type="text/plain")
-        return Response(eng.engine.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        return Response(eng.render_metrics(), media_type=METRICS_CONTENT_TYPE)
 
     return app

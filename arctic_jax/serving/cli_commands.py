@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction, add_model_args: Callable) -> None:
                    help="most requests in flight; more get 429 (default: unlimited)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the checkpoint's name)")
+    p.add_argument("--data-parallel-size", "-dp", type=_positive, default=1, metavar="N",
+                   help="N one-device engine replicas (devices 0..N-1) behind a router that "
+                        "balances requests in flight and keeps shared prefixes together")
     p.set_defaults(func=cmd_serve)
 
 
@@ -66,18 +69,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def load() -> None:
         from arctic_jax.cli import engine_kwargs, parse_dtype
         from arctic_jax.engine.async_engine import AsyncEngine
+        from arctic_jax.engine.replicas import ReplicaRouter, build_replicas
         from arctic_jax.llm import LLM
 
         try:
             start = time.perf_counter()
-            llm = LLM(args.model, dtype=parse_dtype(args.dtype), **engine_kwargs(args))
-            warm = llm.engine.runner.warmup(progress=True)
-            engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
+
+            def build(kwargs: dict) -> tuple:
+                llm = LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
+                return llm.engine, llm
+
+            dp = args.data_parallel_size
+            if dp == 1:
+                engines, llm = build(engine_kwargs(args))
+                engines = [engines]
+            else:
+                engines, llm = build_replicas(build, engine_kwargs(args), dp)
+            warm = sum(e.runner.warmup(progress=True) for e in engines)
+            if dp == 1:
+                engine = AsyncEngine(engines[0], max_queue=args.max_queue)
+            else:
+                engine = ReplicaRouter([AsyncEngine(e) for e in engines], max_queue=args.max_queue)
             engine.start()
             state.set_ready(engine, llm.tokenizer, llm.model_name)
+            where = "" if dp == 1 else f", {dp} data-parallel replicas"
             print(f"arctic-jax serve: ready: model '{state.served_model_name}' on "
-                  f"http://{args.host}:{args.port} (start-up {time.perf_counter() - start:.1f} s, "
-                  f"of which compiling {warm:.1f} s)", file=sys.stderr, flush=True)
+                  f"http://{args.host}:{args.port}{where} (start-up "
+                  f"{time.perf_counter() - start:.1f} s, of which compiling {warm:.1f} s)",
+                  file=sys.stderr, flush=True)
         except BaseException as e:  # noqa: BLE001 - reported, then the server stops
             state.startup_error = f"{type(e).__name__}: {e}"
             log.debug("start-up failed", exc_info=True)

@@ -1,0 +1,187 @@
+"""Data parallelism in one process: one-device engine replicas behind a router.
+
+``build_replicas`` makes ``N`` one-device ``LLMEngine``s, replica i on device i.
+``ReplicaRouter`` puts ``AsyncEngine``s (one engine thread each) behind the
+interface of a single ``AsyncEngine`` (``generate``, ``abort``, ``alive``,
+``render_metrics`` ...), so the server and the bench drive either the same way.
+
+Routing: each request goes to the replica with the fewest requests in flight,
+unless another replica holds a longer cached prefix of the prompt (full KV
+pages, by the allocator's hash chain) and carries at most
+``prefix_affinity_slack`` more requests. Requests sharing a system prompt then
+keep hitting the replica that cached it, while load stays balanced.
+"""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
+from arctic_jax.engine.page_allocator import page_hashes
+from arctic_jax.engine.request import RequestOutput
+from arctic_jax.sampling import SamplingParams
+
+
+def pin_to_device(engine: Any, device: Any) -> Any:
+    """Commit a one-device engine's weights, cache and token buffer to ``device``.
+
+    Its steps then run there whatever the default device. Call before warming it up.
+    """
+    import jax
+
+    r = engine.runner
+    if r.deployment is not None:
+        raise ValueError("pin_to_device is for one-device engines, not parallel deployments")
+    r.weights, r.cache, r.token_buffer = jax.device_put((r.weights, r.cache, r.token_buffer),
+                                                        device)
+    return engine
+
+
+def build_replicas(build: Callable[[dict], tuple[Any, Any]], engine_kwargs: dict,
+                   count: int) -> tuple[list[Any], Any]:
+    """``count`` one-device engines, replica i built and pinned on device i.
+
+    ``build(kwargs) -> (engine, extra)`` makes one ``LLMEngine`` (``extra``: anything the
+    caller wants back, e.g. a model name; the last replica's is returned). Replicas
+    after the first take its number of KV pages (the first sizes its cache from its
+    device's free memory), so all of them accept the same requests.
+    """
+    import jax
+
+    if count < 1:
+        raise ValueError(f"data-parallel size must be >= 1, got {count}")
+    if engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("sequence_parallel_size", 1) > 1:
+        raise ValueError("data-parallel replicas are one-device engines; drop the "
+                         "tensor/sequence-parallel options")
+    devices = jax.devices()[:count]
+    if len(devices) < count:
+        raise ValueError(f"{count} data-parallel replicas need {count} devices, found {len(devices)}")
+    engines: list[Any] = []
+    extra = None
+    for device in devices:
+        kwargs = dict(engine_kwargs)
+        if engines:
+            kwargs["num_pages"] = engines[0].sched_config.num_pages
+        with jax.default_device(device):
+            engine, extra = build(kwargs)
+        engines.append(pin_to_device(engine, device))
+    return engines, extra
+
+
+def merged_metrics(registries: Sequence[CollectorRegistry], label: str = "replica") -> bytes:
+    """One Prometheus text exposition of several same-shaped registries, each sample
+    labelled ``label="i"`` with its registry's index."""
+    families: dict[str, Metric] = {}
+    for i, registry in enumerate(registries):
+        for family in registry.collect():
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+            for s in family.samples:
+                merged.add_sample(s.name, {label: str(i), **s.labels}, s.value, s.timestamp,
+                                  s.exemplar)
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    out = CollectorRegistry()
+    out.register(_Merged())
+    return generate_latest(out)
+
+
+class ReplicaRouter:
+    """Several started ``AsyncEngine``s (data-parallel replicas) as one.
+
+    ``max_queue`` bounds the requests in flight over all replicas (more raise
+    ``QueueFullError``); the replicas' own limits should be off.
+    """
+
+    def __init__(self, replicas: Sequence[AsyncEngine], max_queue: int | None = None,
+                 prefix_affinity_slack: int = 4):
+        if not replicas:
+            raise ValueError("a router needs at least one replica")
+        if prefix_affinity_slack < 0:
+            raise ValueError(f"prefix_affinity_slack must be >= 0, got {prefix_affinity_slack}")
+        self.replicas = list(replicas)
+        self.max_queue = max_queue
+        self.prefix_affinity_slack = prefix_affinity_slack
+        self._owner: dict[str, int] = {}
+        self._load = [0] * len(self.replicas)
+        self.routed = [0] * len(self.replicas)   # requests sent to each replica so far
+
+    # ------------------------------------------------ the AsyncEngine interface
+    @property
+    def engine(self) -> Any:
+        """Replica 0's ``LLMEngine`` (all replicas share its model and limits)."""
+        return self.replicas[0].engine
+
+    @property
+    def alive(self) -> bool:
+        return all(r.alive for r in self.replicas)
+
+    @property
+    def error(self) -> BaseException | None:
+        return next((r.error for r in self.replicas if r.error is not None), None)
+
+    def start(self) -> None:
+        for r in self.replicas:
+            r.start()
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            r.shutdown()
+
+    def num_requests(self) -> int:
+        return len(self._owner)
+
+    def render_metrics(self) -> bytes:
+        return merged_metrics([r.engine.metrics.registry for r in self.replicas])
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream one request from the replica ``pick`` chooses; leaving early aborts it."""
+        if request_id in self._owner:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if self.max_queue is not None and len(self._owner) >= self.max_queue:
+            raise QueueFullError(f"{len(self._owner)} requests in flight (max {self.max_queue})")
+        target = self.pick(prompt_ids)
+        self._owner[request_id] = target
+        self._load[target] += 1
+        self.routed[target] += 1
+        try:
+            async for out in self.replicas[target].generate(prompt_ids, params, request_id):
+                yield out
+        finally:
+            self._load[target] -= 1
+            self._owner.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        target = self._owner.get(request_id)
+        if target is not None:
+            self.replicas[target].abort(request_id)
+
+    # ------------------------------------------------------------- routing
+    def pick(self, prompt_ids: Sequence[int]) -> int:
+        """The replica for a new request (see the module docstring)."""
+        least = min(self._load)
+        near = [i for i, n in enumerate(self._load) if n <= least + self.prefix_affinity_slack]
+        best = min(near, key=lambda i: (self._load[i], i))
+        if len(near) > 1:
+            hits = self._cached_pages(prompt_ids, near)
+            top = max(hits.values())
+            if top > hits[best]:
+                best = min((i for i in near if hits[i] == top), key=lambda i: (self._load[i], i))
+        return best
+
+    def _cached_pages(self, prompt_ids: Sequence[int], replicas: Sequence[int]) -> dict[int, int]:
+        allocators = {i: self.replicas[i].engine.scheduler.allocator for i in replicas}
+        any_alloc = next(iter(allocators.values()))
+        if not any_alloc.enable_prefix_caching:
+            return {i: 0 for i in replicas}
+        ps = any_alloc.page_size
+        hashes = page_hashes(prompt_ids, ps, max(0, (len(prompt_ids) - 1) // ps))
+        return {i: a.cached_prefix_pages(hashes) for i, a in allocators.items()}

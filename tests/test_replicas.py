@@ -1,0 +1,204 @@
+"""Data-parallel replicas behind ``ReplicaRouter``, in process and through ``arctic-jax serve``.
+
+In process: two tiny random-weight engines with the same weights on two CPU
+devices. Greedy outputs through the router equal each request run alone on one
+engine; concurrent load reaches both replicas; a prompt whose prefix one replica
+has cached goes there unless that replica is too busy; queue limits, duplicate
+ids and early exits behave as on one ``AsyncEngine``; the merged metrics carry a
+``replica`` label. Served: ``--data-parallel-size 2`` answers through the
+official ``openai`` client exactly as one replica would.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import server_env
+
+from arctic_jax.bench import runner
+from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
+from arctic_jax.engine.replicas import ReplicaRouter, build_replicas, merged_metrics
+from arctic_jax.sampling import SamplingParams
+from arctic_jax.serving.cli_commands import ServerProcess
+
+KWARGS = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, page_size=8,
+              token_buckets=(8, 32), page_buckets=(16,))
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    engines, _ = build_replicas(lambda kw: runner.build_random_engine("tiny", kw, seed=5), KWARGS, 2)
+    for e in engines:
+        runner.warmup_engine(e, progress=False)
+    return engines
+
+
+def _router(engines, **kwargs) -> ReplicaRouter:
+    router = ReplicaRouter([AsyncEngine(e) for e in engines], **kwargs)
+    router.start()
+    return router
+
+
+async def _collect(front, prompt, params, rid, stop_after=None):
+    tokens = []
+    async for out in front.generate(prompt, params, rid):
+        tokens += out.new_token_ids
+        if stop_after is not None and len(tokens) >= stop_after:
+            break
+    return tokens
+
+
+def _alone(engine, prompt, params=GREEDY):
+    one = AsyncEngine(engine)
+    one.start()
+    try:
+        return asyncio.run(_collect(one, prompt, params, "alone"))
+    finally:
+        one.shutdown()
+
+
+def _prompts(rng, n, lo=3, hi=40):
+    return [[int(t) for t in rng.integers(1, 100, int(rng.integers(lo, hi)))] for _ in range(n)]
+
+
+def test_outputs_equal_a_single_engine_and_load_reaches_both(engines):
+    rng = np.random.default_rng()
+    prompts = _prompts(rng, 12)
+    expected = [_alone(engines[0], p) for p in prompts]
+    router = _router(engines)
+    try:
+        async def run():
+            return await asyncio.gather(*(_collect(router, p, GREEDY, f"r{i}")
+                                          for i, p in enumerate(prompts)))
+        got = asyncio.run(run())
+    finally:
+        router.shutdown()
+    assert got == expected
+    assert sum(router.routed) == 12 and min(router.routed) >= 4, router.routed
+    assert router.num_requests() == 0
+    for e in engines:
+        assert e.scheduler.allocator.usage() == 0                                     # all freed
+
+
+def test_shared_prefix_goes_to_the_replica_that_cached_it(engines):
+    rng = np.random.default_rng()
+    system = [int(t) for t in rng.integers(1, 100, 40)]        # 5 full pages of 8
+    long_params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    for slack, expect_cached in ((4, True), (0, False)):
+        router = _router(engines, prefix_affinity_slack=slack)
+        try:
+            async def run():
+                # 1) the system prompt is computed (and cached) on replica 0 (a tie goes low)
+                await _collect(router, system + [7, 8], GREEDY, "warm")
+                # 2) a long request makes replica 0 the busier one
+                busy = asyncio.ensure_future(_collect(router, [3, 1, 4, 1, 5], long_params, "busy"))
+                while router.num_requests() == 0:
+                    await asyncio.sleep(0.001)
+                before = list(router.routed)
+                # 3) a new question under the same system prompt
+                cached = []
+                async for out in router.generate(system + [9, 9, 2], GREEDY, "ask"):
+                    cached.append(out.num_cached_tokens)
+                await busy
+                return before, cached[-1]
+            before, cached_tokens = asyncio.run(run())
+        finally:
+            router.shutdown()
+        assert before == [2, 0]
+        went_to = 0 if router.routed[0] == 3 else 1
+        assert went_to == (0 if expect_cached else 1), (slack, router.routed)
+        assert (cached_tokens >= 40) == expect_cached, cached_tokens
+
+
+def test_queue_limit_duplicate_ids_and_early_exit(engines):
+    router = _router(engines, max_queue=2)
+    long_params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    try:
+        async def run():
+            a = router.generate([1, 2, 3], long_params, "a")
+            b = router.generate([4, 5, 6], long_params, "b")
+            first = [await a.__anext__(), await b.__anext__()]
+            with pytest.raises(ValueError, match="duplicate request id"):
+                await router.generate([1], GREEDY, "a").__anext__()
+            with pytest.raises(QueueFullError):
+                await router.generate([1], GREEDY, "c").__anext__()
+            await a.aclose()                      # leaving early aborts on its replica
+            await b.aclose()
+            assert router.num_requests() == 0
+            return first
+        first = asyncio.run(run())
+        assert all(len(o.new_token_ids) >= 1 for o in first)
+        for e in engines:                          # aborted requests gave their pages back
+            for _ in range(200):
+                if e.scheduler.allocator.usage() == 0:
+                    break
+                time.sleep(0.01)
+            assert e.scheduler.allocator.usage() == 0
+    finally:
+        router.shutdown()
+
+
+def test_merged_metrics_label_each_replica(engines):
+    text = merged_metrics([e.metrics.registry for e in engines]).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("arctic_generation_tokens", "arctic_num_requests_running",
+                 "arctic_time_to_first_token_seconds"):
+        replicas = {s.labels.get("replica") for s in families[name].samples}
+        assert replicas == {"0", "1"}, (name, replicas)
+    generated = {s.labels["replica"]: s.value for s in families["arctic_generation_tokens"].samples
+                 if s.name == "arctic_generation_tokens_total"}
+    for i, e in enumerate(engines):
+        own = {s.name: s.value for f in text_string_to_metric_families(e.metrics.render().decode())
+               for s in f.samples}
+        assert generated[str(i)] == own["arctic_generation_tokens_total"]
+
+
+def test_router_rejects_bad_settings(engines):
+    with pytest.raises(ValueError, match="at least one replica"):
+        ReplicaRouter([])
+    with pytest.raises(ValueError, match="prefix_affinity_slack"):
+        ReplicaRouter([AsyncEngine(engines[0])], prefix_affinity_slack=-1)
+    with pytest.raises(ValueError, match="need 3 devices|one-device"):
+        build_replicas(lambda kw: runner.build_random_engine("tiny", kw), dict(KWARGS, tensor_parallel_size=2), 2)
+
+
+# ------------------------------------------------------------------ served
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_serve_with_two_replicas_answers_like_one():
+    args = ["--model", "default", "--served-model-name", "m", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "64", "--max-model-len", "192", "--page-size", "16",
+            "--token-buckets", "8,64", "--page-buckets", "16", "--data-parallel-size", "2"]
+    rng = random.Random()
+    words = "amber bridge cedar delta ember fjord garnet harbor island juniper".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 25))) for _ in range(8)]
+    with ServerProcess(args, env=server_env(devices=2), cwd=REPO_ROOT) as server:
+        server.wait_ready(timeout=600)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        alone = [client.completions.create(model="m", prompt=p, max_tokens=8, temperature=0)
+                 .choices[0].text for p in prompts]
+
+        async def together():
+            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x",
+                                          max_retries=0, timeout=120) as c:
+                rs = await asyncio.gather(*(c.completions.create(
+                    model="m", prompt=p, max_tokens=8, temperature=0) for p in prompts * 2))
+                return [r.choices[0].text for r in rs]
+        assert asyncio.run(together()) == alone * 2
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        finished = {s.labels["replica"]: s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "arctic_requests_finished_total"}
+        assert set(finished) == {"0", "1"} and sum(finished.values()) == 24
+        assert min(finished.values()) >= 4, finished
+        assert "2 data-parallel replicas" in server.log_tail()
