@@ -419,7 +419,8 @@ def mixed_case(args, B, ctx, n, prefix, ps, rng):
         seq_ids=jnp.asarray(np.concatenate([np.arange(B), np.full(n, B)]), jnp.int32),
         page_tables=jnp.asarray(rng.permutation(pages).reshape(B + 1, mp).astype(np.int32)),
         query_start=jnp.asarray(np.concatenate([np.arange(B + 1), [B + n]]), jnp.int32),
-        kv_lens=jnp.asarray(lens), logits_indices=jnp.zeros((1,), jnp.int32))
+        kv_lens=jnp.asarray(lens),
+        logits_indices=jnp.asarray(np.concatenate([np.arange(B), [B + n - 1]]), jnp.int32))
     kv_bytes = 2 * int(lens.sum()) * K * D * kv_dtype.itemsize
     return q, kc, vc, batch, kv_bytes
 
@@ -479,7 +480,8 @@ def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--quick", action="store_true", help="a few cases, fewer repeats")
     p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
-    p.add_argument("--only", choices=["all", "decode", "prefill", "mixed"], default="all")
+    p.add_argument("--only", choices=["all", "decode", "prefill", "mixed"], default="all",
+                   help="all = decode and prefill (the issue's grid); mixed runs only when named")
     p.add_argument("--batches", type=ints, default=None)
     p.add_argument("--contexts", type=ints, default=None)
     p.add_argument("--page-sizes", type=ints, default=None)
@@ -490,7 +492,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kv-dtype", default=None, type=lambda v: "float8_e4m3fn" if v == "fp8" else v,
-                   help="decode KV cache dtype (default: --dtype; fp8 = float8_e4m3fn)")
+                   help="KV cache dtype of the decode and mixed cases (default: --dtype; "
+                        "fp8 = float8_e4m3fn)")
     p.add_argument("--baselines", default="xla,jax_paged,jax_gqa,cudnn",
                    help="comma list from xla,jax_paged,jax_gqa,cudnn (empty: none)")
     p.add_argument("--sweep", action="store_true", help="sweep kernel block parameters")

@@ -13,9 +13,10 @@
   is meant for decode steps (one token per sequence), where its split-K keeps
   the GPU busy at small batch and long context.
 - ``mode="mixed"``: both, each on its share: sequences with exactly one new token
-  go through the decode kernel, the others through the prefill kernel (which
-  sees the one-token sequences as empty and only writes zeros for them); a
-  select merges the two outputs. For steps that mix decodes with prefill chunks.
+  go through the decode kernel (one row per sequence, so its split-K is sized by
+  S), the others through the prefill kernel (which sees the one-token sequences
+  as empty and only writes zeros for them); a gather and a select merge the two
+  outputs. For steps that mix decodes with prefill chunks.
 - ``mode="auto"`` (default): "decode" when T <= S (a decode-sized token bucket),
   else "mixed". All modes are correct for any batch; only speed differs.
 
@@ -24,7 +25,9 @@ one 448-token chunk, ps 16; benchmarks/attention.py --only mixed): with an fp8
 cache 213 us against 286 for "prefill"; with bf16 192 against 182 (prefill
 mode is 5% faster there) but 143 against 165 when the step holds only decodes.
 End to end (arctic-jax bench, c=64, 1024 in / 256 out, same machine) "mixed"
-gave 3,952 output tok/s against 3,886 with bf16 and 4,116 with fp8.
+gave 3,952 output tok/s against 3,886 with bf16 and 4,116 with fp8. (Those runs
+gave the decode kernel all T token rows, the one-token sequences' live and the
+rest empty; it now gets one row per sequence, which is not yet timed on a GPU.)
 
 Tokens at or past query_start[S] (padding) get output 0, where the reference
 returns an arbitrary finite value.
@@ -73,16 +76,21 @@ def paged_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     prefill = functools.partial(ragged_prefill_attention, q, k_cache, v_cache, batch.query_start,
                                 page_tables=batch.page_tables, scale=scale, config=prefill_config,
                                 interpret=interpret)
-    decode = functools.partial(paged_decode_attention, q, k_cache, v_cache, batch.page_tables,
-                               row_to_seq=batch.seq_ids.astype(jnp.int32), scale=scale,
-                               config=decode_config, interpret=interpret)
     if mode == "prefill":
         return prefill(batch.kv_lens)
     live = jnp.arange(T, dtype=jnp.int32) < batch.query_start[S]
     if mode == "decode":
-        return decode(jnp.where(live, batch.positions.astype(jnp.int32) + 1, 0))
+        return paged_decode_attention(q, k_cache, v_cache, batch.page_tables,
+                                      jnp.where(live, batch.positions.astype(jnp.int32) + 1, 0),
+                                      batch.seq_ids.astype(jnp.int32), scale=scale,
+                                      config=decode_config, interpret=interpret)
+    # mixed: one decode row per sequence (its first token), live only for one-token sequences
+    seq = jnp.clip(batch.seq_ids.astype(jnp.int32), 0, S - 1)                       # [T]
     single = (batch.query_start[1:] - batch.query_start[:-1]) == 1                  # [S]
-    by_decode = live & single[jnp.clip(batch.seq_ids, 0, S - 1)]                     # [T]
-    dec = decode(jnp.where(by_decode, batch.positions.astype(jnp.int32) + 1, 0))
+    first = jnp.clip(batch.query_start[:-1], 0, T - 1)                              # [S]
+    dec = paged_decode_attention(q[first], k_cache, v_cache, batch.page_tables,
+                                 jnp.where(single, batch.kv_lens, 0).astype(jnp.int32),
+                                 scale=scale, config=decode_config, interpret=interpret)
     pre = prefill(jnp.where(single, 0, batch.kv_lens))
-    return jnp.where(by_decode[:, None, None], dec, pre)
+    by_decode = live & single[seq]                                                  # [T]
+    return jnp.where(by_decode[:, None, None], dec[seq], pre)

@@ -178,9 +178,10 @@ def kv_tile(k_ref: Any, v_ref: Any, pt_ref: Any, row: jax.Array, tok0: jax.Array
     k_ref/v_ref are one KV head's slots [P * PS, D]; pt_ref the page tables [rows, MP].
     Each key's page is looked up on its own (so a tile may span any number of
     pages, or part of one). Keys at or past n_tokens read slot 0; callers mask them.
-    When the tile lies inside one page (page_size % block_k == 0 and tok0 a
-    multiple of block_k) it is one contiguous load; keys past n_tokens then read
-    the rest of that page, also masked by the callers.
+    When page_size % block_k == 0 the tile is one contiguous load from tok0's page;
+    callers must then pass tok0 as a multiple of block_k (both kernels do), so the
+    tile lies inside that page. Keys past n_tokens then read the rest of the page,
+    also masked by the callers.
     """
     if page_size % block_k == 0:    # the tile lies inside one page: one contiguous load
         page = pt_ref[row, lax.div(tok0, jnp.int32(page_size))]

@@ -39,7 +39,8 @@ class AsyncEngine:
         self.engine = engine
         self.max_queue = max_queue
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}   # client side: requests in flight (under _lock)
+        self._live: dict[str, _Stream] = {}      # engine thread only: requests the engine holds
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -80,7 +81,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = stream
-        self._commands.put(("add", request_id, list(prompt_ids), params))
+        self._commands.put(("add", request_id, list(prompt_ids), params, stream))
         self._wake.set()
         finished = False
         try:
@@ -104,23 +105,29 @@ class AsyncEngine:
         self._wake.set()
 
     # -------------------------------------------------------- engine thread
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        self._deliver_all([(request_id, item)])
-
-    def _deliver_all(self, items: Sequence[tuple[str, RequestOutput | BaseException]]) -> None:
+    def _deliver_all(self, items: Sequence[tuple[_Stream, RequestOutput | BaseException]]) -> None:
         """Hand a step's outputs over with one wake-up per client event loop.
 
         Waking the loop once per step, not once per request, keeps the client
         thread's share of the GIL small at high concurrency.
         """
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for request_id, item in items:
-                stream = self._streams.get(request_id)
-                if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for stream, item in items:
+            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
         for loop, puts in by_loop.items():
             loop.call_soon_threadsafe(_put_all, puts)
+
+    def _deliver_outputs(self, outputs: Sequence[RequestOutput]) -> None:
+        """Outputs go to the stream that submitted the request, looked up on the engine
+        thread: a late output of an aborted request never reaches a newer request that
+        reuses its id (the abort is applied before that request is added)."""
+        items = []
+        for out in outputs:
+            stream = (self._live.pop(out.request_id, None) if out.finished
+                      else self._live.get(out.request_id))
+            if stream is not None:
+                items.append((stream, out))
+        self._deliver_all(items)
 
     def _drain_commands(self) -> None:
         while True:
@@ -129,13 +136,17 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params = cmd
+                _, rid, ids, params, stream = cmd
                 try:
                     self.engine.add_request(ids, params, request_id=rid)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
-                    self._deliver(rid, e if isinstance(e, ValueError) else RuntimeError(str(e)))
+                    self._deliver_all([(stream, e if isinstance(e, ValueError)
+                                        else RuntimeError(str(e)))])
+                else:
+                    self._live[rid] = stream
             elif cmd[0] == "abort":
-                self.engine.abort(cmd[1])
+                if self._live.pop(cmd[1], None) is not None:
+                    self.engine.abort(cmd[1])
 
     def _run(self) -> None:
         try:
@@ -147,10 +158,10 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 if outputs:
-                    self._deliver_all([(out.request_id, out) for out in outputs])
+                    self._deliver_outputs(outputs)
         except BaseException as e:  # noqa: BLE001 - report to every waiting client
             log.exception("engine loop failed")
             with self._lock:
                 self.error = e
-                ids = list(self._streams)
-            self._deliver_all([(rid, RuntimeError(f"engine failure: {e}")) for rid in ids])
+                streams = list(self._streams.values())
+            self._deliver_all([(st, RuntimeError(f"engine failure: {e}")) for st in streams])

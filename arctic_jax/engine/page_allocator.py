@@ -58,12 +58,16 @@ def page_hashes(tokens: Sequence[int], page_size: int, num_pages: int | None = N
     n = full if num_pages is None else num_pages
     if not 0 <= n <= full:
         raise ValueError(f"num_pages={num_pages} outside [0, {full}] full pages of {len(tokens)} tokens")
+    return list(_chain_hashes(data, page_size, n, parent))
+
+
+def _chain_hashes(data: bytes, page_size: int, num_pages: int, parent: bytes = b""):
+    """Yields the chain hash of each of the first ``num_pages`` pages of token bytes ``data``."""
     stride = 4 * page_size
-    out, h = [], parent
-    for i in range(n):
+    h = parent
+    for i in range(num_pages):
         h = hashlib.blake2b(h + data[i * stride:(i + 1) * stride], digest_size=_DIGEST_SIZE).digest()
-        out.append(h)
-    return out
+        yield h
 
 
 class PageAllocator:
@@ -202,24 +206,9 @@ class PageAllocator:
         to compute. Returns (pages, number of tokens they hold). With ``count=False``
         the hit-rate statistics are left to a later ``count_query``.
         """
-        n_tokens = len(tokens)
-        if n_tokens == 0:
-            raise ValueError("match_prefix needs at least one token")
+        matched = self._cached_prefix(tokens)
         if count:
-            self._query_tokens += n_tokens
-        if not self.enable_prefix_caching:
-            _token_bytes(tokens)  # still validate
-            return [], 0
-        max_pages = (n_tokens - 1) // self.page_size
-        data = _token_bytes(tokens)
-        stride = 4 * self.page_size
-        matched, h = [], b""
-        for i in range(max_pages):
-            h = hashlib.blake2b(h + data[i * stride:(i + 1) * stride], digest_size=_DIGEST_SIZE).digest()
-            page = self._cached.get(h)
-            if page is None:
-                break
-            matched.append(page)
+            self._query_tokens += len(tokens)
         for page in matched:
             if self._refcount[page] == 0:
                 del self._evictable[page]
@@ -230,18 +219,28 @@ class PageAllocator:
             self._hit_tokens += hit
         return matched, hit
 
-    def cached_prefix_pages(self, hashes: Sequence[bytes]) -> int:
-        """How many leading ``hashes`` (a ``page_hashes`` chain) name cached pages.
+    def cached_prefix_tokens(self, tokens: Sequence[int]) -> int:
+        """Tokens of ``tokens`` that ``match_prefix`` would find cached now.
 
-        Read-only (no references taken, no statistics), so a router on another thread
-        may call it as a hint; the answer can be stale by the time it is used.
+        Read-only (no references, no statistics): a router on another thread may ask
+        it as a hint, and the answer can be stale by the time it is used.
         """
-        n = 0
-        for h in hashes:
-            if h not in self._cached:
+        return len(self._cached_prefix(tokens)) * self.page_size
+
+    def _cached_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """Cached pages of the leading full pages of ``tokens``, leaving one token to compute."""
+        if len(tokens) == 0:
+            raise ValueError("match_prefix needs at least one token")
+        data = _token_bytes(tokens)  # validates even with caching off
+        if not self.enable_prefix_caching:
+            return []
+        matched = []
+        for h in _chain_hashes(data, self.page_size, (len(tokens) - 1) // self.page_size):
+            page = self._cached.get(h)
+            if page is None:
                 break
-            n += 1
-        return n
+            matched.append(page)
+        return matched
 
     def count_query(self, num_tokens: int, num_hit: int) -> None:
         """Record one prefix-cache lookup in the hit-rate statistics."""

@@ -13,13 +13,13 @@ keep hitting the replica that cached it, while load stays balanced.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
-from arctic_jax.engine.page_allocator import page_hashes
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
 
@@ -80,7 +80,12 @@ def merged_metrics(registries: Sequence[CollectorRegistry], label: str = "replic
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation,
                                                         family.type, family.unit)
+            elif merged.type != family.type:
+                raise ValueError(f"metric {family.name} is a {merged.type} in one registry and a "
+                                 f"{family.type} in another")
             for s in family.samples:
+                if label in s.labels:
+                    raise ValueError(f"metric {s.name} already has a {label!r} label")
                 merged.add_sample(s.name, {label: str(i), **s.labels}, s.value, s.timestamp,
                                   s.exemplar)
 
@@ -97,7 +102,11 @@ class ReplicaRouter:
     """Several started ``AsyncEngine``s (data-parallel replicas) as one.
 
     ``max_queue`` bounds the requests in flight over all replicas (more raise
-    ``QueueFullError``); the replicas' own limits should be off.
+    ``QueueFullError``); the replicas' own limits should be off. Requests are checked
+    in the order ``AsyncEngine`` checks them (prompt, running, queue, id). A failed
+    replica fails the router (``alive`` is False), as a failed engine does. Unlike
+    ``AsyncEngine``, whose clients may live on any event loop, a router's clients
+    must share one loop: its bookkeeping is not locked.
     """
 
     def __init__(self, replicas: Sequence[AsyncEngine], max_queue: int | None = None,
@@ -144,17 +153,23 @@ class ReplicaRouter:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream one request from the replica ``pick`` chooses; leaving early aborts it."""
-        if request_id in self._owner:
-            raise ValueError(f"duplicate request id {request_id!r}")
+        self.engine.validate_prompt(prompt_ids)
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
         if self.max_queue is not None and len(self._owner) >= self.max_queue:
             raise QueueFullError(f"{len(self._owner)} requests in flight (max {self.max_queue})")
+        if request_id in self._owner:
+            raise ValueError(f"duplicate request id {request_id!r}")
         target = self.pick(prompt_ids)
         self._owner[request_id] = target
         self._load[target] += 1
         self.routed[target] += 1
         try:
-            async for out in self.replicas[target].generate(prompt_ids, params, request_id):
-                yield out
+            # aclosing: leaving early closes the replica's stream now (its abort), not at GC
+            async with contextlib.aclosing(
+                    self.replicas[target].generate(prompt_ids, params, request_id)) as stream:
+                async for out in stream:
+                    yield out
         finally:
             self._load[target] -= 1
             self._owner.pop(request_id, None)
@@ -171,17 +186,12 @@ class ReplicaRouter:
         near = [i for i, n in enumerate(self._load) if n <= least + self.prefix_affinity_slack]
         best = min(near, key=lambda i: (self._load[i], i))
         if len(near) > 1:
-            hits = self._cached_pages(prompt_ids, near)
+            hits = self._cached_tokens(prompt_ids, near)
             top = max(hits.values())
             if top > hits[best]:
                 best = min((i for i in near if hits[i] == top), key=lambda i: (self._load[i], i))
         return best
 
-    def _cached_pages(self, prompt_ids: Sequence[int], replicas: Sequence[int]) -> dict[int, int]:
-        allocators = {i: self.replicas[i].engine.scheduler.allocator for i in replicas}
-        any_alloc = next(iter(allocators.values()))
-        if not any_alloc.enable_prefix_caching:
-            return {i: 0 for i in replicas}
-        ps = any_alloc.page_size
-        hashes = page_hashes(prompt_ids, ps, max(0, (len(prompt_ids) - 1) // ps))
-        return {i: a.cached_prefix_pages(hashes) for i, a in allocators.items()}
+    def _cached_tokens(self, prompt_ids: Sequence[int], replicas: Sequence[int]) -> dict[int, int]:
+        return {i: self.replicas[i].engine.scheduler.allocator.cached_prefix_tokens(prompt_ids)
+                for i in replicas}
