@@ -81,8 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             dp = args.data_parallel_size
             if dp == 1:
-                engines, llm = build(engine_kwargs(args))
-                engines = [engines]
+                only, llm = build(engine_kwargs(args))
+                engines = [only]
             else:
                 engines, llm = build_replicas(build, engine_kwargs(args), dp)
             warm = sum(e.runner.warmup(progress=True) for e in engines)
