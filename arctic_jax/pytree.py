@@ -33,3 +33,8 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
 
 def replace(obj: T, **changes: Any) -> T:
     return dataclasses.replace(obj, **changes)
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Total bytes of the array leaves of ``tree`` (unsharded sizes)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))

@@ -28,6 +28,7 @@ from arctic_jax.engine.engine import resolve_kv_cache_dtype  # noqa: E402
 from arctic_jax.kv_cache import KVCache  # noqa: E402
 from arctic_jax.models.llama import StepOptions, make_step_fn  # noqa: E402
 from arctic_jax.models.llama_weights import random_weights  # noqa: E402
+from arctic_jax.pytree import tree_nbytes  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -41,10 +42,6 @@ def copy_bandwidth(nbytes: int) -> float:
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * nbytes / float(np.median(times))
-
-
-def weight_bytes(weights) -> int:
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(weights))
 
 
 def random_cache(cfg, num_pages, page_size, dtype, key):
@@ -127,7 +124,7 @@ def main() -> None:
         import checkpoints
         loaded = checkpoints.load_model(args.model, dtype=dtype)
         cfg, weights, name = loaded.config, loaded.weights, loaded.name
-    wbytes = weight_bytes(weights)
+    wbytes = tree_nbytes(weights)
     bw = copy_bandwidth((2 << 30) if on_gpu else (256 << 20))
     floor_ms = wbytes / bw * 1e3
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)

@@ -218,7 +218,7 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
     from arctic_jax.bench import runner
     from arctic_jax.cli import engine_kwargs, parse_dtype
     from arctic_jax.attention.dispatch import default_attention_impl
-    from arctic_jax.engine.replicas import build_replicas
+    from arctic_jax.engine.replicas import build_engines
 
     kwargs = engine_kwargs(args)
     dtype = parse_dtype(args.dtype)
@@ -229,12 +229,8 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
         return runner.build_checkpoint_engine(args.model, kw, dtype=dtype)
 
     dp = args.data_parallel_size
-    if dp == 1:
-        engine, name = build(kwargs)
-        replicas = [engine]
-    else:
-        replicas, name = build_replicas(build, kwargs, dp)
-        engine = replicas[0]
+    replicas, name = build_engines(build, kwargs, dp)
+    engine = replicas[0]
     sc = engine.sched_config
     config = dataclasses.asdict(engine.config)
     config.update(max_model_len=sc.max_model_len, num_pages=sc.num_pages,

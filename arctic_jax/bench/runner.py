@@ -294,9 +294,8 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
     ``info`` of the result holds the number of XLA compilations during the run
     (0 when every bucket was compiled by ``warmup_engine``).
     """
-    from arctic_jax.engine.async_engine import AsyncEngine
     from arctic_jax.engine.model_runner import CompileCounter
-    from arctic_jax.engine.replicas import ReplicaRouter
+    from arctic_jax.engine.replicas import ReplicaRouter, serving_front
 
     engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
     requests = tokenize_requests(requests, engines[0].tokenizer)
@@ -311,17 +310,15 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
         return await run_load(InProcessDriver(front), requests, concurrency=concurrency,
                               arrival_offsets=arrival_offsets)
 
-    async_engines = [AsyncEngine(e) for e in engines]
-    front = async_engines[0] if len(async_engines) == 1 else ReplicaRouter(async_engines)
-    for a in async_engines:
-        a.start()
+    front = serving_front(engines)
+    async_engines = front.replicas if isinstance(front, ReplicaRouter) else [front]
+    front.start()
     counter = CompileCounter()
     try:
         result = asyncio.run(main())
     finally:
         counter.close()
-        for a in async_engines:
-            a.shutdown()
+        front.shutdown()
     for a in async_engines:
         if a.error is not None:
             raise RuntimeError(f"the engine failed during the benchmark: {a.error}")

@@ -25,6 +25,7 @@ from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfi
 from arctic_jax.kv_cache import bytes_per_page
 from arctic_jax.models.llama import StepOptions
 from arctic_jax.models.llama_weights import LlamaWeights
+from arctic_jax.pytree import tree_nbytes
 from arctic_jax.sampling import SamplingParams
 from sharding.mesh import ParallelConfig, resolve_parallel_config
 
@@ -124,6 +125,8 @@ def resolve_kv_cache_dtype(name: str, model_dtype: Any) -> Any:
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype {name!r} is not one of auto, {', '.join(KV_CACHE_DTYPES)}")
     return jnp.dtype(KV_CACHE_DTYPES[name])
+
+
 DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS = 1024
 
 
@@ -186,8 +189,7 @@ class LLMEngine:
         self.config = config
         dtype = dtype or weights.embed.dtype
         kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
-        weight_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(weights))
-        self.sched_config = resolve_scheduler_config(cfg, config, kv_dtype, weight_bytes)
+        self.sched_config = resolve_scheduler_config(cfg, config, kv_dtype, tree_nbytes(weights))
         eos = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))

@@ -70,6 +70,24 @@ def build_replicas(build: Callable[[dict], tuple[Any, Any]], engine_kwargs: dict
     return engines, extra
 
 
+def build_engines(build: Callable[[dict], tuple[Any, Any]], engine_kwargs: dict,
+                  data_parallel_size: int = 1) -> tuple[list[Any], Any]:
+    """One engine as ``build`` makes it (any tensor/sequence parallelism), or
+    ``data_parallel_size`` one-device replicas (``build_replicas``)."""
+    if data_parallel_size == 1:
+        engine, extra = build(dict(engine_kwargs))
+        return [engine], extra
+    return build_replicas(build, engine_kwargs, data_parallel_size)
+
+
+def serving_front(engines: Sequence[Any], max_queue: int | None = None) -> "EngineFront":
+    """``AsyncEngine`` threads (not started) for ``engines``, behind a ``ReplicaRouter``
+    when there are several; ``max_queue`` bounds the requests in flight over all of them."""
+    if len(engines) == 1:
+        return AsyncEngine(engines[0], max_queue=max_queue)
+    return ReplicaRouter([AsyncEngine(e) for e in engines], max_queue=max_queue)
+
+
 def merged_metrics(registries: Sequence[CollectorRegistry], label: str = "replica") -> bytes:
     """One Prometheus text exposition of several same-shaped registries, each sample
     labelled ``label="i"`` with its registry's index."""
@@ -195,3 +213,6 @@ class ReplicaRouter:
     def _cached_tokens(self, prompt_ids: Sequence[int], replicas: Sequence[int]) -> dict[int, int]:
         return {i: self.replicas[i].engine.scheduler.allocator.cached_prefix_tokens(prompt_ids)
                 for i in replicas}
+
+
+EngineFront = AsyncEngine | ReplicaRouter   # what the server and the bench drive

@@ -23,8 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from arctic_jax.engine.async_engine import AsyncEngine
-from arctic_jax.engine.replicas import ReplicaRouter
+from arctic_jax.engine.replicas import EngineFront
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.protocol import (
@@ -52,12 +51,12 @@ class ServerState:
 
     served_model_name: str | None = None
     api_key: str | None = None
-    engine: AsyncEngine | ReplicaRouter | None = None
+    engine: EngineFront | None = None
     tokenizer: Any = None
     startup_error: str | None = None
     token_texts: "TokenTexts | None" = None
 
-    def set_ready(self, engine: AsyncEngine | ReplicaRouter, tokenizer: Any,
+    def set_ready(self, engine: EngineFront, tokenizer: Any,
                   model_name: str) -> None:
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
@@ -109,7 +108,7 @@ def create_app(state: ServerState) -> FastAPI:
                         type="server_error").response()
 
     # ------------------------------------------------------------- helpers
-    def engine() -> AsyncEngine | ReplicaRouter:
+    def engine() -> EngineFront:
         eng = state.engine
         if eng is None:
             why = state.startup_error or "the model is still loading"
@@ -154,7 +153,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
 
-    def check_prompt(ids: Sequence[int], eng: AsyncEngine | ReplicaRouter, param: str) -> None:
+    def check_prompt(ids: Sequence[int], eng: EngineFront, param: str) -> None:
         vocab = eng.engine.cfg.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -165,7 +164,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
 
     def resolve_max_tokens(requested: int | None, param: str, prompt_len: int,
-                           eng: AsyncEngine | ReplicaRouter, default: int | None) -> int:
+                           eng: EngineFront, default: int | None) -> int:
         max_len = eng.engine.sched_config.max_model_len
         room = max_len - prompt_len
         if requested is None:
@@ -179,7 +178,7 @@ def create_app(state: ServerState) -> FastAPI:
                            code="context_length_exceeded")
         return requested
 
-    def check_logprobs(n: int, param: str, eng: AsyncEngine | ReplicaRouter) -> None:
+    def check_logprobs(n: int, param: str, eng: EngineFront) -> None:
         limit = eng.engine.config.max_logprobs
         if not 0 <= n <= limit:
             raise APIError(400, f"{param}={n} is out of range: this server returns at most "

@@ -68,8 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def load() -> None:
         from arctic_jax.cli import engine_kwargs, parse_dtype
-        from arctic_jax.engine.async_engine import AsyncEngine
-        from arctic_jax.engine.replicas import ReplicaRouter, build_replicas
+        from arctic_jax.engine.replicas import build_engines, serving_front
         from arctic_jax.llm import LLM
 
         try:
@@ -80,16 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return llm.engine, llm
 
             dp = args.data_parallel_size
-            if dp == 1:
-                only, llm = build(engine_kwargs(args))
-                engines = [only]
-            else:
-                engines, llm = build_replicas(build, engine_kwargs(args), dp)
+            engines, llm = build_engines(build, engine_kwargs(args), dp)
             warm = sum(e.runner.warmup(progress=True) for e in engines)
-            if dp == 1:
-                engine = AsyncEngine(engines[0], max_queue=args.max_queue)
-            else:
-                engine = ReplicaRouter([AsyncEngine(e) for e in engines], max_queue=args.max_queue)
+            engine = serving_front(engines, max_queue=args.max_queue)
             engine.start()
             state.set_ready(engine, llm.tokenizer, llm.model_name)
             where = "" if dp == 1 else f", {dp} data-parallel replicas"

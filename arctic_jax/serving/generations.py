@@ -9,8 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Sequence, TypeVar
 
 from fastapi import Request
 
-from arctic_jax.engine.async_engine import AsyncEngine
-from arctic_jax.engine.replicas import ReplicaRouter
+from arctic_jax.engine.replicas import EngineFront
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.errors import APIError, ClientDisconnected, engine_error
@@ -37,7 +36,7 @@ class Generations:
     any response is sent. ``close`` aborts whatever has not finished.
     """
 
-    def __init__(self, engine: AsyncEngine | ReplicaRouter, jobs: Sequence[Job]):
+    def __init__(self, engine: EngineFront, jobs: Sequence[Job]):
         self._engine = engine
         self._jobs = list(jobs)
         self._queue: asyncio.Queue = asyncio.Queue()
