@@ -22,7 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
-    p.add_argument("--attention-impl", default=None, help="reference or pallas")
+    p.add_argument("--attention-impl", default=None,
+                   help="reference, pallas (GPU default) or pallas-triton (Triton prefill kernel)")
     p.add_argument("--token-buckets", type=int_list, default=None,
                    help="comma-separated step token counts to compile (default: powers of 2)")
     p.add_argument("--page-buckets", type=int_list, default=None,

@@ -6,12 +6,14 @@ our Pallas paged decode kernel, the XLA reference (arctic_jax.attention.referenc
 JAX's Pallas ops paged_attention (paged) and decode_attention.gqa (contiguous KV).
 Prefill (one sequence, N new tokens after an optional cached prefix): TFLOP/s
 over the causal pairs (n * prefix + n (n + 1) / 2 query-key pairs, 4 * D * heads
-FLOPs each). Variants: our ragged prefill kernel, the XLA reference, cuDNN
+FLOPs each). Variants: our Triton ragged prefill kernel, our Mosaic GPU one (on a
+GPU; `--mgpu-block-k/--mgpu-stages/--mgpu-heads` sweep it), the XLA reference, cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")` on contiguous KV).
 Mixed (a serving step: B decodes at one context plus one prefill chunk of N new
 tokens after a cached prefix, in a token bucket of B + N): effective TB/s over
 the K/V bytes the step must read. Variants: `paged_attention_pallas` in each
-mode ("mixed", "prefill", "decode") and the XLA reference.
+mode ("mixed", "prefill", "decode"; `--modes`) with each prefill kernel
+(`--prefill-backends auto,triton,mosaic`) and the XLA reference.
 
 Timing: each variant runs `n` times inside one jitted fori_loop (static trip
 count, each iteration depending on the last through a negligible update of q),
@@ -55,6 +57,8 @@ from arctic_jax.batch import StepBatch  # noqa: E402
 from pallas_kernels import (DecodeConfig, PrefillConfig, compile_write_kv, paged_attention_pallas,  # noqa: E402
                             default_num_splits, paged_decode_attention, paged_decode_reference,
                             ragged_prefill_attention, write_in_place_report)
+from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig,  # noqa: E402
+                                                ragged_prefill_attention_mgpu)
 
 ROTATE_BYTES = 256 << 20     # paged variants rotate over this much KV at least
 TARGET_LOOP_S = 0.01         # aim for ~10 ms per timed loop
@@ -357,6 +361,19 @@ def bench_prefill(args, rows: list[Row]) -> None:
         if args.sweep and best is not None:
             print(f"  best for {name}: {best.config} {best.us:.1f} us {best.tflops:.1f} TFLOP/s")
 
+        if jax.default_backend() == "gpu" and not interp:
+            for bk, stages, hpp in itertools.product(args.mgpu_block_k, args.mgpu_stages,
+                                                     args.mgpu_heads):
+                mcfg = MosaicPrefillConfig(block_k=bk, num_stages=stages,
+                                           heads_per_program=hpp or None)
+
+                def mosaic(q, r, kc, vc, pt, qs, kv, mcfg=mcfg):
+                    return ragged_prefill_attention_mgpu(q, kc, vc, qs, kv, pt, scale=scale,
+                                                         config=mcfg)
+                run_variant(rows, Row("prefill", name, "mosaic ragged_prefill",
+                                      f"bq64x2 bk{bk} st{stages} heads {hpp or 'all'}"),
+                            mosaic, q, arrays, ref, est, 1, args, metric)
+
         if "xla" in args.baselines:
             score_bytes = 3 * n * N * mp * ps * 4
             if score_bytes > args.xla_max_gb * 2**30:
@@ -436,11 +453,14 @@ def bench_mixed(args, rows: list[Row]) -> None:
                                    vc.astype(jnp.float32), batch, scale), lambda o: o)
         metric = lambda t, b=kv_bytes: {"tbps": b / t / 1e12}  # noqa: E731
         est = kv_bytes / 2.0e12 + 1e-5
-        for mode in ("mixed", "prefill", "decode"):
-            def ours(q, r, kc, vc, batch, mode=mode):
-                return paged_attention_pallas(q, kc, vc, batch, scale, interp, mode=mode)
-            run_variant(rows, Row("mixed", name, f"pallas mode={mode}"), ours, q,
-                        (kc, vc, batch), ref, est, 1, args, metric)
+        for mode, backend in itertools.product(args.modes, args.prefill_backends):
+            if mode == "decode" and backend != args.prefill_backends[0]:
+                continue                                   # the decode mode has no prefill share
+            def ours(q, r, kc, vc, batch, mode=mode, backend=backend):
+                return paged_attention_pallas(q, kc, vc, batch, scale, interp, mode=mode,
+                                              prefill_backend=backend)
+            run_variant(rows, Row("mixed", name, f"pallas mode={mode}", f"prefill {backend}"),
+                        ours, q, (kc, vc, batch), ref, est, 1, args, metric)
         if "xla" in args.baselines:
             def xla(q, r, kc, vc, batch):
                 return reference_attention(q, kc, vc, batch, scale)
@@ -504,6 +524,16 @@ def parse_args(argv=None):
     p.add_argument("--num-stages", type=ints, default=None)
     p.add_argument("--heavy-first", type=ints, default=None,
                    help="sweep: 1 launches the prefill blocks with the most keys first, 0 in order")
+    p.add_argument("--mgpu-block-k", type=ints, default=[128],
+                   help="Mosaic GPU prefill (GPU only): keys per pipeline stage")
+    p.add_argument("--mgpu-stages", type=ints, default=[2],
+                   help="Mosaic GPU prefill (GPU only): K/V stages in flight")
+    p.add_argument("--modes", type=lambda v: v.split(","), default=["mixed", "prefill", "decode"],
+                   help="mixed cases: paged_attention_pallas modes to time")
+    p.add_argument("--prefill-backends", type=lambda v: v.split(","), default=["auto"],
+                   help="mixed cases: prefill kernels to time (auto, triton, mosaic)")
+    p.add_argument("--mgpu-heads", type=ints, default=[0],
+                   help="Mosaic GPU prefill (GPU only): query heads per program (0: all of a KV head)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--max-iters", type=int, default=200, help="max calls per timed loop")
     p.add_argument("--rotate", type=int, default=None,

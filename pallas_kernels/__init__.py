@@ -1,4 +1,5 @@
-"""Pallas (Triton lowering) attention kernels over the paged KV cache.
+"""Pallas attention kernels over the paged KV cache (Triton lowering, and Mosaic GPU for
+prefill on Hopper).
 
 ``paged_attention_pallas`` has the contract of
 ``arctic_jax.attention.reference.reference_attention`` (q [T, N, D] of a ragged
@@ -29,6 +30,22 @@ gave 3,952 output tok/s against 3,886 with bf16 and 4,116 with fp8. (Those runs
 gave the decode kernel all T token rows, the one-token sequences' live and the
 rest empty; it now gets one row per sequence, which is not yet timed on a GPU.)
 
+The prefill share runs on one of two kernels (``prefill_backend``):
+
+- ``"mosaic"``: ``ragged_prefill_mgpu`` (Pallas Mosaic GPU: wgmma, TMA, warp roles).
+  Hopper only, 16-bit q and cache of the same dtype, head_dim 64/128. H100,
+  32 q / 8 kv heads, bf16 (benchmarks/RESULTS.md): 8k causal 452-458 TFLOP/s
+  (cuDNN 486-497), 500-505 with a 4k cached prefix, 2k with a 4k prefix 438-451,
+  against 310-314 / 342-343 / 299-302 for the Triton kernel in the same run.
+- ``"triton"``: ``ragged_prefill`` (Triton lowering; interpret mode on CPU). Any
+  dtype, including fp8 caches.
+- ``"auto"`` (default): "mosaic" where it applies and the step has at least
+  ``MOSAIC_MIN_TOKENS`` (2,048) tokens, else "triton". Smaller steps are mostly
+  decode rows plus one chunk: serving the 8B at concurrency 64 with 512-token
+  steps gave 3,920 output tok/s with the Triton prefill kernel against 3,812 with
+  Mosaic GPU's (each short block costs a whole program with ~190 KiB of shared
+  memory). Mixed steps of 2,048+ tokens are not timed end to end yet.
+
 Tokens at or past query_start[S] (padding) get output 0, where the reference
 returns an arbitrary finite value.
 """
@@ -45,14 +62,19 @@ from pallas_kernels.paged_decode import (DecodeConfig, default_num_splits, paged
                                          paged_decode_reference)
 from pallas_kernels.ragged_prefill import (PrefillConfig, block_schedule, ragged_prefill_attention,
                                            ragged_prefill_reference)
+from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,
+                                                ragged_prefill_attention_mgpu, unsupported_reason)
 
 MODES = ("auto", "prefill", "decode", "mixed")
+PREFILL_BACKENDS = ("auto", "triton", "mosaic")
+MOSAIC_MIN_TOKENS = 2048   # smaller steps are mostly decode rows; see the module docstring
 
 __all__ = [
-    "DecodeConfig", "PrefillConfig", "InPlaceReport", "MODES", "block_schedule",
-    "compile_write_kv", "default_num_splits", "paged_attention_pallas", "paged_decode_attention",
-    "paged_decode_reference", "ragged_prefill_attention", "ragged_prefill_reference",
-    "select_mode", "write_in_place_report",
+    "DecodeConfig", "PrefillConfig", "MosaicPrefillConfig", "InPlaceReport", "MODES",
+    "PREFILL_BACKENDS", "block_schedule", "compile_write_kv", "default_num_splits",
+    "paged_attention_pallas", "paged_decode_attention", "paged_decode_reference",
+    "ragged_prefill_attention", "ragged_prefill_attention_mgpu", "ragged_prefill_reference",
+    "select_mode", "select_prefill_backend", "write_in_place_report",
 ]
 
 
@@ -65,17 +87,51 @@ def select_mode(num_tokens: int, num_seqs: int, mode: str = "auto") -> str:
     return mode
 
 
+def select_prefill_backend(q_dtype, cache_dtype, head_dim: int, page_size: int, interpret: bool,
+                           backend: str = "auto",
+                           mosaic_config: MosaicPrefillConfig | None = None,
+                           num_tokens: int | None = None) -> str:
+    """The prefill kernel ``paged_attention_pallas`` uses: "mosaic" or "triton".
+
+    "auto" takes Mosaic GPU only for steps of at least ``MOSAIC_MIN_TOKENS`` tokens
+    (``num_tokens``; None: any step)."""
+    if backend not in PREFILL_BACKENDS:
+        raise ValueError(f"unknown prefill backend {backend!r}; choose one of {PREFILL_BACKENDS}")
+    if backend == "triton":
+        return backend
+    if backend == "auto" and num_tokens is not None and num_tokens < MOSAIC_MIN_TOKENS:
+        return "triton"
+    reason = ("Mosaic GPU needs a Hopper GPU and has no public interpret mode"
+              if interpret or not is_hopper()
+              else unsupported_reason(q_dtype, cache_dtype, head_dim, page_size, mosaic_config))
+    if reason is None:
+        return "mosaic"
+    if backend == "mosaic":
+        raise ValueError(f"prefill_backend='mosaic' cannot run here: {reason}")
+    return "triton"
+
+
 def paged_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            batch: StepBatch, scale: float, interpret: bool = False, *,
                            mode: str = "auto", decode_config: DecodeConfig | None = None,
-                           prefill_config: PrefillConfig | None = None) -> jax.Array:
+                           prefill_config: PrefillConfig | None = None,
+                           prefill_backend: str = "auto",
+                           mosaic_config: MosaicPrefillConfig | None = None) -> jax.Array:
     """q [T, N, D] attends over the paged cache [K, P, PS, D] as the batch says; returns [T, N, D]."""
     T = q.shape[0]
     S = batch.page_tables.shape[0]
     mode = select_mode(T, S, mode)
-    prefill = functools.partial(ragged_prefill_attention, q, k_cache, v_cache, batch.query_start,
-                                page_tables=batch.page_tables, scale=scale, config=prefill_config,
-                                interpret=interpret)
+    backend = select_prefill_backend(q.dtype, k_cache.dtype, q.shape[-1], k_cache.shape[2],
+                                     interpret, prefill_backend, mosaic_config, num_tokens=T)
+    if backend == "mosaic":
+        # mixed mode overwrites the rows the prefill kernel sees as empty: skip them there
+        prefill = functools.partial(ragged_prefill_attention_mgpu, q, k_cache, v_cache,
+                                    batch.query_start, page_tables=batch.page_tables, scale=scale,
+                                    config=mosaic_config, fill_empty=mode != "mixed")
+    else:
+        prefill = functools.partial(ragged_prefill_attention, q, k_cache, v_cache,
+                                    batch.query_start, page_tables=batch.page_tables, scale=scale,
+                                    config=prefill_config, interpret=interpret)
     if mode == "prefill":
         return prefill(batch.kv_lens)
     live = jnp.arange(T, dtype=jnp.int32) < batch.query_start[S]
@@ -93,4 +149,5 @@ def paged_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                  scale=scale, config=decode_config, interpret=interpret)
     pre = prefill(jnp.where(single, 0, batch.kv_lens))
     by_decode = live & single[seq]                                                  # [T]
-    return jnp.where(by_decode[:, None, None], dec[seq], pre)
+    out = jnp.where(by_decode[:, None, None], dec[seq], pre)
+    return out if backend == "triton" else jnp.where(live[:, None, None], out, 0)

@@ -164,6 +164,17 @@ def check_page_tables(page_tables: jax.Array) -> jax.Array:
     return page_tables.astype(jnp.int32)
 
 
+def check_ragged(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, query_start: jax.Array,
+                 kv_lens: jax.Array, page_tables: jax.Array):
+    """Checks a ragged prefill call: returns (K, P, PS, D, T, N) and int32 page_tables [S, MP],
+    kv_lens [S], query_start [S + 1]."""
+    dims = check_query(q, k_cache, v_cache, "T")
+    pt = check_page_tables(page_tables)
+    S = pt.shape[0]
+    return (dims, pt, check_int_vector(kv_lens, S, "kv_lens"),
+            check_int_vector(query_start, S + 1, "query_start"))
+
+
 def flat_slots(cache: jax.Array) -> jax.Array:
     """[K, P, PS, D] -> [K, P * PS, D] (a free reshape): one row per KV slot."""
     kh, pages, page_size, d = cache.shape

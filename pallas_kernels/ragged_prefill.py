@@ -165,13 +165,9 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
                              interpret: bool = False) -> jax.Array:
     """Causal attention of ragged new tokens over their paged KV; see the module docstring."""
     config = config or PrefillConfig()
-    kh, num_pages, page_size, d, T, N = c.check_query(q, k_cache, v_cache, "T")
-    if page_tables.ndim != 2:
-        raise ValueError(f"page_tables must be [S, MP], got {page_tables.shape}")
-    pt = c.check_page_tables(page_tables)
-    S, mp = pt.shape
-    kv_lens = c.check_int_vector(kv_lens, S, "kv_lens")
-    query_start = c.check_int_vector(query_start, S + 1, "query_start")
+    (kh, num_pages, page_size, d, T, N), pt, kv_lens, query_start = c.check_ragged(
+        q, k_cache, v_cache, query_start, kv_lens, page_tables)
+    mp = pt.shape[1]
 
     g = N // kh
     gp = c.next_pow2(g)

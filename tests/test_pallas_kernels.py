@@ -384,10 +384,15 @@ def test_kernels_lower_to_triton_for_cuda(group, page_size, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="cross-lowering check for the CPU suite")
-@pytest.mark.parametrize("mode", ["prefill", "decode", "mixed"])
-def test_attention_lowers_without_control_flow_for_cuda(mode):
+@pytest.mark.parametrize("mode,prefill_backend", [
+    ("prefill", "triton"), ("decode", "triton"), ("mixed", "triton"), ("prefill", "mosaic"),
+    ("mixed", "mosaic")])
+def test_attention_lowers_without_control_flow_for_cuda(mode, prefill_backend, monkeypatch):
     """The kernels' jnp wrappers (block schedule, masks, merges) hold no while/cond: on a GPU
-    each would copy a predicate to the host per layer and block the step's launch."""
+    each would copy a predicate to the host per layer and block the step's launch. The
+    Mosaic GPU prefill is lowered as on a Hopper GPU."""
+    import pallas_kernels
+    monkeypatch.setattr(pallas_kernels, "is_hopper", lambda: True)
     K, D, P, T, S, MP = 8, 128, 512, 256, 9, 64
     kc = jax.ShapeDtypeStruct((K, P, 16, D), jnp.bfloat16)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -396,17 +401,19 @@ def test_attention_lowers_without_control_flow_for_cuda(mode):
                       logits_indices=i32(S))
 
     def fn(q, k, v, batch):
-        return paged_attention_pallas(q, k, v, batch, 0.1, mode=mode)
+        return paged_attention_pallas(q, k, v, batch, 0.1, mode=mode,
+                                      prefill_backend=prefill_backend)
 
-    skip = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     try:
-        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[skip])(
-            jax.ShapeDtypeStruct((T, 32, D), jnp.bfloat16), kc, kc, batch)
+        text = jax.jit(fn).trace(jax.ShapeDtypeStruct((T, 32, D), jnp.bfloat16), kc, kc,
+                                 batch).lower(lowering_platforms=("cuda",)).as_text()
     except RuntimeError as e:
         if "compilation handler" in str(e):
             pytest.skip("this jaxlib compiles Triton at lowering time and has no CUDA plugin")
         raise
-    text = exported.mlir_module()
-    assert "tt_call" in text or "triton" in text, "expected the Triton kernels in the module"
+    if mode != "prefill" or prefill_backend == "triton":
+        assert "tt_call" in text or "triton" in text, "expected the Triton kernels in the module"
+    if prefill_backend == "mosaic":
+        assert "mosaic_gpu" in text, "expected the Mosaic GPU prefill kernel in the module"
     for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if"):
         assert op not in text, f"{op} in the {mode} attention program"

@@ -1,8 +1,11 @@
 """Selects the paged-attention implementation by name.
 
 - ``"reference"``: pure jnp (``arctic_jax.attention.reference``); the CPU default.
-- ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (Triton lowering on GPU,
-  ``interpret=True`` elsewhere); the GPU default.
+- ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (the GPU default): prefill
+  through Mosaic GPU on Hopper where it applies, else Triton; decode through Triton;
+  ``interpret=True`` off the GPU.
+- ``"pallas-triton"``: the same with the Triton prefill kernel everywhere (for
+  comparison, or where the Mosaic GPU compiler misbehaves).
 
 Under a parallel step variant the call runs inside ``shard_map`` over the
 attention-head axis: attention is local to each device's heads and cache shard,
@@ -11,8 +14,9 @@ so no implementation can move the cache.
 ``contiguous_causal_attention`` serves steps that are one sequence's first chunk
 (no cached prefix): causal attention of the step's own K/V, through
 ``jax.nn.dot_product_attention`` (cuDNN flash attention on a GPU with 16-bit
-inputs, XLA elsewhere). On the H100 cuDNN reaches 517 TFLOP/s for an 8k causal
-prefill against 308 for the ragged Pallas kernel (benchmarks/RESULTS.md).
+inputs, XLA elsewhere). On the H100, 8k causal: cuDNN 486-517 TFLOP/s, the Mosaic GPU
+ragged kernel 452-458 and the Triton one 304-314 (benchmarks/RESULTS.md); it also skips
+reading the paged cache.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from arctic_jax.batch import StepBatch
 from sharding import logical_axes as ax
 from sharding.rules import ActivationSharding, partition_spec
 
-ATTENTION_IMPLS = ("reference", "pallas")
+ATTENTION_IMPLS = ("reference", "pallas", "pallas-triton")
+PALLAS_IMPLS = ("pallas", "pallas-triton")
 
 
 def default_attention_impl() -> str:
@@ -60,7 +65,8 @@ def _local_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch
         return reference_attention(q, k_cache, v_cache, batch, scale)
     from pallas_kernels import paged_attention_pallas
     return paged_attention_pallas(q, k_cache, v_cache, batch, scale,
-                                  interpret=jax.default_backend() != "gpu")
+                                  interpret=jax.default_backend() != "gpu",
+                                  prefill_backend="triton" if impl == "pallas-triton" else "auto")
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
@@ -82,7 +88,7 @@ def cudnn_attention_supported(dtype: Any, head_dim: int) -> bool:
 def _local_contiguous(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                       impl: str) -> jax.Array:
     _check_impl(impl)
-    cudnn = impl == "pallas" and cudnn_attention_supported(q.dtype, q.shape[-1])
+    cudnn = impl in PALLAS_IMPLS and cudnn_attention_supported(q.dtype, q.shape[-1])
     out = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
                                        implementation="cudnn" if cudnn else "xla")
     return out[0]

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from arctic_jax.attention.dispatch import cudnn_attention_supported, default_attention_impl
+from arctic_jax.attention.dispatch import (PALLAS_IMPLS, cudnn_attention_supported,
+                                           default_attention_impl)
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.detokenizer import IncrementalDetokenizer
 from arctic_jax.engine.metrics import EngineMetrics
@@ -139,7 +140,7 @@ def resolve_contiguous_prefill(ec: EngineConfig, attention_impl: str, dtype: Any
     """
     if ec.contiguous_prefill_min_tokens is not None:
         return ec.contiguous_prefill_min_tokens
-    faster = attention_impl == "pallas" and cudnn_attention_supported(dtype, head_dim)
+    faster = attention_impl in PALLAS_IMPLS and cudnn_attention_supported(dtype, head_dim)
     return DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS if faster else 0
 
 
