@@ -14,13 +14,14 @@ software pipeline. This kernel is built like FlashAttention-3:
   head, handled one after another over one continuous K/V pipeline). Three
   warpgroups: two compute warpgroups of ``block_q`` query rows each (consecutive
   tokens of one sequence) and one producer warpgroup that only issues bulk
-  copies (TMA). The default is all G heads of a KV head per program (the
-  variant the GPU tests and the final H100 timings ran: 8k causal 452-458
-  TFLOP/s, 500-505 with a 4k prefix). An earlier revision with one head per
-  program measured 508-516 / 558-564; ``heads_per_program=1`` selects that
-  layout, not yet re-timed in this revision. Every program reserves ~190 KiB of
-  shared memory, so one fits on an SM; a mixed serving step has one short block
-  per decoding sequence, which ``fill_empty=False`` makes exit at once.
+  copies (TMA). The default is all G heads of a KV head per program: it is the
+  code the GPU tests and the final H100 timings ran (8k causal 452-458 TFLOP/s,
+  500-505 with a 4k prefix). An earlier revision with one head per program
+  measured faster (508-516 / 558-564); ``heads_per_program=1`` selects that
+  layout, which should become the default once it is re-timed in this revision.
+  At head_dim 128 every program reserves ~190 KiB of shared memory, so one fits
+  on an SM; a mixed serving step has one short block per decoding sequence,
+  which ``fill_empty=False`` makes exit at once.
 - The producer walks the block's keys ``block_k`` at a time. Each stage is one
   copy per page (``block_k / PS`` copies, or one copy of part of a page when
   PS > block_k): page ids come from the page table in global memory. Stages
@@ -32,18 +33,19 @@ software pipeline. This kernel is built like FlashAttention-3:
   "turn" barrier staggers the two warpgroups by half a step, so one's softmax
   overlaps the other's matrix products.
 - Causal masking: steps wholly at or before the warpgroup's first query position
-  skip the mask; the rest mask key > query position. A warpgroup stops at its
-  own last position and then only acknowledges the stages the other warpgroup
-  still needs (waits for them to land, releases them, takes its turns), so the
-  ring, the turn-taking and each warpgroup's barrier phases stay in step.
+  skip the mask; the rest mask key > query position. A warpgroup stops at the
+  last position of its tile (even when none of its rows is stored, a known waste
+  in blocks of <= block_q rows) and then only acknowledges the stages the other
+  warpgroup still needs (waits for them to land, releases them, takes its turns),
+  so the ring, the turn-taking and each warpgroup's barrier phases stay in step.
 - q rows go through registers into the swizzled tile (a bulk copy into a tiled
   buffer needs tile-aligned rows, and ragged blocks start anywhere). Stores go
   through an unswizzled shared buffer and bulk copies of exactly the block's rows
   (a ladder of power-of-two row counts), so blocks that end mid-tile never
   overwrite another block's rows.
 
-Limits (``unsupported_reason``): q and cache both bf16 or both f16 (no fp8 cache);
-head_dim 64 or 128; PS a multiple of 8 that divides block_k or is a multiple of
+Limits (``unsupported_reason``, ``MosaicPrefillConfig``): q and cache both bf16 or
+both f16 (no fp8 cache); head_dim 64 or 128; block_k a multiple of 64 up to 256; PS a multiple of 8 that divides block_k or is a multiple of
 it; the tiles within 227 KiB of shared memory. ``paged_attention_pallas`` falls
 back to the Triton kernel otherwise.
 
@@ -86,8 +88,9 @@ class MosaicPrefillConfig:
     def __post_init__(self):
         if self.block_q != 64:
             raise ValueError(f"block_q must be 64 (one wgmma row tile per warpgroup), got {self.block_q}")
-        if self.block_k % 64 or self.block_k <= 0:
-            raise ValueError(f"block_k must be a positive multiple of 64, got {self.block_k}")
+        if self.block_k % 64 or not 0 < self.block_k <= 256:
+            raise ValueError(f"block_k must be a multiple of 64 up to 256 (the widest wgmma and "
+                             f"bulk copy), got {self.block_k}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
         if self.heads_per_program is not None and self.heads_per_program < 1:
@@ -96,8 +99,8 @@ class MosaicPrefillConfig:
 
 def shared_memory_bytes(config: MosaicPrefillConfig, head_dim: int, itemsize: int) -> int:
     """Tiles' shared memory: q and output staging (two warpgroups), K and V rings, plus
-    4 KiB for barriers and alignment (Mosaic GPU reported 2,168 bytes over the tiles at
-    block_k 128, 3 stages, head_dim 128)."""
+    4 KiB for barriers and alignment (Mosaic GPU reported 2,152-2,168 bytes over the
+    tiles when rejecting block_k 128 x 3 stages at head_dim 128)."""
     q_and_out = 2 * COMPUTE_WARPGROUPS * config.block_q * head_dim * itemsize
     rings = 2 * config.num_stages * config.block_k * head_dim * itemsize
     return q_and_out + rings + 4096
@@ -337,7 +340,7 @@ def ragged_prefill_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax
         raise ValueError(f"heads_per_program={heads} must divide the {N // kh} query heads "
                          f"per KV head")
 
-    t_pad = max(T, rows_per_block)                     # the clamped q tile load needs bq rows
+    t_pad = max(T, rows_per_block)                     # clamped q loads need >= bq rows
     qp = jnp.pad(q, ((0, t_pad - T), (0, 0), (0, 0))) if t_pad != T else q
     sched = block_schedule(query_start, kv_lens, t_pad, rows_per_block, mp * page_size)
     nb = sched.q_start.shape[0]

@@ -1,4 +1,4 @@
-"""The Mosaic GPU ragged prefill kernel against the jnp oracle (on a Hopper GPU), and its
+"""The Mosaic GPU ragged prefill kernel against a float64 numpy oracle (on a Hopper GPU), and its
 lowering for CUDA (on the CPU: Mosaic GPU has no public interpret mode)."""
 from __future__ import annotations
 
@@ -181,9 +181,11 @@ def test_unsupported_inputs_are_named():
                                       jnp.asarray([0, 8]), jnp.asarray([8]),
                                       jnp.zeros((1, 4), jnp.int32), scale=0.1,
                                       config=MosaicPrefillConfig(heads_per_program=3))
-    with pytest.raises(ValueError, match="head_dim"):
-        kc = jnp.zeros((1, 4, 16, 96), jnp.bfloat16)
-        ragged_prefill_attention_mgpu(jnp.zeros((8, 2, 96), jnp.bfloat16), kc, kc,
+    with pytest.raises(ValueError, match="block_k must be a multiple of 64 up to 256"):
+        MosaicPrefillConfig(block_k=320)
+    with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
+        kc = jnp.zeros((1, 4, 16, 256), jnp.bfloat16)
+        ragged_prefill_attention_mgpu(jnp.zeros((8, 2, 256), jnp.bfloat16), kc, kc,
                                       jnp.asarray([0, 8]), jnp.asarray([8]),
                                       jnp.zeros((1, 4), jnp.int32), scale=0.1)
 
@@ -191,7 +193,8 @@ def test_unsupported_inputs_are_named():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="cross-lowering check for the CPU suite")
 @pytest.mark.parametrize("head_dim,page_size,config", [
     (128, 16, MosaicPrefillConfig()), (64, 64, MosaicPrefillConfig(block_k=64, num_stages=3)),
-    (128, 256, MosaicPrefillConfig())])
+    (128, 256, MosaicPrefillConfig()), (64, 16, MosaicPrefillConfig(block_k=256)),
+    (128, 64, MosaicPrefillConfig(heads_per_program=1))])
 def test_lowers_to_mosaic_gpu_for_cuda(head_dim, page_size, config):
     """Lowers the kernel for CUDA on the CPU: catches Mosaic GPU API, layout and shared-memory
     errors without a GPU (the numbers are checked by the GPU class above)."""
