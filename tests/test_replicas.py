@@ -5,7 +5,8 @@ devices. Greedy outputs through the router equal each request run alone on one
 engine; concurrent load reaches both replicas; a prompt whose prefix one replica
 has cached goes there unless that replica is too busy; queue limits, duplicate
 ids and early exits behave as on one ``AsyncEngine`` (and a reused id never sees
-an aborted request's late tokens); the merged metrics carry a ``replica`` label. Served: ``--data-parallel-size 2`` answers through the
+an aborted request's late tokens); the merged metrics carry a ``replica`` label; a
+failed replica is routed around. Served: ``--data-parallel-size 2`` answers through the
 official ``openai`` client exactly as one replica would.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -212,6 +214,72 @@ def test_router_rejects_bad_settings(engines):
         ReplicaRouter([AsyncEngine(engines[0])], prefix_affinity_slack=-1)
     with pytest.raises(ValueError, match="need 3 devices|one-device"):
         build_replicas(lambda kw: runner.build_random_engine("tiny", kw), dict(KWARGS, tensor_parallel_size=2), 2)
+
+
+class _FailingReplica:
+    """A replica whose engine fails on its first request, after streaming ``streamed``
+    outputs (``engine`` is a real one, for the router's prompt checks and prefix lookups)."""
+
+    def __init__(self, engine, streamed=0):
+        self.engine, self.streamed = engine, streamed
+        self.alive, self.error = True, None
+
+    def start(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+    def abort(self, request_id):
+        pass
+
+    async def generate(self, prompt_ids, params, request_id):
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        for _ in range(self.streamed):
+            yield SimpleNamespace(new_token_ids=[7], finished=False)
+        self.alive, self.error = False, RuntimeError("boom")
+        raise RuntimeError("engine failure: boom")
+
+
+def test_a_failed_replica_is_routed_around(engines):
+    """A replica that fails before streaming hands its request to another; later requests
+    skip it; the server reports "degraded" while a replica still runs."""
+    from fastapi.testclient import TestClient
+    from arctic_jax.serving.app import ServerState, create_app
+
+    prompt = [int(t) for t in np.random.default_rng(4).integers(1, 100, 12)]
+    want = _alone(engines[1], prompt)   # same weights; caches the prompt on the failing side
+    router = ReplicaRouter([_FailingReplica(engines[1]), AsyncEngine(engines[0])])
+    router.start()
+    try:
+        assert asyncio.run(_collect(router, prompt, GREEDY, "a")) == want
+        assert router.alive and router.failed_replicas == [0] and router.routed == [1, 1]
+        assert asyncio.run(_collect(router, prompt, GREEDY, "b")) == want
+        assert router.routed == [1, 2]
+        state = ServerState(served_model_name="m")
+        state.engine = router
+        health = TestClient(create_app(state)).get("/health")
+        assert health.status_code == 200
+        assert health.json() == {"status": "degraded", "failed_replicas": [0], "error": "boom"}
+    finally:
+        router.shutdown()
+
+    late = ReplicaRouter([_FailingReplica(engines[1], streamed=1), AsyncEngine(engines[0])])
+    late.start()
+    try:   # tokens already streamed cannot be taken back: the client gets the failure
+        with pytest.raises(RuntimeError, match="engine failure: boom"):
+            asyncio.run(_collect(late, prompt, GREEDY, "c"))
+        assert late.routed == [1, 0] and late.num_requests() == 0
+    finally:
+        late.shutdown()
+
+    alone = ReplicaRouter([_FailingReplica(engines[1])])
+    with pytest.raises(RuntimeError, match="every replica failed"):
+        asyncio.run(_collect(alone, prompt, GREEDY, "d"))
+    assert not alone.alive
+    with pytest.raises(RuntimeError, match="the engine is not running"):
+        asyncio.run(_collect(alone, prompt, GREEDY, "e"))
 
 
 # ------------------------------------------------------------------ served

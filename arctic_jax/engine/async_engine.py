@@ -59,6 +59,11 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def failed_replicas(self) -> list[int]:
+        """Always empty: one engine runs or fails as a whole (see ``ReplicaRouter``)."""
+        return []
+
     def num_requests(self) -> int:
         with self._lock:
             return len(self._streams)

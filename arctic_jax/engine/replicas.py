@@ -9,11 +9,14 @@ Routing: each request goes to the replica with the fewest requests in flight,
 unless another replica holds a longer cached prefix of the prompt (full KV
 pages, by the allocator's hash chain) and carries at most
 ``prefix_affinity_slack`` more requests. Requests sharing a system prompt then
-keep hitting the replica that cached it, while load stays balanced.
+keep hitting the replica that cached it, while load stays balanced. Failed
+replicas are left out (see ``ReplicaRouter``); ``/health`` then reports
+"degraded" with their indices.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,6 +25,8 @@ from prometheus_client.metrics_core import Metric
 from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def pin_to_device(engine: Any, device: Any) -> Any:
@@ -121,8 +126,12 @@ class ReplicaRouter:
 
     ``max_queue`` bounds the requests in flight over all replicas (more raise
     ``QueueFullError``); the replicas' own limits should be off. Requests are checked
-    in the order ``AsyncEngine`` checks them (prompt, running, queue, id). A failed
-    replica fails the router (``alive`` is False), as a failed engine does. Unlike
+    in the order ``AsyncEngine`` checks them (prompt, running, queue, id).
+
+    Failed replicas are routed around: the router stays ``alive`` while one replica
+    is, ``failed_replicas`` names the others, and a request whose replica fails before
+    streaming anything is resubmitted to another (a request that already streamed
+    tokens gets the failure, since its tokens cannot be taken back). Unlike
     ``AsyncEngine``, whose clients may live on any event loop, a router's clients
     must share one loop: its bookkeeping is not locked.
     """
@@ -148,10 +157,15 @@ class ReplicaRouter:
 
     @property
     def alive(self) -> bool:
-        return all(r.alive for r in self.replicas)
+        return any(r.alive for r in self.replicas)
+
+    @property
+    def failed_replicas(self) -> list[int]:
+        return [i for i, r in enumerate(self.replicas) if not r.alive]
 
     @property
     def error(self) -> BaseException | None:
+        """The first failed replica's error (None while all run)."""
         return next((r.error for r in self.replicas if r.error is not None), None)
 
     def start(self) -> None:
@@ -178,19 +192,30 @@ class ReplicaRouter:
             raise QueueFullError(f"{len(self._owner)} requests in flight (max {self.max_queue})")
         if request_id in self._owner:
             raise ValueError(f"duplicate request id {request_id!r}")
-        target = self.pick(prompt_ids)
-        self._owner[request_id] = target
-        self._load[target] += 1
-        self.routed[target] += 1
-        try:
-            # aclosing: leaving early closes the replica's stream now (its abort), not at GC
-            async with contextlib.aclosing(
-                    self.replicas[target].generate(prompt_ids, params, request_id)) as stream:
-                async for out in stream:
-                    yield out
-        finally:
-            self._load[target] -= 1
-            self._owner.pop(request_id, None)
+        failed: set[int] = set()
+        while True:
+            target = self.pick(prompt_ids, exclude=failed)
+            self._owner[request_id] = target
+            self._load[target] += 1
+            self.routed[target] += 1
+            streamed = False
+            try:
+                # aclosing: leaving early closes the replica's stream now (its abort), not at GC
+                async with contextlib.aclosing(
+                        self.replicas[target].generate(prompt_ids, params, request_id)) as stream:
+                    async for out in stream:
+                        streamed = True
+                        yield out
+                return
+            except RuntimeError as e:
+                if streamed or self.replicas[target].alive:
+                    raise
+                log.warning("replica %d failed before request %s streamed; resubmitting: %s",
+                            target, request_id, e)
+                failed.add(target)
+            finally:
+                self._load[target] -= 1
+                self._owner.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         target = self._owner.get(request_id)
@@ -198,10 +223,14 @@ class ReplicaRouter:
             self.replicas[target].abort(request_id)
 
     # ------------------------------------------------------------- routing
-    def pick(self, prompt_ids: Sequence[int]) -> int:
-        """The replica for a new request (see the module docstring)."""
-        least = min(self._load)
-        near = [i for i, n in enumerate(self._load) if n <= least + self.prefix_affinity_slack]
+    def pick(self, prompt_ids: Sequence[int], exclude: set[int] | frozenset[int] = frozenset()
+             ) -> int:
+        """The running replica for a new request (see the module docstring)."""
+        running = [i for i, r in enumerate(self.replicas) if r.alive and i not in exclude]
+        if not running:
+            raise RuntimeError(f"the engine is not running: every replica failed ({self.error})")
+        least = min(self._load[i] for i in running)
+        near = [i for i in running if self._load[i] <= least + self.prefix_affinity_slack]
         best = min(near, key=lambda i: (self._load[i], i))
         if len(near) > 1:
             hits = self._cached_tokens(prompt_ids, near)

@@ -377,6 +377,10 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, 503)
         if not state.engine.alive:
             return JSONResponse({"status": "engine_failed", "error": str(state.engine.error)}, 503)
+        failed = state.engine.failed_replicas
+        if failed:   # data-parallel: the others still serve
+            return JSONResponse({"status": "degraded", "failed_replicas": failed,
+                                 "error": str(state.engine.error)})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
