@@ -7,7 +7,7 @@ JAX's Pallas ops paged_attention (paged) and decode_attention.gqa (contiguous KV
 Prefill (one sequence, N new tokens after an optional cached prefix): TFLOP/s
 over the causal pairs (n * prefix + n (n + 1) / 2 query-key pairs, 4 * D * heads
 FLOPs each). Variants: our Triton ragged prefill kernel, our Mosaic GPU one (on a
-GPU; `--mgpu-block-k/--mgpu-stages/--mgpu-heads` sweep it), the XLA reference, cuDNN
+Hopper GPU; `--mgpu-block-k/--mgpu-stages/--mgpu-heads` sweep it), the XLA reference, cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")` on contiguous KV).
 Mixed (a serving step: B decodes at one context plus one prefill chunk of N new
 tokens after a cached prefix, in a token bucket of B + N): effective TB/s over
@@ -57,7 +57,7 @@ from arctic_jax.batch import StepBatch  # noqa: E402
 from pallas_kernels import (DecodeConfig, PrefillConfig, compile_write_kv, paged_attention_pallas,  # noqa: E402
                             default_num_splits, paged_decode_attention, paged_decode_reference,
                             ragged_prefill_attention, write_in_place_report)
-from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig,  # noqa: E402
+from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,  # noqa: E402
                                                 ragged_prefill_attention_mgpu)
 
 ROTATE_BYTES = 256 << 20     # paged variants rotate over this much KV at least
@@ -361,7 +361,7 @@ def bench_prefill(args, rows: list[Row]) -> None:
         if args.sweep and best is not None:
             print(f"  best for {name}: {best.config} {best.us:.1f} us {best.tflops:.1f} TFLOP/s")
 
-        if jax.default_backend() == "gpu" and not interp:
+        if is_hopper() and not interp:
             for bk, stages, hpp in itertools.product(args.mgpu_block_k, args.mgpu_stages,
                                                      args.mgpu_heads):
                 mcfg = MosaicPrefillConfig(block_k=bk, num_stages=stages,
@@ -371,7 +371,7 @@ def bench_prefill(args, rows: list[Row]) -> None:
                     return ragged_prefill_attention_mgpu(q, kc, vc, qs, kv, pt, scale=scale,
                                                          config=mcfg)
                 run_variant(rows, Row("prefill", name, "mosaic ragged_prefill",
-                                      f"bq64x2 bk{bk} st{stages} heads {hpp or 'all'}"),
+                                      f"bk{bk} st{stages} heads {hpp or 'all'}"),
                             mosaic, q, arrays, ref, est, 1, args, metric)
 
         if "xla" in args.baselines:

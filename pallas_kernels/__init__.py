@@ -149,5 +149,5 @@ def paged_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                  scale=scale, config=decode_config, interpret=interpret)
     pre = prefill(jnp.where(single, 0, batch.kv_lens))
     by_decode = live & single[seq]                                                  # [T]
-    out = jnp.where(by_decode[:, None, None], dec[seq], pre)
-    return out if backend == "triton" else jnp.where(live[:, None, None], out, 0)
+    # padding rows get 0 here: the Mosaic kernel leaves them unwritten in mixed mode
+    return jnp.where(by_decode[:, None, None], dec[seq], jnp.where(live[:, None, None], pre, 0))

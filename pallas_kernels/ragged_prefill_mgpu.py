@@ -3,7 +3,7 @@
 Same contract as ``ragged_prefill.ragged_prefill_attention`` (q [T, N, D], the paged
 cache [K, P, PS, D], query_start [S + 1], kv_lens [S], page_tables [S, MP];
 output [T, N, D], 0 for padding tokens), and the same block schedule
-(``ragged_prefill.block_schedule``), with ``2 * block_q`` tokens per block.
+(``ragged_prefill.block_schedule``), with ``2 * BLOCK_Q`` = 128 tokens per block.
 
 Why a second kernel: the Triton lowering tops out near 310 TFLOP/s (8k causal) and
 345 (8k with a 4k prefix) on the H100, below the tensor cores' reach, because it
@@ -12,7 +12,7 @@ software pipeline. This kernel is built like FlashAttention-3:
 
 - One program per (query block, ``heads_per_program`` query heads of one KV
   head, handled one after another over one continuous K/V pipeline). Three
-  warpgroups: two compute warpgroups of ``block_q`` query rows each (consecutive
+  warpgroups: two compute warpgroups of ``BLOCK_Q`` (64) query rows each (consecutive
   tokens of one sequence) and one producer warpgroup that only issues bulk
   copies (TMA). The default is all G heads of a KV head per program: it is the
   code the GPU tests and the final H100 timings ran (8k causal 452-458 TFLOP/s,
@@ -35,7 +35,7 @@ software pipeline. This kernel is built like FlashAttention-3:
 - Causal masking: steps wholly at or before the warpgroup's first query position
   skip the mask; the rest mask key > query position. A warpgroup stops at the
   last position of its tile (even when none of its rows is stored, a known waste
-  in blocks of <= block_q rows) and then only acknowledges the stages the other
+  in blocks of <= BLOCK_Q rows) and then only acknowledges the stages the other
   warpgroup still needs (waits for them to land, releases them, takes its turns),
   so the ring, the turn-taking and each warpgroup's barrier phases stay in step.
 - q rows go through registers into the swizzled tile (a bulk copy into a tiled
@@ -64,11 +64,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common as c
 from pallas_kernels.ragged_prefill import block_schedule
 
 COMPUTE_WARPGROUPS = 2
+BLOCK_Q = 64                     # query rows per compute warpgroup: one wgmma row tile
 PRODUCER_REGISTERS = 40          # per thread; the producer only issues copies
 COMPUTE_REGISTERS = 232          # 2 x 232 + 40 <= 512 per thread-slot of 3 warpgroups
 SHARED_MEMORY_LIMIT = 227 << 10  # per block on Hopper (the H100 reports 232,448 bytes)
@@ -76,18 +78,15 @@ SHARED_MEMORY_LIMIT = 227 << 10  # per block on Hopper (the H100 reports 232,448
 
 @dataclasses.dataclass(frozen=True)
 class MosaicPrefillConfig:
-    """Tile sizes: ``block_q`` query rows per compute warpgroup (two per program),
-    ``block_k`` keys per pipeline stage, ``num_stages`` K/V buffers in flight, and
-    ``heads_per_program`` query heads (of one KV head) handled one after another."""
+    """``block_k`` keys per pipeline stage, ``num_stages`` K/V buffers in flight, and
+    ``heads_per_program`` query heads (of one KV head) handled one after another. Each
+    program takes 2 x ``BLOCK_Q`` query rows."""
 
-    block_q: int = 64
     block_k: int = 128
     num_stages: int = 2
     heads_per_program: int | None = None     # None: all query heads of one KV head
 
     def __post_init__(self):
-        if self.block_q != 64:
-            raise ValueError(f"block_q must be 64 (one wgmma row tile per warpgroup), got {self.block_q}")
         if self.block_k % 64 or not 0 < self.block_k <= 256:
             raise ValueError(f"block_k must be a multiple of 64 up to 256 (the widest wgmma and "
                              f"bulk copy), got {self.block_k}")
@@ -101,7 +100,7 @@ def shared_memory_bytes(config: MosaicPrefillConfig, head_dim: int, itemsize: in
     """Tiles' shared memory: q and output staging (two warpgroups), K and V rings, plus
     4 KiB for barriers and alignment (Mosaic GPU reported 2,152-2,168 bytes over the
     tiles when rejecting block_k 128 x 3 stages at head_dim 128)."""
-    q_and_out = 2 * COMPUTE_WARPGROUPS * config.block_q * head_dim * itemsize
+    q_and_out = 2 * COMPUTE_WARPGROUPS * BLOCK_Q * head_dim * itemsize
     rings = 2 * config.num_stages * config.block_k * head_dim * itemsize
     return q_and_out + rings + 4096
 
@@ -140,7 +139,6 @@ def _store_rows(o_smem, first: jax.Array, o_gmem_rows, num_rows: jax.Array, max_
 
     A copy's shape is static, so the count is split into its binary digits: one
     copy per set bit, largest first (e.g. 37 rows -> 32 + 4 + 1)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     start: int | jax.Array = 0
     size = 1 << (max_rows.bit_length() - 1)
     while size >= 1:
@@ -157,20 +155,18 @@ def _store_rows(o_smem, first: jax.Array, o_gmem_rows, num_rows: jax.Array, max_
 
 def _kernel(q_start_ref, num_rows_ref, seq_ref, first_pos_ref, kv_stop_ref, pt_ref,
             q_ref, k_ref, v_ref, o_ref, scoped, *, cfg: MosaicPrefillConfig, group: int,
-            page_size: int, num_pages: int, scale_log2: float, num_blocks: int,
+            heads: int, page_size: int, num_pages: int, scale_log2: float, num_blocks: int,
             fill_empty: bool):
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     (q_smem2, k_smem, v_smem, o_smem2), (k_loaded, v_loaded), (k_consumed, v_consumed), turn = scoped
-    bq, bk, stages = cfg.block_q, cfg.block_k, cfg.num_stages
+    bq, bk, stages = BLOCK_Q, cfg.block_k, cfg.num_stages
     dtype = q_ref.dtype
-    heads = cfg.heads_per_program or group
     head0 = lax.axis_index("heads") * heads             # this program's first query head
     kv_head = lax.div(head0, jnp.int32(group))
     blk = num_blocks - 1 - lax.axis_index("block")     # heavy first: last blocks see most keys
     wg = lax.axis_index("wg")
     num_rows = num_rows_ref[blk]
     n_steps = c.cdiv(kv_stop_ref[blk], bk)            # K/V stages per head; the same for all
-    runs = (num_rows > 0) & (n_steps > 0) if not fill_empty else num_rows > 0
+    runs = (num_rows > 0) if fill_empty else (num_rows > 0) & (n_steps > 0)
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -325,7 +321,6 @@ def ragged_prefill_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax
     padding tokens unwritten (arbitrary values) and skips their blocks: for callers that
     overwrite those rows anyway (the mixed mode, whose one-token sequences go to the
     decode kernel)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     config = config or MosaicPrefillConfig()
     (kh, num_pages, page_size, d, T, N), pt, kv_lens, query_start = c.check_ragged(
         q, k_cache, v_cache, query_start, kv_lens, page_tables)
@@ -333,7 +328,7 @@ def ragged_prefill_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax
     if reason:
         raise ValueError(f"ragged_prefill_attention_mgpu: {reason}")
     mp = pt.shape[1]
-    bq, bk, stages = config.block_q, config.block_k, config.num_stages
+    bq, bk, stages = BLOCK_Q, config.block_k, config.num_stages
     rows_per_block = COMPUTE_WARPGROUPS * bq
     heads = config.heads_per_program or N // kh
     if (N // kh) % heads:
@@ -356,7 +351,7 @@ def ragged_prefill_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax
     loaded = (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),) * 2
     consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
     turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)
-    body = functools.partial(_kernel, cfg=config, group=N // kh, page_size=page_size,
+    body = functools.partial(_kernel, cfg=config, group=N // kh, heads=heads, page_size=page_size,
                              num_pages=num_pages, scale_log2=float(scale) * c.LOG2E, num_blocks=nb,
                              fill_empty=fill_empty)
 

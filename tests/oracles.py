@@ -41,6 +41,15 @@ def dense_causal_attention(q, k, v, q_positions, scale: float | None = None) -> 
     return np.einsum("tnl,lnd->tnd", probs, vh)
 
 
+def gather_sequence_kv(cache, pages, length: int) -> np.ndarray:
+    """Positions 0..length-1 of one sequence from a paged cache [K, P, PS, D], its
+    positions living on ``pages`` in order: returns [length, K, D]."""
+    cache = np.asarray(cache)
+    pos = np.arange(length)
+    return np.transpose(cache[:, np.asarray(pages)[pos // cache.shape[2]], pos % cache.shape[2]],
+                        (1, 0, 2))
+
+
 def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 

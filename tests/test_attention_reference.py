@@ -16,7 +16,7 @@ from arctic_jax.attention import reference
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.pytree import replace
 from helpers import deal_pages
-from oracles import dense_causal_attention, rel_err
+from oracles import dense_causal_attention, gather_sequence_kv, rel_err
 
 NUM_KV_HEADS = 2
 TOL = 2e-5
@@ -62,10 +62,7 @@ def _oracle(q, k_cache, v_cache, chunks, ps):
     outs, t = [], 0
     for c in chunks:
         n, end = len(c.tokens), c.start + len(c.tokens)
-        pos = np.arange(end)
-        page_ids = np.asarray(c.pages)[pos // ps]
-        k = np.transpose(k_cache[:, page_ids, pos % ps], (1, 0, 2))     # [L, K, D]
-        v = np.transpose(v_cache[:, page_ids, pos % ps], (1, 0, 2))
+        k, v = (gather_sequence_kv(cache, c.pages, end) for cache in (k_cache, v_cache))
         outs.append(dense_causal_attention(q[t:t + n], k, v, np.arange(c.start, end)))
         t += n
     return np.concatenate(outs), t

@@ -192,9 +192,8 @@ class ReplicaRouter:
             raise QueueFullError(f"{len(self._owner)} requests in flight (max {self.max_queue})")
         if request_id in self._owner:
             raise ValueError(f"duplicate request id {request_id!r}")
-        failed: set[int] = set()
-        while True:
-            target = self.pick(prompt_ids, exclude=failed)
+        while True:   # a failed replica is not alive, so pick passes over it next time
+            target = self.pick(prompt_ids)
             self._owner[request_id] = target
             self._load[target] += 1
             self.routed[target] += 1
@@ -212,7 +211,6 @@ class ReplicaRouter:
                     raise
                 log.warning("replica %d failed before request %s streamed; resubmitting: %s",
                             target, request_id, e)
-                failed.add(target)
             finally:
                 self._load[target] -= 1
                 self._owner.pop(request_id, None)
@@ -223,10 +221,9 @@ class ReplicaRouter:
             self.replicas[target].abort(request_id)
 
     # ------------------------------------------------------------- routing
-    def pick(self, prompt_ids: Sequence[int], exclude: set[int] | frozenset[int] = frozenset()
-             ) -> int:
+    def pick(self, prompt_ids: Sequence[int]) -> int:
         """The running replica for a new request (see the module docstring)."""
-        running = [i for i, r in enumerate(self.replicas) if r.alive and i not in exclude]
+        running = [i for i, r in enumerate(self.replicas) if r.alive]
         if not running:
             raise RuntimeError(f"the engine is not running: every replica failed ({self.error})")
         least = min(self._load[i] for i in running)
