@@ -26,6 +26,7 @@ from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch  # noqa: E
 from arctic_jax.config import llama_3_1_8b  # noqa: E402
 from arctic_jax.engine.engine import resolve_kv_cache_dtype  # noqa: E402
 from arctic_jax.kv_cache import KVCache  # noqa: E402
+from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention  # noqa: E402
 from arctic_jax.models.llama import StepOptions, make_step_fn  # noqa: E402
 from arctic_jax.models.llama_weights import random_weights  # noqa: E402
 from arctic_jax.pytree import tree_nbytes  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
     bw = copy_bandwidth((2 << 30) if on_gpu else (256 << 20))
     floor_ms = wbytes / bw * 1e3
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
-    step = make_step_fn(cfg, StepOptions(attention_impl=args.attention_impl))
+    step = make_step_fn(cfg, StepOptions(attention=PagedAttention(args.attention_impl)))
     rng = np.random.default_rng(0)
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
@@ -144,8 +145,8 @@ def main() -> None:
         sec, piped, cache = time_steps(step, weights, cache, batch, max(3, args.iters // 4))
         rows.append((f"prefill {n} tokens", sec * 1e3, piped * 1e3, n / piped))
         if args.contiguous_prefill:  # the engine's route for a prompt's first chunk
-            contiguous = make_step_fn(cfg, StepOptions(attention_impl=args.attention_impl,
-                                                       contiguous_prefill=True))
+            contiguous = make_step_fn(cfg, StepOptions(
+                attention=ContiguousCausalAttention(args.attention_impl))))
             sec, piped, cache = time_steps(contiguous, weights, cache, batch,
                                            max(3, args.iters // 4))
             rows.append((f"prefill {n} tokens, contiguous attention", sec * 1e3, piped * 1e3,

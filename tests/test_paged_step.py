@@ -16,6 +16,7 @@ import pytest
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ModelConfig, RopeScaling
 from arctic_jax.kv_cache import KVCache
+from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.models.llama import StepOptions, make_step_fn
 from arctic_jax.models.llama_weights import random_weights
 from helpers import deal_pages
@@ -296,8 +297,8 @@ def test_contiguous_prefill_matches_paged_step_and_writes_the_same_cache(cfg):
     pages = deal_pages(rng, [4], NUM_PAGES)[0]
     want = llama_forward_dense(w, cfg, tokens)
     cache = random_cache(cfg, rng)
-    paged = make_step_fn(cfg, StepOptions(attention_impl="reference"))
-    contiguous = make_step_fn(cfg, StepOptions(attention_impl="reference", contiguous_prefill=True))
+    paged = make_step_fn(cfg, StepOptions(attention=PagedAttention("reference")))
+    contiguous = make_step_fn(cfg, StepOptions(attention=ContiguousCausalAttention("reference")))
     chunk = [all_logits(tokens, 0, pages)]
     buckets = Buckets(tokens=(32,), seqs=(1,), pages=(8,))
     (a,), cache_a = run_step(paged, w, jax.tree_util.tree_map(jnp.copy, cache), chunk, buckets)

@@ -40,7 +40,8 @@ def default_attention_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
-def _check_impl(impl: str) -> None:
+def check_attention_impl(impl: str) -> None:
+    """Raise ValueError for an unknown ``attention_impl`` name."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
 
@@ -60,7 +61,7 @@ def _over_local_heads(fn: Callable[..., jax.Array], sharding: ActivationSharding
 
 def _local_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
                      scale: float, impl: str) -> jax.Array:
-    _check_impl(impl)
+    check_attention_impl(impl)
     if impl == "reference":
         return reference_attention(q, k_cache, v_cache, batch, scale)
     from pallas_kernels import paged_attention_pallas
@@ -87,7 +88,7 @@ def cudnn_attention_supported(dtype: Any, head_dim: int) -> bool:
 
 def _local_contiguous(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                       impl: str) -> jax.Array:
-    _check_impl(impl)
+    check_attention_impl(impl)
     cudnn = impl in PALLAS_IMPLS and cudnn_attention_supported(q.dtype, q.shape[-1])
     out = jax.nn.dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=True,
                                        implementation="cudnn" if cudnn else "xla")

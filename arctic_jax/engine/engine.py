@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from arctic_jax.attention.dispatch import (PALLAS_IMPLS, cudnn_attention_supported,
                                            default_attention_impl)
+from arctic_jax.attention.strategy import PagedAttention
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.detokenizer import IncrementalDetokenizer
 from arctic_jax.engine.metrics import EngineMetrics
@@ -195,14 +196,15 @@ class LLMEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.scheduler = Scheduler(self.sched_config, eos_token_ids=eos)
-        opts = StepOptions(attention_impl=config.attention_impl or default_attention_impl())
+        opts = StepOptions(attention=PagedAttention(config.attention_impl
+                                                    or default_attention_impl()))
         self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=kv_dtype, opts=opts,
                                   num_top_logprobs=config.max_logprobs,
                                   token_buckets=config.token_buckets,
                                   page_buckets=config.page_buckets,
                                   parallel=config.parallel,
                                   contiguous_prefill_min_tokens=resolve_contiguous_prefill(
-                                      config, opts.attention_impl, dtype, cfg.head_dim))
+                                      config, opts.attention.impl, dtype, cfg.head_dim))
         self.metrics = EngineMetrics()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[ScheduledStep, Any, str] | None = None

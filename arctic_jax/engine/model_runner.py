@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.packing import PackedLayout, pack, unpack
@@ -204,7 +205,10 @@ class ModelRunner:
             self.deployment = None
         self.variants = tuple(parallel.variants) if self.deployment else ("single",)
         # Model programs by (variant, contiguous prefill); see StepOptions.contiguous_prefill.
-        self._jitted = {(v, c): jit_model(v, dataclasses.replace(opts, contiguous_prefill=c))
+        impl = opts.attention.impl
+        self._jitted = {(v, c): jit_model(v, dataclasses.replace(
+                            opts, attention=ContiguousCausalAttention(impl) if c
+                            else PagedAttention(impl)))
                         for v in self.variants for c in (False, True)}
         self.contiguous_prefill_min_tokens = contiguous_prefill_min_tokens
         self.num_contiguous_steps = 0

@@ -1,8 +1,12 @@
 """The Llama-family decoder as pure functions over ``LlamaWeights``.
 
-``forward`` is the one step function for every phase (prefill, chunked
-prefill, decode, mixed): it writes the step's K/V into the paged cache and
-returns logits for ``batch.logits_indices`` only.
+``step`` is the one step function for every phase (prefill, chunked prefill,
+decode, mixed, speculative verify): it writes the step's K/V into the paged
+cache and returns the final-normed hidden states of ``batch.logits_indices``
+only. ``head`` turns those rows into logits; the runner composes the two, so a
+draft model can read the same hidden rows. The blocks (``embed``,
+``decoder_layer``, ``final_norm``, ``head``) are exported for models built
+from them.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from arctic_jax.attention import contiguous_causal_attention, paged_attention
+from arctic_jax.attention.strategy import AttentionStrategy, PagedAttention
 from arctic_jax.batch import StepBatch
 from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache, write_kv
@@ -27,11 +31,8 @@ from sharding.rules import ActivationSharding, constrain
 class StepOptions:
     """Compile-time choices of a step function."""
 
-    attention_impl: str = "reference"
+    attention: AttentionStrategy = PagedAttention()   # the route attention takes
     sharding: ActivationSharding | None = None   # None: one device, no constraints
-    # The batch is one sequence's first chunk (no cached prefix, its tokens first, padding
-    # after): attention runs causally on the step's own K/V (cuDNN on a GPU), not the cache.
-    contiguous_prefill: bool = False
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -63,13 +64,8 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     q = apply_rope(q, cos, sin)
     k = apply_rope(kv[:, 0], cos, sin)
     cache_k, cache_v = write_kv(cache_k, cache_v, k, kv[:, 1], batch.slot_mapping)
-    scale = cfg.head_dim ** -0.5
-    if opts.contiguous_prefill:
-        attn = contiguous_causal_attention(q, k, kv[:, 1], scale=scale, impl=opts.attention_impl,
-                                           sharding=sh)
-    else:
-        attn = paged_attention(q, cache_k, cache_v, batch, scale=scale, impl=opts.attention_impl,
-                               sharding=sh)
+    attn = opts.attention(q, k, kv[:, 1], cache_k, cache_v, batch, scale=cfg.head_dim ** -0.5,
+                          sharding=sh)
     attn = constrain(sh, attn, ax.HEADS_OUT_AXES)  # back to the token layout
     out = _maybe_add(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
     return constrain(sh, out, ax.HIDDEN_AXES), cache_k, cache_v
@@ -83,33 +79,62 @@ def mlp_block(cfg: ModelConfig, layer: LayerWeights, x: jax.Array) -> jax.Array:
     return _maybe_add(act @ layer.down, layer.down_bias)
 
 
-def lm_head(cfg: ModelConfig, weights: LlamaWeights, x: jax.Array) -> jax.Array:
-    """Final hidden states x [R, H] -> float32 logits [R, V]."""
-    h = rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
+def embed(weights: LlamaWeights, tokens: jax.Array, sh: ActivationSharding | None) -> jax.Array:
+    """Token ids [T] -> hidden states [T, H]."""
+    return constrain(sh, weights.embed[tokens], ax.HIDDEN_AXES)
+
+
+def decoder_layer(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x: jax.Array,
+                  cache_k: jax.Array, cache_v: jax.Array, batch: StepBatch, cos: jax.Array,
+                  sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pre-norm block: x [T, H] -> x [T, H] and the layer's updated cache."""
+    attn, cache_k, cache_v = attention_block(cfg, opts, layer, x, cache_k, cache_v, batch, cos, sin)
+    x = x + attn
+    x = x + constrain(opts.sharding, mlp_block(cfg, layer, x), ax.HIDDEN_AXES)
+    return x, cache_k, cache_v
+
+
+def final_norm(cfg: ModelConfig, weights: LlamaWeights, x: jax.Array) -> jax.Array:
+    """Residual stream x [R, H] -> final-normed hidden states [R, H]."""
+    return rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
+
+
+def head(weights: LlamaWeights, hidden: jax.Array, *, cfg: ModelConfig,
+         sharding: ActivationSharding | None = None) -> jax.Array:
+    """Final-normed hidden rows [R, H] -> float32 logits [R, V], gathered (not vocab-split)."""
     if weights.lm_head is None:
-        return jnp.einsum("rh,vh->rv", h, weights.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("rh,hv->rv", h, weights.lm_head, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("rh,vh->rv", hidden, weights.embed, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("rh,hv->rv", hidden, weights.lm_head,
+                            preferred_element_type=jnp.float32)
+    logits = constrain(sharding, logits, (ax.LOGITS_ROWS, ax.VOCAB))
+    return constrain(sharding, logits, (ax.LOGITS_ROWS, None))  # gather the logits, not the head
+
+
+def step(weights: LlamaWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: ModelConfig,
+         opts: StepOptions = StepOptions()) -> tuple[jax.Array, KVCache]:
+    """One ragged step: the final-normed hidden rows [R, H] of ``batch.logits_indices`` and
+    the updated cache."""
+    inv_freq = inverse_frequencies(cfg)
+    cos, sin = rope_cos_sin(batch.positions, inv_freq)
+    sh = opts.sharding
+    x = embed(weights, batch.tokens, sh)
+    new_k, new_v = [], []
+    for i, layer in enumerate(weights.layers):
+        x, ck, cv = decoder_layer(cfg, opts, layer, x, kv_cache.k[i], kv_cache.v[i], batch,
+                                  cos, sin)
+        new_k.append(ck)
+        new_v.append(cv)
+    rows = constrain(sh, x[batch.logits_indices], (ax.LOGITS_ROWS, ax.EMBED))
+    hidden = final_norm(cfg, weights, rows)
+    return hidden, KVCache(k=tuple(new_k), v=tuple(new_v), page_size=kv_cache.page_size)
 
 
 def forward(weights: LlamaWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: ModelConfig,
             opts: StepOptions = StepOptions()) -> tuple[jax.Array, KVCache]:
-    """One ragged step: returns float32 logits [R, V] and the updated cache."""
-    inv_freq = inverse_frequencies(cfg)
-    cos, sin = rope_cos_sin(batch.positions, inv_freq)
-    sh = opts.sharding
-    x = constrain(sh, weights.embed[batch.tokens], ax.HIDDEN_AXES)
-    new_k, new_v = [], []
-    for i, layer in enumerate(weights.layers):
-        attn, ck, cv = attention_block(cfg, opts, layer, x, kv_cache.k[i], kv_cache.v[i],
-                                       batch, cos, sin)
-        x = x + attn
-        x = x + constrain(sh, mlp_block(cfg, layer, x), ax.HIDDEN_AXES)
-        new_k.append(ck)
-        new_v.append(cv)
-    rows = constrain(sh, x[batch.logits_indices], (ax.LOGITS_ROWS, ax.EMBED))
-    logits = constrain(sh, lm_head(cfg, weights, rows), (ax.LOGITS_ROWS, ax.VOCAB))
-    logits = constrain(sh, logits, (ax.LOGITS_ROWS, None))  # gather the logits, not the head
-    return logits, KVCache(k=tuple(new_k), v=tuple(new_v), page_size=kv_cache.page_size)
+    """``step`` then ``head``: float32 logits [R, V] and the updated cache."""
+    hidden, kv_cache = step(weights, kv_cache, batch, cfg=cfg, opts=opts)
+    return head(weights, hidden, cfg=cfg, sharding=opts.sharding), kv_cache
 
 
 def make_step_fn(cfg: ModelConfig, opts: StepOptions = StepOptions(), **jit_kwargs: Any
