@@ -52,11 +52,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from arctic_jax.attention.kv_write_check import compile_write_kv, write_in_place_report  # noqa: E402
+from arctic_jax.attention.pallas import paged_attention_pallas  # noqa: E402
 from arctic_jax.attention.reference import reference_attention  # noqa: E402
 from arctic_jax.batch import StepBatch  # noqa: E402
-from pallas_kernels import (DecodeConfig, PrefillConfig, compile_write_kv, paged_attention_pallas,  # noqa: E402
-                            default_num_splits, paged_decode_attention, paged_decode_reference,
-                            ragged_prefill_attention, write_in_place_report)
+from pallas_kernels import (DecodeConfig, PrefillConfig, default_num_splits,  # noqa: E402
+                            paged_decode_attention, paged_decode_reference, ragged_prefill_attention)
 from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,  # noqa: E402
                                                 ragged_prefill_attention_mgpu)
 

@@ -48,7 +48,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from arctic_jax.pytree import pytree_dataclass
 from pallas_kernels import _common as c
 
 
@@ -77,7 +76,8 @@ def default_block_k(cache_dtype, query_dtype) -> int:
     return 64 if widest >= 4 else 128
 
 
-@pytree_dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class BlockSchedule:
     """Per query block (all [NB] int32): flat start, real rows, page-table row,
     position of the first row, number of keys to visit (0: store zeros)."""

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from arctic_jax.attention import contiguous_causal_attention
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
-from pallas_kernels import (DecodeConfig, PrefillConfig, block_schedule, compile_write_kv,
-                            paged_attention_pallas, paged_decode_attention, paged_decode_reference,
-                            ragged_prefill_attention, ragged_prefill_reference, select_mode,
-                            write_in_place_report)
+from arctic_jax.attention.kv_write_check import compile_write_kv, write_in_place_report
+from arctic_jax.attention.pallas import paged_attention_pallas, select_mode
+from pallas_kernels import (DecodeConfig, PrefillConfig, block_schedule, paged_decode_attention,
+                            paged_decode_reference, ragged_prefill_attention, ragged_prefill_reference)
 
 # (GQA ratio, head_dim, page_size): covers ratios 1/4/8, head_dim 64/128, pages 16/64.
 SHAPES = [(1, 64, 16), (4, 128, 16), (8, 64, 64), (4, 64, 64), (1, 128, 64), (8, 128, 16)]
@@ -391,8 +391,8 @@ def test_attention_lowers_without_control_flow_for_cuda(mode, prefill_backend, m
     """The kernels' jnp wrappers (block schedule, masks, merges) hold no while/cond: on a GPU
     each would copy a predicate to the host per layer and block the step's launch. The
     Mosaic GPU prefill is lowered as on a Hopper GPU."""
-    import pallas_kernels
-    monkeypatch.setattr(pallas_kernels, "is_hopper", lambda: True)
+    from arctic_jax.attention import pallas as attention_pallas
+    monkeypatch.setattr(attention_pallas, "is_hopper", lambda: True)
     K, D, P, T, S, MP = 8, 128, 512, 256, 9, 64
     kc = jax.ShapeDtypeStruct((K, P, 16, D), jnp.bfloat16)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731

@@ -8,10 +8,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from arctic_jax.attention.pallas import paged_attention_pallas, select_prefill_backend
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from oracles import dense_causal_attention, gather_sequence_kv
-from pallas_kernels import paged_attention_pallas, select_prefill_backend
 from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,
                                                 ragged_prefill_attention_mgpu, unsupported_reason)
 
@@ -138,10 +138,10 @@ class TestMosaicPrefillGPU:
 
 
 def test_auto_backend_takes_mosaic_only_for_large_steps(monkeypatch):
-    import pallas_kernels
-    monkeypatch.setattr(pallas_kernels, "is_hopper", lambda: True)
+    from arctic_jax.attention import pallas as attention_pallas
+    monkeypatch.setattr(attention_pallas, "is_hopper", lambda: True)
     args = (jnp.bfloat16, jnp.bfloat16, 128, 16, False)
-    big, small = pallas_kernels.MOSAIC_MIN_TOKENS, pallas_kernels.MOSAIC_MIN_TOKENS - 1
+    big, small = attention_pallas.MOSAIC_MIN_TOKENS, attention_pallas.MOSAIC_MIN_TOKENS - 1
     assert select_prefill_backend(*args, num_tokens=big) == "mosaic"
     assert select_prefill_backend(*args, num_tokens=small) == "triton"
     assert select_prefill_backend(*args, backend="mosaic", num_tokens=small) == "mosaic"

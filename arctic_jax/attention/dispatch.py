@@ -64,7 +64,7 @@ def _local_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch
     check_attention_impl(impl)
     if impl == "reference":
         return reference_attention(q, k_cache, v_cache, batch, scale)
-    from pallas_kernels import paged_attention_pallas
+    from arctic_jax.attention.pallas import paged_attention_pallas
     return paged_attention_pallas(q, k_cache, v_cache, batch, scale,
                                   interpret=jax.default_backend() != "gpu",
                                   prefill_backend="triton" if impl == "pallas-triton" else "auto")

@@ -1,4 +1,4 @@
-"""Writing new K/V into the paged cache: no Pallas kernel is needed.
+"""Checks that writing new K/V into the paged cache happens in place (no Pallas kernel is needed).
 
 ``arctic_jax.kv_cache.write_kv`` is an XLA scatter into the cache viewed as
 slots [K, P * PS, D]. When the caller jits it (or the whole step) with the cache

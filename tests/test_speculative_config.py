@@ -1,0 +1,87 @@
+"""``--speculative-config`` parsing and validation."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from arctic_jax.speculative import SpeculativeConfig
+from arctic_jax.speculative.config import UNSUPPORTED_METHODS
+
+
+def test_parse_full():
+    c = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, '
+                                '"prompt_lookup_max": 4, "prompt_lookup_min": 1}')
+    assert (c.method, c.num_speculative_tokens) == ("ngram", 4)
+    assert (c.prompt_lookup_max, c.prompt_lookup_min) == (4, 1)
+    assert c.as_dict() == {"method": "ngram", "num_speculative_tokens": 4,
+                           "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    assert SpeculativeConfig.from_dict(c.as_dict()) == c
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.method = "x"
+
+
+@pytest.mark.parametrize("given, lo, hi", [
+    ({}, 5, 5),                                               # vLLM: neither given -> 5 / 5
+    ({"prompt_lookup_max": 3}, 3, 3),                         # one given -> the other copies it
+    ({"prompt_lookup_min": 2}, 2, 2),
+    ({"prompt_lookup_min": 2, "prompt_lookup_max": 6}, 2, 6),
+])
+def test_lookup_defaults_follow_vllm(given, lo, hi):
+    c = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3, **given})
+    assert (c.prompt_lookup_min, c.prompt_lookup_max) == (lo, hi)
+
+
+@pytest.mark.parametrize("method", UNSUPPORTED_METHODS)
+def test_known_methods_not_supported_yet(method):
+    with pytest.raises(ValueError, match=f"method '{method}' is not supported yet"):
+        SpeculativeConfig.from_dict({"method": method, "num_speculative_tokens": 3})
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"},
+     "unknown key\\(s\\) 'model'; accepted keys: method, num_speculative_tokens, prompt_lookup_max, "
+     "prompt_lookup_min"),
+    ({"method": "telepathy", "num_speculative_tokens": 3},
+     "unknown method 'telepathy'; supported: ngram; not supported yet: suffix"),
+    ({"num_speculative_tokens": 3}, "'method' is required"),
+    ({"method": "ngram"}, "'num_speculative_tokens' is required"),
+    ({"method": 1, "num_speculative_tokens": 3}, "method must be a string, got int 1"),
+    ({"method": "ngram", "num_speculative_tokens": "4"},
+     "num_speculative_tokens must be an integer, got str '4'"),
+    ({"method": "ngram", "num_speculative_tokens": 4.0},
+     "num_speculative_tokens must be an integer, got float"),
+    ({"method": "ngram", "num_speculative_tokens": True},
+     "num_speculative_tokens must be an integer, got bool"),
+    ({"method": "ngram", "num_speculative_tokens": 0},
+     "num_speculative_tokens must be in \\[1, 32\\], got 0"),
+    ({"method": "ngram", "num_speculative_tokens": 33},
+     "num_speculative_tokens must be in \\[1, 32\\], got 33"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 0},
+     "prompt_lookup_min must be >= 1, got 0"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": -1, "prompt_lookup_min": 1},
+     "prompt_lookup_max must be >= 1, got -1"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": None, "prompt_lookup_min": "2"},
+     "prompt_lookup_min must be an integer, got str '2'"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+     "prompt_lookup_min=4 must be <= prompt_lookup_max=2"),
+])
+def test_bad_dicts_name_the_problem(d, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"method": "ngram", ', "not valid JSON \\(Expecting property name"),
+    ("", "not valid JSON \\(Expecting value: line 1 column 1"),
+    ("[1, 2]", "must be a JSON object / dict, got list"),
+    ('"ngram"', "must be a JSON object / dict, got str"),
+])
+def test_bad_json(text, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.parse(text)
+
+
+def test_parse_rejects_non_string():
+    with pytest.raises(ValueError, match="must be a JSON string, got dict"):
+        SpeculativeConfig.parse({"method": "ngram"})
