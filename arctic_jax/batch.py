@@ -47,6 +47,9 @@ class Buckets:
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
     pages: tuple[int, ...]
+    # Most logits rows a step may ask for (speculative verify: S x (1 + k)). A step wanting
+    # more than S rows pads them to min(T, max_logits_rows); None: to a token bucket.
+    max_logits_rows: int | None = None
 
     @classmethod
     def for_limits(cls, max_tokens: int, max_seqs: int, max_pages_per_seq: int,
@@ -62,6 +65,25 @@ class Buckets:
             if s >= n:
                 return s
         raise BatchTooLargeError(f"{n} {what} exceed the largest bucket {sizes[-1]}")
+
+    def rows_for(self, num_tokens: int) -> tuple[int, ...]:
+        """The logits-row counts R a step of ``num_tokens`` (a token bucket) may have."""
+        S = self.seqs[0]
+        if self.max_logits_rows is None or self.max_logits_rows <= S or num_tokens <= S:
+            return (S,)
+        return tuple(sorted({S, min(num_tokens, self.max_logits_rows)}))
+
+    def logits_rows(self, num_logits: int, num_tokens: int, num_seqs: int) -> int:
+        """R for a step of T tokens and S sequences wanting ``num_logits`` rows."""
+        if num_logits <= num_seqs:
+            return num_seqs
+        if self.max_logits_rows is None:
+            return Buckets.pick(num_logits, self.tokens, "logits rows")
+        rows = min(num_tokens, self.max_logits_rows)
+        if num_logits > rows:
+            raise BatchTooLargeError(f"{num_logits} logits rows exceed the {rows} compiled for "
+                                     f"{num_tokens}-token steps")
+        return rows
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (T, S, MP) combination a run may use (S <= T)."""
@@ -108,7 +130,7 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     T = Buckets.pick(n, buckets.tokens, "tokens")
     S = Buckets.pick(len(chunks), buckets.seqs, "sequences")
     # One logits row per sequence unless a sequence wants several (speculative verify).
-    R = S if num_logits <= S else Buckets.pick(num_logits, buckets.tokens, "logits rows")
+    R = buckets.logits_rows(num_logits, T, S)
     MP = Buckets.pick(int(need.max()), buckets.pages, "pages per sequence")
 
     page_tables = np.zeros((S, MP), np.int32)

@@ -6,12 +6,8 @@ Both the transformers-4 field style (top-level ``rope_theta`` and
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -74,16 +70,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Build from the dict of an HF ``config.json`` (transformers 4 or 5)."""
-        archs = tuple(d.get("architectures") or ())
-        model_type = d.get("model_type")
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ConfigError(
-                f"unsupported architecture {', '.join(archs)}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        """Build from the dict of an HF ``config.json`` (transformers 4 or 5).
+
+        The architecture is not checked here: ``arctic_jax.models.registry`` picks the model
+        (and so this parser) from ``architectures`` / ``model_type``.
+        """
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {d['hidden_act']!r}; only 'silu' is supported")
         if d.get("pretraining_tp", 1) not in (None, 1):
@@ -134,15 +125,6 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(d)
 
 
 def llama_3_1_8b() -> ModelConfig:

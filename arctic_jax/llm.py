@@ -44,7 +44,7 @@ class LLM:
         self.config = loaded.config
         src = loaded.tokenizer_source
         self.tokenizer = load_tokenizer(src.path, src.gguf_file)
-        self.engine = LLMEngine(loaded.config, loaded.weights, self.tokenizer,
+        self.engine = LLMEngine(loaded.spec, loaded.config, loaded.weights, self.tokenizer,
                                 EngineConfig.from_flags(**engine_kwargs))
         if self.engine.runner.needs_calibration:
             self.engine.runner.warmup()  # "auto" shift threshold: time both variants now

@@ -146,7 +146,7 @@ def main() -> None:
         rows.append((f"prefill {n} tokens", sec * 1e3, piped * 1e3, n / piped))
         if args.contiguous_prefill:  # the engine's route for a prompt's first chunk
             contiguous = make_step_fn(cfg, StepOptions(
-                attention=ContiguousCausalAttention(args.attention_impl))))
+                attention=ContiguousCausalAttention(args.attention_impl)))
             sec, piped, cache = time_steps(contiguous, weights, cache, batch,
                                            max(3, args.iters // 4))
             rows.append((f"prefill {n} tokens, contiguous attention", sec * 1e3, piped * 1e3,

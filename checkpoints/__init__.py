@@ -1,4 +1,4 @@
-"""Model checkpoints: HF safetensors directories and GGUF files -> LlamaWeights.
+"""Model checkpoints: HF safetensors directories and GGUF files -> a registered model's weights.
 
 ``load_model`` is the entry point; converted weights are cached with orbax.
 """

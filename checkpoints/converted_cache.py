@@ -1,8 +1,10 @@
 """On-disk cache of converted weights (orbax) with their ModelConfig (JSON).
 
 An entry lives in ``<root>/<key>/``: ``weights/`` (an orbax checkpoint of the
-LlamaWeights pytree), ``model_config.json`` and ``entry.json`` (written last;
-its presence marks a complete entry). ``<root>`` is ``cache_dir``, else
+model's weights pytree), ``model_config.json`` and ``entry.json`` (the model's
+registered name, the dtype and format; written last, its presence marks a
+complete entry). The caller names the model's ``ModelSpec``: its
+``random_weights``, traced abstractly, gives orbax the tree to restore into. ``<root>`` is ``cache_dir``, else
 ``$ARCTIC_JAX_CACHE``, else ``~/.cache/arctic-jax/converted``. The key hashes
 the source files' absolute paths, sizes and modification times, the dtype and
 ``FORMAT_VERSION``, so an edited source or a new conversion format misses the
@@ -15,6 +17,7 @@ inside array data are not detected (no checksums).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from arctic_jax.config import ModelConfig, RopeScaling
-from arctic_jax.models.llama_weights import (LayerWeights, LlamaWeights, expected_layer_shapes,
-                                             expected_model_shapes, validate_weights)
+from arctic_jax.models.registry import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENV_VAR = "ARCTIC_JAX_CACHE"
 WEIGHTS_DIR = "weights"
 CONFIG_FILE = "model_config.json"
@@ -69,8 +71,9 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def abstract_weights(cfg: ModelConfig, dtype: Any) -> LlamaWeights:
-    """A LlamaWeights of ShapeDtypeStructs on the default device (orbax's restore target).
+def abstract_weights(spec: ModelSpec, cfg: ModelConfig, dtype: Any) -> Any:
+    """The weights pytree of ``spec`` for ``cfg`` as ShapeDtypeStructs on the default device
+    (orbax's restore target); nothing is allocated.
 
     The default device honours ``jax.default_device`` (data-parallel replicas load there).
     """
@@ -78,20 +81,17 @@ def abstract_weights(cfg: ModelConfig, dtype: Any) -> LlamaWeights:
     if isinstance(device, str):  # the config may name a platform instead of a device
         device = jax.devices(device)[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
-
-    def spec(shape: tuple[int, ...] | None) -> jax.ShapeDtypeStruct | None:
-        return None if shape is None else jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    model = expected_model_shapes(cfg)
-    layer = expected_layer_shapes(cfg)
-    return LlamaWeights(
-        embed=spec(model["embed"]), final_norm=spec(model["final_norm"]),
-        lm_head=spec(model["lm_head"]),
-        layers=tuple(LayerWeights(**{k: spec(s) for k, s in layer.items()})
-                     for _ in range(cfg.num_layers)))
+    shapes = jax.eval_shape(functools.partial(spec.random_weights, cfg, dtype=jnp.dtype(dtype)),
+                            jax.random.key(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes)
 
 
-def save_entry(entry: str, cfg: ModelConfig, weights: LlamaWeights, dtype: Any) -> None:
+def _entry_meta(spec: ModelSpec, dtype: Any) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "model": spec.name, "dtype": jnp.dtype(dtype).name}
+
+
+def save_entry(entry: str, spec: ModelSpec, cfg: ModelConfig, weights: Any, dtype: Any) -> None:
     """Write a complete entry at ``entry`` (through a temporary sibling folder)."""
     import orbax.checkpoint as ocp
 
@@ -106,7 +106,7 @@ def save_entry(entry: str, cfg: ModelConfig, weights: LlamaWeights, dtype: Any) 
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config_to_dict(cfg), f, indent=1)
         with open(os.path.join(tmp, ENTRY_FILE), "w", encoding="utf-8") as f:
-            json.dump({"format_version": FORMAT_VERSION, "dtype": jnp.dtype(dtype).name}, f)
+            json.dump(_entry_meta(spec, dtype), f)
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -116,32 +116,33 @@ def save_entry(entry: str, cfg: ModelConfig, weights: LlamaWeights, dtype: Any) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore_entry(entry: str, dtype: Any) -> tuple[ModelConfig, LlamaWeights]:
+def restore_entry(entry: str, spec: ModelSpec, dtype: Any) -> tuple[ModelConfig, Any]:
     """Read a complete entry; raises on anything missing, unreadable or inconsistent."""
     import orbax.checkpoint as ocp
 
     with open(os.path.join(entry, ENTRY_FILE), encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("dtype") != jnp.dtype(dtype).name:
-        raise ValueError(f"entry metadata {meta} does not match format {FORMAT_VERSION}, "
-                         f"dtype {jnp.dtype(dtype).name}")
+    if meta != _entry_meta(spec, dtype):
+        raise ValueError(f"entry metadata {meta} does not match {_entry_meta(spec, dtype)}")
     with open(os.path.join(entry, CONFIG_FILE), encoding="utf-8") as f:
         cfg = config_from_dict(json.load(f))
     with ocp.StandardCheckpointer() as ckpt:
         weights = ckpt.restore(os.path.abspath(os.path.join(entry, WEIGHTS_DIR)),
-                               abstract_weights(cfg, dtype))
-    validate_weights(weights, cfg)
+                               abstract_weights(spec, cfg, dtype))
+    spec.validate_weights(weights, cfg)
     bad = [x.dtype for x in jax.tree.leaves(weights) if x.dtype != jnp.dtype(dtype)]
     if bad:
         raise ValueError(f"restored arrays have dtype {bad[0]}, expected {jnp.dtype(dtype)}")
     return cfg, weights
 
 
-def load_or_convert(files: Sequence[str], dtype: Any,
-                    convert: Callable[[], tuple[ModelConfig, LlamaWeights]], *,
+def load_or_convert(files: Sequence[str], spec: ModelSpec, dtype: Any,
+                    convert: Callable[[], tuple[ModelConfig, Any]], *,
                     cache_dir: str | os.PathLike | None = None, use_cache: bool = True
-                    ) -> tuple[ModelConfig, LlamaWeights, bool]:
+                    ) -> tuple[ModelConfig, Any, bool]:
     """``(config, weights, from_cache)``: restored from the cache, else converted and saved.
+
+    ``spec`` is the model of the source ``files``; ``convert()`` builds its weights.
 
     A failure to write the cache is reported as a warning; the converted
     weights are still returned.
@@ -153,7 +154,7 @@ def load_or_convert(files: Sequence[str], dtype: Any,
     entry = os.path.join(root, cache_key(files, dtype))
     if os.path.exists(entry):
         try:
-            cfg, weights = restore_entry(entry, dtype)
+            cfg, weights = restore_entry(entry, spec, dtype)
             return cfg, weights, True
         except Exception as e:  # any failure to read back means the entry is unusable
             warnings.warn(f"converted-weights cache entry {entry} is corrupt ({e!r}); "
@@ -161,7 +162,7 @@ def load_or_convert(files: Sequence[str], dtype: Any,
             shutil.rmtree(entry, ignore_errors=True)
     cfg, weights = convert()
     try:
-        save_entry(entry, cfg, weights, dtype)
+        save_entry(entry, spec, cfg, weights, dtype)
     except Exception as e:  # a cache that cannot be written must not fail the load
         warnings.warn(f"could not write converted-weights cache entry {entry}: {e!r}",
                       stacklevel=2)

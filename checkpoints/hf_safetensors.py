@@ -1,5 +1,6 @@
-"""Read a Hugging Face Llama checkpoint directory (config.json + safetensors).
+"""Read a Hugging Face checkpoint directory (config.json + safetensors) of a registered model.
 
+The model's spec comes from ``config.json`` (``arctic_jax.models.registry``).
 Supports a single ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json``. Tensors are read one at a time with
 safetensors' ``flax`` framework (numpy has no bfloat16), converted on the
@@ -10,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 
 from arctic_jax.config import ConfigError, ModelConfig
-from arctic_jax.models.llama_weights import LlamaWeights
+from arctic_jax.models import registry
 from checkpoints import hf_layout
 from checkpoints.errors import CheckpointError
 
@@ -29,13 +30,35 @@ def is_hf_checkpoint_dir(path: str | os.PathLike) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of ``directory/config.json`` (ConfigError names the file)."""
+def _read_config_dict(directory: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
     try:
-        return ModelConfig.from_json_file(path)
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return path, d
+
+
+def read_hf_spec(directory: str | os.PathLike) -> registry.ModelSpec:
+    """The registered model of ``directory/config.json`` (ConfigError names the file)."""
+    path, d = _read_config_dict(directory)
+    try:
+        return registry.spec_for_hf_config(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def read_hf_config(directory: str | os.PathLike) -> tuple[registry.ModelSpec, ModelConfig]:
+    """The model spec and ModelConfig of ``directory/config.json`` (ConfigError names the file)."""
+    path, d = _read_config_dict(directory)
+    try:
+        spec = registry.spec_for_hf_config(d)
+        return spec, spec.parse_config(d)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
 
@@ -77,7 +100,8 @@ def source_files(directory: str | os.PathLike) -> list[str]:
 class SafetensorsSet:
     """Open safetensors files viewed as one name -> tensor mapping."""
 
-    def __init__(self, directory: str, stack: contextlib.ExitStack):
+    def __init__(self, directory: str, stack: contextlib.ExitStack,
+                 is_ignored: Callable[[str], bool] = lambda name: False):
         from safetensors import safe_open
 
         self.directory = directory
@@ -101,7 +125,7 @@ class SafetensorsSet:
                 if n in self._file_of:
                     raise CheckpointError(
                         f"tensor {n} is in both {self._file_of[n]} and {path}")
-                if dtypes[n] not in FLOAT_DTYPES and not hf_layout.is_ignored(n):
+                if dtypes[n] not in FLOAT_DTYPES and not is_ignored(n):
                     raise CheckpointError(
                         f"tensor {n} in {path} has dtype {dtypes[n]}; supported: "
                         f"{', '.join(FLOAT_DTYPES)} (quantised safetensors are not)")
@@ -123,25 +147,28 @@ class SafetensorsSet:
 
 
 @contextlib.contextmanager
-def open_safetensors(directory: str | os.PathLike) -> Iterator[SafetensorsSet]:
+def open_safetensors(directory: str | os.PathLike,
+                     is_ignored: Callable[[str], bool] = lambda name: False
+                     ) -> Iterator[SafetensorsSet]:
+    """The safetensors of ``directory``; ``is_ignored`` names buffers whose dtype is not checked."""
     with contextlib.ExitStack() as stack:
-        yield SafetensorsSet(os.fspath(directory), stack)
+        yield SafetensorsSet(os.fspath(directory), stack, is_ignored)
 
 
 def load_hf_checkpoint(directory: str | os.PathLike, dtype: Any, *, progress: bool = True
-                       ) -> tuple[ModelConfig, LlamaWeights]:
-    """Config and weights (in ``dtype``) of the HF checkpoint in ``directory``.
+                       ) -> tuple[ModelConfig, Any]:
+    """Config and weights pytree (in ``dtype``) of the HF checkpoint in ``directory``.
 
     Raises CheckpointError listing missing, unexpected and misshaped tensors,
     and ConfigError for configs arctic-jax cannot serve.
     """
     directory = os.fspath(directory)
-    cfg = read_hf_config(directory)
-    with open_safetensors(directory) as tensors:
-        hf_layout.check_tensors(tensors.shapes, cfg, where=directory)
-        total = sum(1 for n in tensors.shapes if not hf_layout.is_ignored(n))
+    spec, cfg = read_hf_config(directory)
+    layout = spec.layout
+    with open_safetensors(directory, layout.is_ignored) as tensors:
+        hf_layout.check_tensors(layout, tensors.shapes, cfg, where=directory)
         weights = hf_layout.convert_weights(
-            tensors.read, cfg, dtype, has_lm_head=hf_layout.LM_HEAD in tensors.shapes,
-            total=total, desc=f"converting {os.path.basename(os.path.abspath(directory))}",
+            layout, tensors.read, tensors.shapes.keys(), cfg, dtype,
+            desc=f"converting {os.path.basename(os.path.abspath(directory))}",
             progress=progress)
     return cfg, weights

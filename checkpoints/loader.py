@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from arctic_jax.config import ModelConfig
-from arctic_jax.models.llama_weights import LlamaWeights, validate_weights
+from arctic_jax.models.registry import ModelSpec
 from checkpoints import converted_cache, gguf_file, hf_safetensors
 from checkpoints.errors import CheckpointError
 
@@ -30,12 +30,14 @@ class TokenizerSource:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to serve. ``from_cache``: weights came from the converted cache."""
+    """A model ready to serve: ``weights`` is a ``spec.weights_class`` pytree.
+    ``from_cache``: the weights came from the converted cache."""
 
     config: ModelConfig
-    weights: LlamaWeights
+    weights: Any
     tokenizer_source: TokenizerSource
     name: str
+    spec: ModelSpec
     from_cache: bool = False
 
 
@@ -60,13 +62,14 @@ def default_dtype() -> Any:
 def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
                cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                progress: bool = True) -> LoadedModel:
-    """Load a Llama-family model.
+    """Load a model of a registered architecture (``arctic_jax.models.registry``).
 
     ``source``: None or ``"default"`` (the embedded SmolLM2 GGUF), a directory
     with ``config.json`` and safetensors, or a ``*.gguf`` file. Converted
     weights are cached (see ``checkpoints.converted_cache``) unless
     ``use_cache`` is false. Raises CheckpointError for an unusable source and
-    ConfigError for a model arctic-jax cannot serve.
+    ConfigError for a model arctic-jax cannot serve. The model's spec comes from
+    the checkpoint's config (``config.json``, or the GGUF's architecture).
     """
     dtype = jnp.dtype(default_dtype() if dtype is None else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -76,6 +79,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
     if hf_safetensors.is_hf_checkpoint_dir(path):
         directory = os.path.abspath(path)
         files = hf_safetensors.source_files(directory)
+        spec = hf_safetensors.read_hf_spec(directory)
         convert = functools.partial(hf_safetensors.load_hf_checkpoint, directory, dtype,
                                     progress=progress)
         tokenizer = TokenizerSource(directory)
@@ -83,6 +87,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
     elif path.lower().endswith(".gguf") and os.path.isfile(path):
         file = os.path.abspath(path)
         files = [file]
+        spec = gguf_file.read_gguf_spec(file)
         convert = functools.partial(gguf_file.load_gguf, file, dtype, progress=progress)
         tokenizer = TokenizerSource(os.path.dirname(file), os.path.basename(file))
         name = os.path.basename(file)[:-len(".gguf")]
@@ -93,10 +98,13 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
             f"model source {path} is neither a directory with config.json nor a .gguf file")
 
     cfg, weights, from_cache = converted_cache.load_or_convert(
-        files, dtype, convert, cache_dir=cache_dir, use_cache=use_cache)
+        files, spec, dtype, convert, cache_dir=cache_dir, use_cache=use_cache)
+    if not isinstance(weights, spec.weights_class):
+        raise CheckpointError(f"{path}: weights are a {type(weights).__name__}, expected "
+                              f"{spec.weights_class.__name__} (model {spec.name!r})")
     try:
-        validate_weights(weights, cfg)
+        spec.validate_weights(weights, cfg)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     return LoadedModel(config=cfg, weights=weights, tokenizer_source=tokenizer, name=name,
-                       from_cache=from_cache)
+                       spec=spec, from_cache=from_cache)

@@ -1,17 +1,19 @@
-"""A model placed on a (sp, tp) mesh, with one KV-cache sharding and one weight copy per variant.
+"""Where a model lives: a mesh of one or more devices, one weight copy per step variant, and one
+KV-cache sharding. This module places arrays and hands out shardings; it compiles nothing
+(the engine's ``programs`` module is the one place that jits steps).
 
-The TP variant holds every weight matrix split P ways; the SP variant holds it
-split TP ways (replicated over sp). Shift mode keeps both copies: the extra
-memory over the SP copy alone is 1/SP of it. Both variants' programs take and
-return the cache with the same NamedSharding and donate it, so a step of
-either kind leaves the cache where it was.
+- One device is a one-device deployment with the single variant ``"single"``: no activation
+  constraints, everything on the device that holds the weights.
+- On P = SP x TP devices the TP variant holds every weight matrix split P ways; the SP variant
+  holds it split TP ways (replicated over sp). Shift mode keeps both copies: the extra memory
+  over the SP copy alone is 1/SP of it. Both variants' programs take and return the cache
+  with the same NamedSharding, so a step of either kind leaves the cache where it was.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache
-from arctic_jax.models.llama import StepOptions, forward
-from arctic_jax.models.llama_weights import LlamaWeights
 from sharding.mesh import ParallelConfig, make_mesh
 from sharding.placement import HeadPlacement, place_weights, placed_config, plan_heads
 from sharding.rules import (ActivationSharding, dataclass_shardings, kv_cache_sharding,
@@ -28,29 +28,50 @@ from sharding.rules import (ActivationSharding, dataclass_shardings, kv_cache_sh
 
 log = logging.getLogger(__name__)
 
+SINGLE = "single"
+_ONE_DEVICE = ParallelConfig(1, 1, "tp")
+
+
+def _weights_device(weights: Any) -> jax.Device:
+    """The device holding a one-device model's weights (the default device if on host)."""
+    leaf = jax.tree_util.tree_leaves(weights)[0]
+    devices = getattr(leaf, "devices", lambda: set())()
+    return next(iter(devices)) if len(devices) == 1 else jax.devices()[0]
+
 
 @dataclasses.dataclass
-class ParallelDeployment:
+class Deployment:
     parallel: ParallelConfig
     mesh: Mesh
+    variants: tuple[str, ...]
     cfg: ModelConfig               # the placed config (heads padded / replicated)
     plan: HeadPlacement
-    weights: dict[str, LlamaWeights]
+    weights: dict[str, Any]        # one weights pytree per variant
     split_vocab: bool = True
 
     @classmethod
-    def create(cls, cfg: ModelConfig, weights: LlamaWeights, parallel: ParallelConfig,
+    def create(cls, cfg: ModelConfig, weights: Any, parallel: ParallelConfig | None = None,
                *, allow_head_padding: bool = True,
-               devices: list[jax.Device] | None = None) -> "ParallelDeployment":
+               devices: Sequence[jax.Device] | None = None) -> "Deployment":
+        """Place ``weights`` (any weights dataclass whose fields declare logical axes).
+
+        ``parallel`` None (or one device): a one-device deployment on ``devices[0]``, or on
+        the device that holds the weights.
+        """
+        if parallel is None or parallel.num_devices == 1:
+            device = devices[0] if devices else _weights_device(weights)
+            mesh = make_mesh(_ONE_DEVICE, [device])
+            return cls(parallel=_ONE_DEVICE, mesh=mesh, variants=(SINGLE,), cfg=cfg,
+                       plan=plan_heads(cfg, 1),
+                       weights={SINGLE: jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))})
         mesh = make_mesh(parallel, devices)
         P = parallel.num_devices
         plan = plan_heads(cfg, P, allow_padding=allow_head_padding)
         pcfg = placed_config(cfg, plan)
-        tp = parallel.tensor_parallel_size
-        for name, size in (("intermediate_size", cfg.intermediate_size),):
-            if size % P:
-                raise ValueError(f"{name} {size} is not divisible by {P} devices")
-        if pcfg.num_kv_heads % P or pcfg.num_heads % tp:
+        if cfg.intermediate_size % P:
+            raise ValueError(f"intermediate_size {cfg.intermediate_size} is not divisible by "
+                             f"{P} devices")
+        if pcfg.num_kv_heads % P or pcfg.num_heads % parallel.tensor_parallel_size:
             raise ValueError(f"heads ({pcfg.num_heads} q / {pcfg.num_kv_heads} kv after placement) "
                              f"do not split over {P} devices")
         if plan.changes_model:
@@ -65,12 +86,16 @@ class ParallelDeployment:
         copies = {v: jax.device_put(placed, dataclass_shardings(placed, mesh,
                                                                 variant_rules(v, split_vocab)))
                   for v in parallel.variants}
-        dep = cls(parallel=parallel, mesh=mesh, cfg=pcfg, plan=plan, weights=copies,
-                  split_vocab=split_vocab)
+        dep = cls(parallel=parallel, mesh=mesh, variants=tuple(parallel.variants), cfg=pcfg,
+                  plan=plan, weights=copies, split_vocab=split_vocab)
         dep.log_memory()
         return dep
 
     # ---------------------------------------------------------------- layout
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
     @property
     def cache_sharding(self) -> NamedSharding:
         return kv_cache_sharding(self.mesh)
@@ -79,22 +104,26 @@ class ParallelDeployment:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def cache_shardings(self, cache: KVCache) -> KVCache:
+    def cache_shardings(self, cache: Any) -> Any:
         return jax.tree_util.tree_map(lambda _: self.cache_sharding, cache)
 
-    def weight_shardings(self, variant: str) -> LlamaWeights:
+    def weight_shardings(self, variant: str) -> Any:
         return jax.tree_util.tree_map(lambda x: x.sharding, self.weights[variant])
 
-    def allocate_cache(self, num_pages: int, page_size: int, dtype: Any) -> KVCache:
-        """A zeroed cache created directly in its sharded layout."""
-        shape = (self.cfg.num_kv_heads, num_pages, page_size, self.cfg.head_dim)
-        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding)
-        return KVCache(k=tuple(make() for _ in range(self.cfg.num_layers)),
-                       v=tuple(make() for _ in range(self.cfg.num_layers)), page_size=page_size)
+    def activation_sharding(self, variant: str) -> ActivationSharding | None:
+        """The activation layout of one variant's step (None on one device: no constraints)."""
+        if variant == SINGLE:
+            return None
+        return ActivationSharding(self.mesh, variant, self.split_vocab)
 
-    def options(self, variant: str, base: StepOptions = StepOptions()) -> StepOptions:
-        return dataclasses.replace(base, sharding=ActivationSharding(self.mesh, variant,
-                                                                     self.split_vocab))
+    def allocate_cache(self, num_pages: int, page_size: int, dtype: Any,
+                       num_layers: int | None = None) -> KVCache:
+        """A zeroed cache (per layer K/V [K', P, PS, D]) created directly in its sharded layout."""
+        shape = (self.cfg.num_kv_heads, num_pages, page_size, self.cfg.head_dim)
+        layers = self.cfg.num_layers if num_layers is None else num_layers
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding)
+        return KVCache(k=tuple(make() for _ in range(layers)),
+                       v=tuple(make() for _ in range(layers)), page_size=page_size)
 
     def log_memory(self) -> None:
         """Log each weight copy's bytes on one device (the shift copy's overhead included)."""
@@ -108,23 +137,3 @@ class ParallelDeployment:
             extra = f" (shift keeps both: +{per_device['tp'] / per_device['sp']:.1%} over SP alone)"
         log.info("weights per device: %s; total %.3f GiB%s", msg, total / 2**30, extra)
         self.weight_bytes_per_device = per_device
-
-    # ------------------------------------------------------------------ jit
-    def jit_engine_model_step(self, variant: str, base: StepOptions) -> Callable:
-        """Jitted engine model step for one variant (see ``model_runner.model_step``):
-        ``(weights, cache, token_buffer, packed, layout) -> (cache, logits)``, cache donated."""
-        from arctic_jax.engine.model_runner import model_step
-
-        fn = functools.partial(model_step, cfg=self.cfg, opts=self.options(variant, base))
-        cache_sh, rep = self.cache_sharding, self.replicated
-        return jax.jit(fn, donate_argnums=(1,), static_argnums=(4,),
-                       in_shardings=(self.weight_shardings(variant), cache_sh, rep, rep),
-                       out_shardings=(cache_sh, rep))
-
-    def jit_model_step(self, variant: str, base: StepOptions = StepOptions()) -> Callable:
-        """Jitted ``(weights, cache, batch) -> (logits, cache)`` for one variant; cache donated."""
-        fn = functools.partial(forward, cfg=self.cfg, opts=self.options(variant, base))
-        cache_sh = self.cache_sharding
-        return jax.jit(fn, donate_argnums=(1,),
-                       in_shardings=(self.weight_shardings(variant), cache_sh, self.replicated),
-                       out_shardings=(self.replicated, cache_sh))

@@ -9,18 +9,25 @@ slots are zero heads (zero q and o projections), which change no output.
 
     Llama-3.1-8B (N=32, K=8) on P=8: r = 1, nothing changes.
     SmolLM2 (N=9, K=3) on P=8: r = 8, K' = 24, one q slot per replica, N' = 24 (15 zero heads).
+
+``place_weights`` works on any weights dataclass pytree through the logical
+axes its fields declare (``axes`` metadata, as ``sharding.rules`` reads them):
+it knows no model.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 
 from arctic_jax.config import ConfigError, ModelConfig
-from arctic_jax.models.llama_weights import LayerWeights, LlamaWeights
+from sharding import logical_axes as ax
+
+W = TypeVar("W")
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +86,53 @@ def _take_heads(w, axis: int, source: tuple[int, ...]):
     return out * mask
 
 
-def place_weights(weights: LlamaWeights, cfg: ModelConfig, plan: HeadPlacement) -> LlamaWeights:
-    """Weights of ``placed_config``: KV heads repeated, q heads re-ordered and zero-padded."""
+_Sources = dict[str, tuple[int, tuple[int, ...]]]   # logical axis -> (heads before, source)
+
+
+def _place_array(w: Any, axes: tuple[str | None, ...], name: str, sources: _Sources) -> Any:
+    """``w`` with every head axis (Q_HEADS, KV_HEADS) taken from its ``sources``."""
+    if w.ndim != len(axes):
+        raise ValueError(f"{name}: {w.ndim} dimensions, but its field declares axes {axes}")
+    for logical, (heads, source) in sources.items():
+        for axis in (i for i, a in enumerate(axes) if a == logical):
+            if w.shape[axis] != heads:
+                raise ValueError(f"{name}: {logical} axis {axis} of shape {tuple(w.shape)} has "
+                                 f"{w.shape[axis]} heads, the config has {heads}")
+            w = _take_heads(w, axis, source)
+    return w
+
+
+def _place_tree(tree: Any, name: str, sources: _Sources) -> Any:
+    if dataclasses.is_dataclass(tree):
+        changes = {}
+        for f in dataclasses.fields(tree):
+            value, where = getattr(tree, f.name), f"{name}.{f.name}"
+            if value is None:
+                continue
+            if "axes" in f.metadata:
+                changes[f.name] = _place_array(value, tuple(f.metadata["axes"]), where, sources)
+            elif dataclasses.is_dataclass(value) or isinstance(value, tuple):
+                changes[f.name] = _place_tree(value, where, sources)
+        return dataclasses.replace(tree, **changes)
+    if isinstance(tree, tuple):
+        return tuple(_place_tree(v, f"{name}[{i}]", sources) for i, v in enumerate(tree))
+    raise TypeError(f"{name}: cannot place heads of a {type(tree).__name__} (expected a weights "
+                    "dataclass or a tuple of them)")
+
+
+def place_weights(weights: W, cfg: ModelConfig, plan: HeadPlacement) -> W:
+    """Weights of ``placed_config``, for any weights dataclass pytree.
+
+    Every array whose field declares a Q_HEADS axis has its q heads re-ordered and
+    zero-padded by ``plan.q_source``; every array with a KV_HEADS axis has its KV heads
+    replicated ``plan.kv_replication`` times. Tuple fields (layers) are placed element-wise;
+    other arrays are unchanged.
+    """
     if not plan.changes_model:
         return weights
     log.info("placing heads on %d devices: KV heads replicated x%d, %d zero query heads added",
              plan.num_devices, plan.kv_replication, plan.zero_heads)
     kv_src = tuple(k for k in range(cfg.num_kv_heads) for _ in range(plan.kv_replication))
-
-    def layer(lw: LayerWeights) -> LayerWeights:
-        return dataclasses.replace(
-            lw,
-            q_proj=_take_heads(lw.q_proj, 1, plan.q_source),
-            o_proj=_take_heads(lw.o_proj, 0, plan.q_source),
-            kv_proj=_take_heads(lw.kv_proj, 2, kv_src),
-            q_bias=None if lw.q_bias is None else _take_heads(lw.q_bias, 0, plan.q_source),
-            kv_bias=None if lw.kv_bias is None else _take_heads(lw.kv_bias, 1, kv_src),
-        )
-
-    return dataclasses.replace(weights, layers=tuple(layer(lw) for lw in weights.layers))
+    return _place_tree(weights, type(weights).__name__,
+                       {ax.Q_HEADS: (cfg.num_heads, plan.q_source),
+                        ax.KV_HEADS: (cfg.num_kv_heads, kv_src)})

@@ -254,16 +254,10 @@ def test_http_error_is_reported():
 
 # ----------------------------------------------------------- in-process (CLI)
 def bench_cli(argv):
-    """Parse and run ``arctic-jax bench ARGV`` (a parser of our own: cli.main registers
-    its extra commands in a module-level list, so it cannot run twice in one process)."""
-    import argparse
-
+    """Parse and run ``arctic-jax bench ARGV`` (without ``cli.main``'s logging set-up)."""
     from arctic_jax import cli
-    from arctic_jax.bench.cli_commands import register
 
-    parser = argparse.ArgumentParser(prog="arctic-jax")
-    register(parser.add_subparsers(dest="command", required=True), cli._add_model_args)
-    args = parser.parse_args(["bench", *argv])
+    args = cli.build_parser().parse_args(["bench", *argv])
     return args.func(args)
 
 

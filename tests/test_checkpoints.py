@@ -187,8 +187,9 @@ def test_default_source_is_embedded_smollm2(monkeypatch):
     def fake_load_gguf(p, dtype, progress=True):
         calls.append(p)
         from arctic_jax.config import ModelConfig
+        from arctic_jax.models.registry import LLAMA
         cfg = ModelConfig.from_hf_dict(CFG)
-        shapes = converted_cache.abstract_weights(cfg, dtype)
+        shapes = converted_cache.abstract_weights(LLAMA, cfg, dtype)
         return cfg, jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)
 
     monkeypatch.setattr(gguf_file, "load_gguf", fake_load_gguf)

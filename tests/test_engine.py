@@ -11,10 +11,11 @@ import pytest
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
-from arctic_jax.engine.model_runner import CompileCounter
+from arctic_jax.engine.compile_counter import CompileCounter
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import make_step_fn
 from arctic_jax.models.llama_weights import random_weights
+from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingParams
 
 CFG = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
@@ -56,7 +57,7 @@ def make_engine(weights, **kw):
     base = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, page_size=4,
                 num_pages=96, token_buckets=(8, 16, 32), page_buckets=(32,))
     base.update(kw)
-    return LLMEngine(CFG, weights, CharTokenizer(), EngineConfig(**base))
+    return LLMEngine(LLAMA, CFG, weights, CharTokenizer(), EngineConfig(**base))
 
 
 def run_all(engine, prompts, params):

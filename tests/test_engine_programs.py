@@ -18,6 +18,7 @@ from arctic_jax.config import ModelConfig
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.packing import pack
 from arctic_jax.models.llama_weights import random_weights
+from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingMode
 
 CFG = ModelConfig(vocab_size=211, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -35,7 +36,7 @@ class _Tok:
 @pytest.fixture(scope="module")
 def runner():
     weights = random_weights(CFG, jax.random.PRNGKey(3))
-    engine = LLMEngine(CFG, weights, _Tok(), EngineConfig(
+    engine = LLMEngine(LLAMA, CFG, weights, _Tok(), EngineConfig(
         max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, page_size=8, num_pages=40,
         token_buckets=(32,), page_buckets=(16,), max_logprobs=2, attention_impl="reference"))
     return engine.runner
@@ -47,16 +48,16 @@ def _control_flow(lowered_text: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("contiguous", [False, True])
 def test_model_program_has_no_control_flow_on_cuda(runner, contiguous):
-    inputs = runner._dummy_inputs(32, 16)
+    inputs = runner.inputs.dummy(32, 16)
     flat, layout = pack(inputs.model)
-    traced = runner._jitted["single", contiguous].trace(runner.weights["single"], runner.cache,
-                                                        runner.token_buffer, flat, layout)
+    traced = runner._programs["single", contiguous].trace(runner.weights["single"], runner.cache,
+                                                          runner.token_buffer, flat, layout)
     assert _control_flow(traced.lower(lowering_platforms=("cuda",)).as_text()) == {}
 
 
 @pytest.mark.parametrize("mode", list(SamplingMode))
 def test_sampler_programs_have_no_control_flow_on_cuda(runner, mode):
-    inputs = runner._dummy_inputs(32, 16)
+    inputs = runner.inputs.dummy(32, 16)
     flat, layout = pack(inputs.sampler)
     logits = jax.random.normal(jax.random.PRNGKey(0), (8, CFG.vocab_size), jnp.float32)
     traced = runner._samplers[mode].trace(logits, runner.token_buffer, flat, layout)

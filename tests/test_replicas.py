@@ -233,6 +233,15 @@ class _FailingReplica:
     def abort(self, request_id):
         pass
 
+    def limits(self):
+        return self.engine.limits()
+
+    def validate_prompt(self, prompt_ids):
+        self.engine.validate_prompt(prompt_ids)
+
+    def cached_prefix_tokens(self, prompt_ids):
+        return self.engine.scheduler.allocator.cached_prefix_tokens(prompt_ids)
+
     async def generate(self, prompt_ids, params, request_id):
         if not self.alive:
             raise RuntimeError("the engine is not running")

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
-from arctic_jax.engine.model_runner import CompileCounter
+from arctic_jax.engine.compile_counter import CompileCounter
 from arctic_jax.models.llama_weights import random_weights
+from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingParams
 from test_engine import CFG, CharTokenizer, random_prompts, run_all
 
@@ -33,7 +34,7 @@ def make_engine(weights, **kw):
     base = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, page_size=4,
                 num_pages=96, token_buckets=TOKEN_BUCKETS, page_buckets=(32,))
     base.update(kw)
-    return LLMEngine(CFG, weights, CharTokenizer(), EngineConfig.from_flags(**base))
+    return LLMEngine(LLAMA, CFG, weights, CharTokenizer(), EngineConfig.from_flags(**base))
 
 
 def make_waves(seed):
@@ -103,7 +104,7 @@ def waves():
 @pytest.fixture(scope="module")
 def single_device_outputs(weights, waves):
     engine = make_engine(weights)
-    assert engine.runner.deployment is None
+    assert engine.runner.deployment.variants == ("single",)
     return serve(engine, waves)
 
 

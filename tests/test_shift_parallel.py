@@ -23,7 +23,10 @@ from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import make_step_fn
 from arctic_jax.models.llama_weights import random_weights
 from oracles import rel_err
-from sharding.deployment import ParallelDeployment
+from arctic_jax.attention.strategy import PagedAttention
+from arctic_jax.engine.programs import jit_forward
+from arctic_jax.models.registry import LLAMA
+from sharding.deployment import Deployment
 from sharding.mesh import ParallelConfig, make_mesh, resolve_parallel_config
 from sharding.placement import place_weights, placed_config, plan_heads
 
@@ -179,10 +182,10 @@ class Models:
             self.refs[key] = (logits, written_kv(cache, scenario.written))
         return self.refs[key]
 
-    def deployment(self, name, layout) -> ParallelDeployment:
+    def deployment(self, name, layout) -> Deployment:
         if (name, layout) not in self.deps:
             cfg, w = self.cfg_weights(name)
-            self.deps[name, layout] = ParallelDeployment.create(cfg, w, LAYOUTS[layout])
+            self.deps[name, layout] = Deployment.create(cfg, w, LAYOUTS[layout])
         return self.deps[name, layout]
 
     def program(self, name, layout, variant):
@@ -192,7 +195,7 @@ class Models:
             dep = self.deployment(name, layout)
             cache = dep.allocate_cache(NUM_PAGES, PS, jnp.float32)
             example = make_scenario(dep.cfg.vocab_size, 0).batches[0]
-            self.programs[key] = dep.jit_model_step(variant).lower(
+            self.programs[key] = jit_forward(LLAMA, dep, variant, PagedAttention()).lower(
                 dep.weights[variant], cache, example).compile()
         return self.programs[key]
 
@@ -255,12 +258,12 @@ def smollm2():
 def test_smollm2_matches_single_device(smollm2, layout):
     """The embedded SmolLM2 (9 q / 3 kv heads: 24 q / 24 kv on 8 devices), prefill then mixed."""
     model, batches, counts, slots, ref_logits, ref_kv = smollm2
-    dep = ParallelDeployment.create(model.config, model.weights, LAYOUTS[layout])
+    dep = Deployment.create(model.config, model.weights, LAYOUTS[layout])
     assert (dep.cfg.num_heads, dep.cfg.num_kv_heads, dep.plan.zero_heads) == (24, 24, 15)
     for variant in LAYOUTS[layout].variants:
         cache = stale_cache(dep.cfg.num_kv_heads, model.config, np.random.default_rng(3),
                             dep.cache_sharding)
-        logits, cache = run_steps(dep.jit_model_step(variant), dep.weights[variant], cache,
+        logits, cache = run_steps(jit_forward(LLAMA, dep, variant, PagedAttention()), dep.weights[variant], cache,
                                   batches, counts)
         assert_matches_reference(logits, cache, ref_logits, ref_kv, slots,
                                  dep.plan.kv_replication, f"SmolLM2 {layout}/{variant}")
@@ -421,7 +424,7 @@ def test_sp_projects_only_its_own_tokens(models, layout):
 def test_bad_parallel_configurations_fail_clearly(models):
     cfg, w = models.cfg_weights("gqa4")
     with pytest.raises(ConfigError, match=r"16 devices requested, but only 8 are visible"):
-        ParallelDeployment.create(cfg, w, ParallelConfig(4, 4, "shift"))
+        Deployment.create(cfg, w, ParallelConfig(4, 4, "shift"))
     with pytest.raises(ConfigError, match=r"16 devices requested"):
         make_mesh(ParallelConfig(2, 8, "sp"))
     with pytest.raises(ConfigError, match=r"parallel mode must be tp, sp or shift, got 'ring'"):
@@ -457,10 +460,10 @@ def test_heads_or_mlp_that_cannot_split_fail_clearly():
         plan_heads(smol, 8, allow_padding=False)
     w = random_weights(smol, jax.random.key(1))
     with pytest.raises(ConfigError, match=r"without zero-padding"):
-        ParallelDeployment.create(smol, w, ParallelConfig(1, 8, "tp"), allow_head_padding=False)
+        Deployment.create(smol, w, ParallelConfig(1, 8, "tp"), allow_head_padding=False)
     odd = dataclasses.replace(smol, num_heads=8, num_kv_heads=2, intermediate_size=100)
     with pytest.raises(ValueError, match=r"intermediate_size 100 is not divisible by 8 devices"):
-        ParallelDeployment.create(odd, random_weights(odd, jax.random.key(2)),
+        Deployment.create(odd, random_weights(odd, jax.random.key(2)),
                                   ParallelConfig(2, 4, "shift"))
     with pytest.raises(ConfigError, match=r"at least one device"):
         plan_heads(smol, 0)

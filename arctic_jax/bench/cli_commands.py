@@ -13,17 +13,19 @@ import os
 import logging
 import math
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from arctic_jax.bench import report as rep
 from arctic_jax.bench import workload as wl
+from arctic_jax.cli_args import add_model_args, engine_kwargs, parse_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESULTS = "benchmarks/RESULTS.md"
 
 
-def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
+    """Add ``bench`` to the subparsers ``sub``."""
     p = sub.add_parser("bench", help="benchmark latency and throughput (in-process or over HTTP)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -158,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         replicas, model_name, meta = _build_engines(args)
         engine = replicas[0]
-        vocab = engine.cfg.vocab_size
+        vocab = engine.limits().vocab_size
         if args.vocab_size is not None:
             if not 1 <= args.vocab_size <= vocab:
                 raise ValueError(f"--vocab-size must be in [1, {vocab}] for this model")
@@ -215,9 +217,10 @@ def _with_suffix(path: str, suffix: str) -> str:
 
 def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
     """The in-process engine (or ``--data-parallel-size`` replicas), its name and metadata."""
-    from arctic_jax.bench import runner
-    from arctic_jax.cli import engine_kwargs, parse_dtype
+    import jax
+
     from arctic_jax.attention.dispatch import default_attention_impl
+    from arctic_jax.bench import runner
     from arctic_jax.engine.replicas import build_engines
 
     kwargs = engine_kwargs(args)
@@ -239,5 +242,6 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
     config = {k: v for k, v in config.items() if v is not None}
     driver = "in-process AsyncEngine" if dp == 1 else f"in-process, {dp} data-parallel replicas"
     meta = {"driver": driver, "engine_config": config, "data_parallel_size": dp,
-            "dtype": str(next(iter(engine.runner.weights.values())).embed.dtype), **runner.device_info()}
+            "dtype": str(jax.tree_util.tree_leaves(engine.runner.weights)[0].dtype),
+            **runner.device_info()}
     return replicas, name, meta

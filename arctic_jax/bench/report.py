@@ -150,6 +150,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"total (in+out) tokens/s: {_fmt(report['total_token_throughput'], 1)}   "
         f"tokens in/out: {report['total_input_tokens']}/{report['total_output_tokens']}",
     ]
+    spec = report["info"].get("speculation")
+    if spec:
+        by_pos = " ".join(f"{r:.2f}" for r in spec["acceptance_rate_by_position"])
+        lines.append(f"speculation: drafted {spec['num_drafted_tokens']} tokens, accepted "
+                     f"{spec['num_accepted_tokens']} ({spec['acceptance_rate']:.1%}); acceptance by "
+                     f"position: {by_pos or '-'}; mean tokens per step per request: "
+                     f"{spec['mean_tokens_per_step']:.2f}")
     if report["num_failed"]:
         lines.append(f"FAILED: {report['num_failed']} requests; e.g. {report['errors'][:3]}")
     if report["length_mismatches"]:

@@ -184,7 +184,7 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
     import jax
 
     from arctic_jax.engine.engine import EngineConfig, LLMEngine
-    from arctic_jax.models.llama_weights import random_weights
+    from arctic_jax.models.registry import spec_by_name
     from checkpoints.loader import default_dtype
 
     if isinstance(shape, str):
@@ -195,8 +195,9 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
     else:
         cfg, name = shape, "random-weights:custom"
     dtype = default_dtype() if dtype is None else dtype
-    weights = random_weights(cfg, jax.random.PRNGKey(seed), dtype=dtype)
-    engine = LLMEngine(cfg, weights, TokenIdTokenizer(),
+    spec = spec_by_name("llama")
+    weights = spec.random_weights(cfg, jax.random.PRNGKey(seed), dtype=dtype)
+    engine = LLMEngine(spec, cfg, weights, TokenIdTokenizer(),
                        EngineConfig.from_flags(**engine_kwargs), dtype=dtype)
     return engine, name
 
@@ -233,9 +234,10 @@ def warmup_engine(engine: Any, *, progress: bool = True) -> float:
 
 def _probe_request(engine: Any, index: int) -> BenchRequest:
     """A short untimed request with fresh random tokens (no prefix shared with the workload)."""
-    n = max(1, min(8, engine.sched_config.max_model_len - 3))
+    limits = engine.limits()
+    n = max(1, min(8, limits.max_model_len - 3))
     rng = np.random.default_rng()
-    prompt = tuple(int(t) for t in rng.integers(0, engine.cfg.vocab_size, size=n))
+    prompt = tuple(int(t) for t in rng.integers(0, limits.vocab_size, size=n))
     return BenchRequest(index=index, prompt=prompt, max_tokens=2, ignore_eos=True)
 
 
@@ -272,7 +274,7 @@ def tokenize_requests(requests: Sequence[BenchRequest], tokenizer: Any) -> list[
 
 def check_fits(requests: Sequence[BenchRequest], engine: Any) -> None:
     """Fail before timing if a request cannot run to its full length on this engine."""
-    max_len = engine.sched_config.max_model_len
+    max_len = engine.limits().max_model_len
     for r in requests:
         try:
             engine.validate_prompt(r.prompt)
@@ -294,8 +296,9 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
     ``info`` of the result holds the number of XLA compilations during the run
     (0 when every bucket was compiled by ``warmup_engine``).
     """
-    from arctic_jax.engine.model_runner import CompileCounter
+    from arctic_jax.engine.compile_counter import CompileCounter
     from arctic_jax.engine.replicas import ReplicaRouter, serving_front
+    from arctic_jax.speculative.stats import SpeculationStats
 
     engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
     requests = tokenize_requests(requests, engines[0].tokenizer)
@@ -307,6 +310,8 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
             probe = await _send(InProcessDriver(a), _probe_request(engines[i], -1 - i))
             if probe.error:
                 raise RuntimeError(f"the untimed probe request failed: {probe.error}")
+        for e in engines:   # count the timed requests' speculation only
+            e.spec_stats = SpeculationStats()
         return await run_load(InProcessDriver(front), requests, concurrency=concurrency,
                               arrival_offsets=arrival_offsets)
 
@@ -324,6 +329,11 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
             raise RuntimeError(f"the engine failed during the benchmark: {a.error}")
     result.info["xla_compiles_during_run"] = counter.count
     result.info["replicas"] = len(engines)
+    if any(e.proposer is not None for e in engines):
+        stats = SpeculationStats()
+        for e in engines:
+            stats = stats.merge(e.spec_stats)
+        result.info["speculation"] = stats.as_dict()
     if isinstance(front, ReplicaRouter):
         result.info["requests_per_replica"] = list(front.routed)
     return result

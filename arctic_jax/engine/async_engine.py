@@ -2,6 +2,7 @@
 
 The engine thread owns the engine; other threads talk to it only through a
 command queue. Each request gets an asyncio queue of ``RequestOutput``s.
+``AsyncEngine`` implements ``arctic_jax.engine.front.EngineFront``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import queue
 import threading
 from typing import AsyncIterator, Sequence
 
+from prometheus_client import CollectorRegistry
+
 from arctic_jax.engine.engine import LLMEngine
+from arctic_jax.engine.front import EngineLimits, QueueFullError
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
 
@@ -24,10 +28,6 @@ def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
         q.put_nowait(item)
 
 
-class QueueFullError(RuntimeError):
-    """Too many requests are queued; retry later."""
-
-
 @dataclasses.dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -35,9 +35,13 @@ class _Stream:
 
 
 class AsyncEngine:
+    """One ``LLMEngine`` on its own thread, as an ``EngineFront``; ``max_queue`` bounds the
+    requests in flight (more raise ``QueueFullError``)."""
+
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine = engine
         self.max_queue = max_queue
+        self._limits: EngineLimits = engine.limits()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}   # client side: requests in flight (under _lock)
         self._live: dict[str, _Stream] = {}      # engine thread only: requests the engine holds
@@ -72,11 +76,32 @@ class AsyncEngine:
         """The engine's metrics in Prometheus text form."""
         return self.engine.metrics.render()
 
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The engine's Prometheus registry (collecting it is thread-safe)."""
+        return self.engine.metrics.registry
+
+    def limits(self) -> EngineLimits:
+        return self._limits
+
+    def validate_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Raise ValueError for a prompt that can never run (reads fixed limits only)."""
+        self.engine.validate_prompt(prompt_ids)
+
+    def cached_prefix_tokens(self, prompt_ids: Sequence[int]) -> int:
+        """Leading tokens of ``prompt_ids`` whose KV pages the engine holds in its prefix cache.
+
+        A routing hint, safe to ask from any thread without stopping the engine: the lookup
+        only hashes the prompt and reads the cache's hash -> page dict one key at a time (each
+        read atomic), taking no references. The answer may be stale by the time it is used.
+        """
+        return self.engine.scheduler.allocator.cached_prefix_tokens(prompt_ids)
+
     # ------------------------------------------------------------ clients
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; leaving the iterator early aborts it."""
-        self.engine.validate_prompt(prompt_ids)
+        self.validate_prompt(prompt_ids)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if not self.alive:  # checked under the lock the failure broadcast takes

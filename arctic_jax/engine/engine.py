@@ -17,18 +17,18 @@ import jax.numpy as jnp
 
 from arctic_jax.attention.dispatch import (PALLAS_IMPLS, cudnn_attention_supported,
                                            default_attention_impl)
-from arctic_jax.attention.strategy import PagedAttention
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine.detokenizer import IncrementalDetokenizer
 from arctic_jax.engine.metrics import EngineMetrics
 from arctic_jax.engine.model_runner import ModelRunner
 from arctic_jax.engine.request import FinishReason, Request, RequestOutput
-from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, StepUpdate
 from arctic_jax.kv_cache import bytes_per_page
-from arctic_jax.models.llama import StepOptions
-from arctic_jax.models.llama_weights import LlamaWeights
 from arctic_jax.pytree import tree_nbytes
-from arctic_jax.sampling import SamplingParams
+from arctic_jax.sampling import GREEDY_TEMPERATURE, SamplingParams
+from arctic_jax.speculative.config import SpeculativeConfig
+from arctic_jax.speculative.proposer import make_proposer
+from arctic_jax.speculative.stats import SpeculationStats
 from sharding.mesh import ParallelConfig, resolve_parallel_config
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class EngineConfig:
     # 0: never; None: DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS with Pallas attention on a GPU.
     contiguous_prefill_min_tokens: int | None = None
     kv_cache_dtype: str = "auto"     # "auto": the model's dtype; "fp8": float8_e4m3fn (half the bytes)
+    speculative_config: SpeculativeConfig | None = None   # None: no speculative decoding
 
     def __post_init__(self) -> None:
         resolve_kv_cache_dtype(self.kv_cache_dtype, jnp.float32)  # fails early on a bad name
@@ -76,6 +77,8 @@ class EngineConfig:
         unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
+        if kwargs.get("speculative_config") is not None:
+            kwargs["speculative_config"] = SpeculativeConfig.coerce(kwargs["speculative_config"])
         parallel = resolve_parallel_config(tensor_parallel_size, sequence_parallel_size,
                                            enable_shift_parallel, shift_parallel_threshold,
                                            parallel_mode)
@@ -184,28 +187,36 @@ def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
 class LLMEngine:
     """Synchronous engine core. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, tokenizer: Any,
+    def __init__(self, spec: Any, cfg: ModelConfig, weights: Any, tokenizer: Any,
                  config: EngineConfig = EngineConfig(), *, dtype: Any = None):
+        """``spec``: the model's ``ModelSpec`` (its step and head functions); ``weights``: a
+        pytree of its weights class for ``cfg``."""
+        self.spec = spec
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.config = config
-        dtype = dtype or weights.embed.dtype
+        dtype = dtype or jax.tree_util.tree_leaves(weights)[0].dtype
         kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
         self.sched_config = resolve_scheduler_config(cfg, config, kv_dtype, tree_nbytes(weights))
         eos = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.scheduler = Scheduler(self.sched_config, eos_token_ids=eos)
-        opts = StepOptions(attention=PagedAttention(config.attention_impl
-                                                    or default_attention_impl()))
-        self.runner = ModelRunner(cfg, weights, self.sched_config, dtype=kv_dtype, opts=opts,
+        attention_impl = config.attention_impl or default_attention_impl()
+        spec_cfg = config.speculative_config
+        self.proposer = make_proposer(spec_cfg) if spec_cfg is not None else None
+        rows_per_seq = 1 + spec_cfg.num_speculative_tokens if spec_cfg is not None else 1
+        self.runner = ModelRunner(spec, cfg, weights, self.sched_config, dtype=kv_dtype,
+                                  attention_impl=attention_impl,
                                   num_top_logprobs=config.max_logprobs,
                                   token_buckets=config.token_buckets,
                                   page_buckets=config.page_buckets,
                                   parallel=config.parallel,
                                   contiguous_prefill_min_tokens=resolve_contiguous_prefill(
-                                      config, opts.attention.impl, dtype, cfg.head_dim))
+                                      config, attention_impl, dtype, cfg.head_dim),
+                                  max_logits_rows=self.sched_config.max_num_seqs * rows_per_seq)
         self.metrics = EngineMetrics()
+        self.spec_stats = SpeculationStats()
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[ScheduledStep, Any, str] | None = None
         self._counter = 0
@@ -245,6 +256,8 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort(request_id)
         self._detok.pop(request_id, None)
+        if request is not None and self.proposer is not None:
+            self.proposer.on_finish(request)
         if request is not None:
             self.metrics.on_finish(request)
             self.metrics.on_step(self.scheduler)  # keep gauges right when no step follows
@@ -253,44 +266,125 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
+    def limits(self) -> Any:
+        """The fixed request limits, an ``arctic_jax.engine.front.EngineLimits``."""
+        from arctic_jax.engine.front import EngineLimits
+
+        return EngineLimits(vocab_size=self.cfg.vocab_size,
+                            max_model_len=self.sched_config.max_model_len,
+                            max_logprobs=self.config.max_logprobs,
+                            max_num_seqs=self.sched_config.max_num_seqs)
+
     # ----------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:
-        """Launch the next step, then finish the previous one; returns its outputs."""
+        """Launch the next step, then finish the previous one; returns its outputs.
+
+        Steps overlap: step n+1 is launched before step n's tokens are read. A request that
+        may speculate needs its last token on the host to propose drafts, and a verify step
+        decides the next positions, so when the step in flight samples for such a request
+        it is read first (see ``_read_first``).
+        """
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and self._read_first(self._inflight[0]):
+            outputs = self._finish_step(*self._inflight)
+            self._inflight = None
+        self._propose()
         step = self.scheduler.schedule()
         launched = None
         if step.chunks:
             packed, variant = self.runner.dispatch(step)
             launched = (step, packed, variant)
-        outputs: list[RequestOutput] = []
         if self._inflight is not None:
             outputs = self._finish_step(*self._inflight)
         self._inflight = launched
         self.metrics.on_step(self.scheduler)
         return outputs
 
+    def _may_speculate(self, request: Request) -> bool:
+        """Greedy requests speculate when a proposer is configured (sampled ones do not yet)."""
+        return self.proposer is not None and request.params.temperature < GREEDY_TEMPERATURE
+
+    def _read_first(self, inflight: ScheduledStep) -> bool:
+        """Whether to read the step in flight before scheduling the next: it samples for a
+        request that may speculate. Steps of requests that do not speculate keep overlapping."""
+        return self.proposer is not None and any(
+            c.sample and self._may_speculate(c.request) for c in inflight.chunks)
+
+    def _propose(self) -> None:
+        """Ask the proposer for drafts for running requests whose next chunk is a decode with
+        its last token known on the host."""
+        if self.proposer is None:
+            return
+        ready = [r for r in self.scheduler.running
+                 if self._may_speculate(r) and not r.pending and r.num_computed == r.num_tokens - 1]
+        if not ready:
+            return
+        k = self.config.speculative_config.num_speculative_tokens
+        for request, draft in zip(ready, self.proposer.propose(ready, k)):
+            request.spec_tokens = list(draft)
+
     def _finish_step(self, step: ScheduledStep, packed: Any, variant: str) -> list[RequestOutput]:
-        num_rows = sum(c.sample for c in step.chunks)
-        result = self.runner.fetch(packed, num_rows)
+        result = self.runner.fetch(packed, step.num_logits)
         now = time.monotonic()
-        touched = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs)
-        self.metrics.on_tokens(len(touched), step.num_tokens, variant)
+        update = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs)
+        if self.proposer is not None:
+            self._record_speculation(step, update)
         outputs = []
-        for request in touched:
+        num_generated = 0
+        for request in update.touched:
             detok = self._detok.get(request.request_id)
             if detok is None:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
                 self.metrics.on_first_token(request)
-            new_ids = request.output_ids[detok.num_tokens:]
-            detok.add(new_ids)
-            if detok.stopped and not request.finished:
-                self.scheduler.finish(request, FinishReason.STOP)
+            new_ids = self._detokenize(request, detok)
+            num_generated += len(new_ids)
+            if self.proposer is not None:
+                self.proposer.on_tokens(request, new_ids)
             outputs.append(self._output(request, detok, len(new_ids)))
             if request.finished:
-                self.metrics.on_finish(request)
-                del self._detok[request.request_id]
+                self._on_finish(request)
+        self.metrics.on_tokens(num_generated, step.num_tokens, variant)
         return outputs
+
+    def _detokenize(self, request: Request, detok: IncrementalDetokenizer) -> list[int]:
+        """Feed the request's new tokens to its detokenizer, one at a time when a stop string
+        may land inside a run of several; a stop string ends the request there and the tokens
+        after it are dropped. Returns the tokens kept."""
+        new_ids = request.output_ids[detok.num_tokens:]
+        if len(new_ids) <= 1 or not detok.stop:
+            detok.add(new_ids)
+        else:
+            for i, token in enumerate(new_ids):
+                detok.add([token])
+                if detok.stopped:
+                    if i + 1 < len(new_ids):   # without speculation the later ones never existed
+                        new_ids = new_ids[:i + 1]
+                        request.truncate_output(detok.num_tokens)
+                        request.finish_reason = FinishReason.STOP if request.finished else None
+                    break
+        if detok.stopped and not request.finished:
+            self.scheduler.finish(request, FinishReason.STOP)
+        return new_ids
+
+    def _record_speculation(self, step: ScheduledStep, update: StepUpdate) -> None:
+        verified = {id(v.request) for v in update.verified}
+        plain = sum(1 for c in step.chunks
+                    if c.sample and not c.draft and id(c.request) not in verified
+                    and self._may_speculate(c.request))
+        for v in update.verified:
+            self.spec_stats.on_verified(v.drafted, v.accepted, v.emitted)
+            self.metrics.on_verified(v.drafted, v.accepted, v.emitted)
+        if plain:
+            self.spec_stats.on_plain_decode(plain)
+            self.metrics.on_plain_decode(plain)
+
+    def _on_finish(self, request: Request) -> None:
+        self.metrics.on_finish(request)
+        del self._detok[request.request_id]
+        if self.proposer is not None:
+            self.proposer.on_finish(request)
 
     def _output(self, request: Request, detok: IncrementalDetokenizer, n_new: int) -> RequestOutput:
         n = len(request.output_ids)

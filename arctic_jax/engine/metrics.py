@@ -35,6 +35,26 @@ class EngineMetrics:
                                    ["variant"], registry=r)
         self.finished = Counter("arctic_requests_finished", "Finished requests", ["reason"],
                                 registry=r)
+        # Speculative decoding (present, at zero, when speculation is off).
+        self.spec_drafts = Counter("arctic_spec_decode_num_drafts",
+                                   "Request-steps that verified a draft", registry=r)
+        self.spec_draft_tokens = Counter("arctic_spec_decode_num_draft_tokens",
+                                         "Draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter("arctic_spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted", registry=r)
+        self.spec_drafted_per_pos = Counter(
+            "arctic_spec_decode_num_draft_tokens_per_pos",
+            "Draft tokens verified at each draft position (0 = first)", ["position"], registry=r)
+        self.spec_accepted_per_pos = Counter(
+            "arctic_spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0 = first)", ["position"], registry=r)
+        self.spec_request_steps = Counter(
+            "arctic_spec_decode_request_steps",
+            "Decode steps of requests that may speculate (with or without a draft)", registry=r)
+        self.spec_emitted_tokens = Counter(
+            "arctic_spec_decode_emitted_tokens",
+            "Tokens those request-steps produced (mean tokens per step = this / request_steps)",
+            registry=r)
 
     def on_arrival(self, request: Request) -> None:
         self.prompt_tokens.inc(len(request.prompt_ids))
@@ -46,6 +66,23 @@ class EngineMetrics:
         self.generated.inc(num_generated)
         self.steps.labels(variant).inc()
         self.step_tokens.labels(variant).inc(num_step_tokens)
+
+    def on_verified(self, drafted: int, accepted: int, emitted: int) -> None:
+        """One request-step verified ``drafted`` drafts, accepted ``accepted``, kept ``emitted``."""
+        self.spec_drafts.inc()
+        self.spec_draft_tokens.inc(drafted)
+        self.spec_accepted_tokens.inc(accepted)
+        for i in range(drafted):
+            self.spec_drafted_per_pos.labels(str(i)).inc()
+        for i in range(accepted):
+            self.spec_accepted_per_pos.labels(str(i)).inc()
+        self.spec_request_steps.inc()
+        self.spec_emitted_tokens.inc(emitted)
+
+    def on_plain_decode(self, num_steps: int) -> None:
+        """Request-steps of speculating requests that had no draft (one token each)."""
+        self.spec_request_steps.inc(num_steps)
+        self.spec_emitted_tokens.inc(num_steps)
 
     def on_finish(self, request: Request) -> None:
         now = time.monotonic()

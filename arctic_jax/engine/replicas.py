@@ -2,8 +2,8 @@
 
 ``build_replicas`` makes ``N`` one-device ``LLMEngine``s, replica i on device i.
 ``ReplicaRouter`` puts ``AsyncEngine``s (one engine thread each) behind the
-interface of a single ``AsyncEngine`` (``generate``, ``abort``, ``alive``,
-``render_metrics`` ...), so the server and the bench drive either the same way.
+``EngineFront`` protocol a single ``AsyncEngine`` implements (``generate``, ``abort``,
+``alive``, ``render_metrics`` ...), so the server and the bench drive either the same way.
 
 Routing: each request goes to the replica with the fewest requests in flight,
 unless another replica holds a longer cached prefix of the prompt (full KV
@@ -22,25 +22,20 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
+from arctic_jax.engine.async_engine import AsyncEngine
+from arctic_jax.engine.front import EngineFront, EngineLimits, QueueFullError
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-def pin_to_device(engine: Any, device: Any) -> Any:
-    """Commit a one-device engine's weights, cache and token buffer to ``device``.
-
-    Its steps then run there whatever the default device. Call before warming it up.
-    """
-    import jax
-
-    r = engine.runner
-    if r.deployment is not None:
-        raise ValueError("pin_to_device is for one-device engines, not parallel deployments")
-    r.weights, r.cache, r.token_buffer = jax.device_put((r.weights, r.cache, r.token_buffer),
-                                                        device)
+def _check_on_device(engine: Any, device: Any) -> Any:
+    """A one-device engine is placed where its weights were made (under ``jax.default_device``);
+    check that this is ``device``."""
+    placed = list(engine.runner.deployment.mesh.devices.flat)
+    if placed != [device]:
+        raise RuntimeError(f"replica meant for {device} was placed on {placed}")
     return engine
 
 
@@ -71,7 +66,7 @@ def build_replicas(build: Callable[[dict], tuple[Any, Any]], engine_kwargs: dict
             kwargs["num_pages"] = engines[0].sched_config.num_pages
         with jax.default_device(device):
             engine, extra = build(kwargs)
-        engines.append(pin_to_device(engine, device))
+        engines.append(_check_on_device(engine, device))
     return engines, extra
 
 
@@ -85,7 +80,7 @@ def build_engines(build: Callable[[dict], tuple[Any, Any]], engine_kwargs: dict,
     return build_replicas(build, engine_kwargs, data_parallel_size)
 
 
-def serving_front(engines: Sequence[Any], max_queue: int | None = None) -> "EngineFront":
+def serving_front(engines: Sequence[Any], max_queue: int | None = None) -> EngineFront:
     """``AsyncEngine`` threads (not started) for ``engines``, behind a ``ReplicaRouter``
     when there are several; ``max_queue`` bounds the requests in flight over all of them."""
     if len(engines) == 1:
@@ -149,11 +144,13 @@ class ReplicaRouter:
         self._load = [0] * len(self.replicas)
         self.routed = [0] * len(self.replicas)   # requests sent to each replica so far
 
-    # ------------------------------------------------ the AsyncEngine interface
-    @property
-    def engine(self) -> Any:
-        """Replica 0's ``LLMEngine`` (all replicas share its model and limits)."""
-        return self.replicas[0].engine
+    # ------------------------------------------------ the EngineFront protocol
+    def limits(self) -> EngineLimits:
+        """Replica 0's limits (all replicas share its model and limits)."""
+        return self.replicas[0].limits()
+
+    def validate_prompt(self, prompt_ids: Sequence[int]) -> None:
+        self.replicas[0].validate_prompt(prompt_ids)
 
     @property
     def alive(self) -> bool:
@@ -180,12 +177,12 @@ class ReplicaRouter:
         return len(self._owner)
 
     def render_metrics(self) -> bytes:
-        return merged_metrics([r.engine.metrics.registry for r in self.replicas])
+        return merged_metrics([r.metrics_registry for r in self.replicas])
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream one request from the replica ``pick`` chooses; leaving early aborts it."""
-        self.engine.validate_prompt(prompt_ids)
+        self.validate_prompt(prompt_ids)
         if not self.alive:
             raise RuntimeError("the engine is not running")
         if self.max_queue is not None and len(self._owner) >= self.max_queue:
@@ -237,8 +234,4 @@ class ReplicaRouter:
         return best
 
     def _cached_tokens(self, prompt_ids: Sequence[int], replicas: Sequence[int]) -> dict[int, int]:
-        return {i: self.replicas[i].engine.scheduler.allocator.cached_prefix_tokens(prompt_ids)
-                for i in replicas}
-
-
-EngineFront = AsyncEngine | ReplicaRouter   # what the server and the bench drive
+        return {i: self.replicas[i].cached_prefix_tokens(prompt_ids) for i in replicas}

@@ -47,6 +47,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    spec_tokens: list[int] = dataclasses.field(default_factory=list)  # drafts for the next step
 
     @property
     def all_ids(self) -> list[int]:
@@ -60,6 +61,10 @@ class Request:
         if start >= n_prompt:
             return self.output_ids[start - n_prompt:end - n_prompt]
         return self.prompt_ids[start:] + self.output_ids[:end - n_prompt]
+
+    def truncate_output(self, n: int) -> None:
+        """Keep only the first ``n`` output tokens (and their logprobs)."""
+        del self.output_ids[n:], self.output_logprobs[n:], self.top_logprobs[n:]
 
     @property
     def num_known(self) -> int:

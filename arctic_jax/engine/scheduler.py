@@ -9,6 +9,18 @@ The engine overlaps steps: step n+1 is scheduled before step n's sampled
 tokens reach the host. A request's newest token may therefore be *pending*
 (known only on the device); a decode of it reads the token from the device
 token buffer row ``request.token_slot``.
+
+Speculative decoding: drafts are scheduled tokens. A request whose next chunk
+reaches its last token and has no pending token may carry the draft tokens in
+``request.spec_tokens``: the chunk becomes [..., last, d1..dk] at consecutive
+positions, pages are reserved for all of them, and logits come back for the
+last token and every draft (1 + k rows). ``update`` accepts drafts while each
+equals the target's own token (greedy verification), appends the accepted
+drafts plus the target's next token, and rolls ``num_computed`` back by the
+rejected drafts; their KV slots are simply overwritten later. Only verified
+tokens are ever registered in the prefix cache. While a verify step is in
+flight its request has nothing to schedule (``num_computed`` is ahead of the
+known tokens), so it is skipped until the result is read.
 """
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ from typing import Iterable, Sequence
 
 from arctic_jax.engine.page_allocator import OutOfPagesError, PageAllocator
 from arctic_jax.engine.request import FinishReason, Request, RequestStatus
+from arctic_jax.speculative.verify import greedy_accept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +67,12 @@ class ScheduledChunk:
     host_tokens: tuple[int, ...]   # token ids; the last is a placeholder when from_slot
     from_slot: bool                # the last token is read from the device token buffer
     sample: bool                   # this chunk reaches the end: sample the next token
+    draft: tuple[int, ...] = ()    # draft tokens appended after the last token (verify them)
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows this chunk asks for: 0, 1 (sample), or 1 + k (verify k drafts)."""
+        return 1 + len(self.draft) if self.sample else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +83,34 @@ class ScheduledStep:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_logits(self) -> int:
+        return sum(c.num_logits for c in self.chunks)
+
+    @property
+    def verifies(self) -> bool:
+        """True when some chunk carries drafts (its request waits for this step's result)."""
+        return any(c.draft for c in self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """The outcome of one verified chunk: drafts sent, drafts accepted, tokens kept (after a
+    stop inside the accepted run, fewer than accepted + 1)."""
+
+    request: Request
+    drafted: int
+    accepted: int
+    emitted: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepUpdate:
+    """What ``Scheduler.update`` did: requests that received tokens, and each verified chunk."""
+
+    touched: list[Request]
+    verified: list[Verified]
 
 
 class Scheduler:
@@ -119,13 +166,16 @@ class Scheduler:
             request = self.running[i]
             n = min(self._tokens_to_compute(request), budget)
             if n <= 0:
+                request.spec_tokens = []
                 i += 1
                 continue
-            if not self._reserve_pages(request, request.num_computed + n, preempted, scheduled_ids):
+            draft = self._draft_for(request, n, budget)
+            end = request.num_computed + n + len(draft)
+            if not self._reserve_pages(request, end, preempted, scheduled_ids):
                 continue  # request itself was preempted; running[i] is now the next one
-            chunks.append(self._make_chunk(request, n))
+            chunks.append(self._make_chunk(request, n, draft))
             scheduled_ids.add(request.request_id)
-            budget -= n
+            budget -= n + len(draft)
             i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -140,6 +190,18 @@ class Scheduler:
             scheduled_ids.add(request.request_id)
             budget -= n
         return ScheduledStep(chunks=tuple(chunks), preempted=tuple(preempted))
+
+    def _draft_for(self, request: Request, n: int, budget: int) -> tuple[int, ...]:
+        """The proposed drafts this chunk can carry (consumed: a request proposes anew each
+        step). Drafts need a chunk that reaches the last token, with no token pending, and
+        are capped by the budget, ``max_tokens`` and the model length (every verified run
+        emits accepted + 1 tokens)."""
+        draft, request.spec_tokens = request.spec_tokens, []
+        if not draft or request.pending or request.num_computed + n != request.num_tokens:
+            return ()
+        room = min(budget - n, request.params.max_tokens - request.num_generated - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        return tuple(draft[:max(room, 0)])
 
     def _tokens_to_compute(self, request: Request) -> int:
         if request.num_generated >= request.params.max_tokens:
@@ -200,18 +262,19 @@ class Scheduler:
         self.running.append(request)
         return True
 
-    def _make_chunk(self, request: Request, n: int) -> ScheduledChunk:
+    def _make_chunk(self, request: Request, n: int, draft: tuple[int, ...] = ()) -> ScheduledChunk:
         start = request.num_computed
         end = start + n
         known = request.num_known
         from_slot = end > known  # the last token is still pending on the device
         host = tuple(request.known_tokens(start, min(end, known))) + ((0,) if from_slot else ())
         sample = end == request.num_tokens
-        request.num_computed = end
+        request.num_computed = end + len(draft)
         if sample:
             request.pending += 1
-        return ScheduledChunk(request=request, start=start, num_tokens=n, host_tokens=host,
-                              from_slot=from_slot, sample=sample)
+        return ScheduledChunk(request=request, start=start, num_tokens=n + len(draft),
+                              host_tokens=host + draft, from_slot=from_slot, sample=sample,
+                              draft=draft)
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's pages; it is recomputed from scratch later."""
@@ -233,38 +296,48 @@ class Scheduler:
     # ----------------------------------------------------------------- update
     def update(self, step: ScheduledStep, tokens: Sequence[int],
                logprobs: Sequence[float] | None = None,
-               top_logprobs: Sequence[Sequence[tuple[int, float]]] | None = None
-               ) -> list[Request]:
-        """Apply one step's sampled tokens (one per sampling chunk, in order).
+               top_logprobs: Sequence[Sequence[tuple[int, float]]] | None = None) -> StepUpdate:
+        """Apply one step's sampled tokens: ``chunk.num_logits`` rows per chunk, in order.
 
-        Returns the requests that received a token (finished ones included).
+        A plain chunk appends its one token. A verify chunk appends its accepted drafts and
+        the target's next token, and rolls ``num_computed`` back by the rejected drafts.
+        Tokens after a stop (EOS, stop token, ``max_tokens``, model length) are dropped.
         """
-        touched = []
+        touched, verified = [], []
         row = 0
         for chunk in step.chunks:
             request = chunk.request
             if not chunk.sample:
                 self._register_pages(request)
                 continue
-            token = int(tokens[row])
-            lp = None if logprobs is None else float(logprobs[row])
-            top = None if top_logprobs is None else list(top_logprobs[row])
-            row += 1
+            rows = range(row, row + chunk.num_logits)
+            row += chunk.num_logits
             if request.finished:
                 continue
-            request.pending -= 1  # a request preempted meanwhile keeps the token and recomputes later
-            request.output_ids.append(token)
-            if lp is not None:
-                request.output_logprobs.append(lp)
-            if top is not None and request.params.logprobs:
-                request.top_logprobs.append(top)
+            request.pending -= 1  # a request preempted meanwhile keeps the tokens, recomputes later
+            targets = [int(tokens[r]) for r in rows]
+            accepted = greedy_accept(chunk.draft, targets) if chunk.draft else 0
+            if chunk.draft and request.status is RequestStatus.RUNNING:
+                request.num_computed -= len(chunk.draft) - accepted
+            emitted = 0
+            for r in rows[:accepted + 1]:
+                token = int(tokens[r])
+                request.output_ids.append(token)
+                emitted += 1
+                if logprobs is not None:
+                    request.output_logprobs.append(float(logprobs[r]))
+                if top_logprobs is not None and request.params.logprobs:
+                    request.top_logprobs.append(list(top_logprobs[r]))
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    self.finish(request, reason)
+                    break
             touched.append(request)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self.finish(request, reason)
-            elif request.status is RequestStatus.RUNNING:
+            if chunk.draft:
+                verified.append(Verified(request, len(chunk.draft), accepted, emitted))
+            if not request.finished:
                 self._register_pages(request)
-        return touched
+        return StepUpdate(touched=touched, verified=verified)
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

@@ -10,29 +10,20 @@ from them.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from arctic_jax.attention.strategy import AttentionStrategy, PagedAttention
 from arctic_jax.batch import StepBatch
 from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache, write_kv
 from arctic_jax.models.llama_weights import LayerWeights, LlamaWeights
+from arctic_jax.models.step_options import StepOptions
 from arctic_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from sharding import logical_axes as ax
 from sharding.rules import ActivationSharding, constrain
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    """Compile-time choices of a step function."""
-
-    attention: AttentionStrategy = PagedAttention()   # the route attention takes
-    sharding: ActivationSharding | None = None   # None: one device, no constraints
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

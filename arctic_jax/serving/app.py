@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API on top of an ``AsyncEngine``, or a ``ReplicaRouter``
-over data-parallel replicas (FastAPI).
+"""The OpenAI-compatible HTTP API on top of an ``EngineFront``: an ``AsyncEngine``, or a
+``ReplicaRouter`` over data-parallel replicas (FastAPI).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming over
 SSE or not), GET /v1/models, GET /health, GET /metrics. Errors use the OpenAI
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from arctic_jax.engine.replicas import EngineFront
+from arctic_jax.engine.front import EngineFront
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.protocol import (
@@ -154,18 +154,18 @@ def create_app(state: ServerState) -> FastAPI:
                            param="stream_options")
 
     def check_prompt(ids: Sequence[int], eng: EngineFront, param: str) -> None:
-        vocab = eng.engine.cfg.vocab_size
+        vocab = eng.limits().vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param=param)
-        try:
-            eng.engine.scheduler.validate(len(ids))
+        try:   # the ids are in range, so what is left to fail is the length
+            eng.validate_prompt(ids)
         except ValueError as e:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
 
     def resolve_max_tokens(requested: int | None, param: str, prompt_len: int,
                            eng: EngineFront, default: int | None) -> int:
-        max_len = eng.engine.sched_config.max_model_len
+        max_len = eng.limits().max_model_len
         room = max_len - prompt_len
         if requested is None:
             return room if default is None else min(default, room)
@@ -179,7 +179,7 @@ def create_app(state: ServerState) -> FastAPI:
         return requested
 
     def check_logprobs(n: int, param: str, eng: EngineFront) -> None:
-        limit = eng.engine.config.max_logprobs
+        limit = eng.limits().max_logprobs
         if not 0 <= n <= limit:
             raise APIError(400, f"{param}={n} is out of range: this server returns at most "
                                 f"{limit} top logprobs (see --max-logprobs)", param=param)
@@ -237,7 +237,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def list_models() -> JSONResponse:
         eng = engine()
         card = ModelCard(id=state.served_model_name,
-                         max_model_len=eng.engine.sched_config.max_model_len)
+                         max_model_len=eng.limits().max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @v1.post("/completions")

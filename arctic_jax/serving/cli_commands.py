@@ -18,7 +18,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Sequence
+from typing import Any, Sequence
+
+from arctic_jax.cli_args import add_model_args, engine_kwargs, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(sub: argparse._SubParsersAction, add_model_args: Callable) -> None:
+def register(sub: Any) -> None:
+    """Add ``serve`` to the subparsers ``sub``."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat)")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -67,7 +70,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else "warning", timeout_graceful_shutdown=5))
 
     def load() -> None:
-        from arctic_jax.cli import engine_kwargs, parse_dtype
         from arctic_jax.engine.replicas import build_engines, serving_front
         from arctic_jax.llm import LLM
 

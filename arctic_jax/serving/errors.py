@@ -5,7 +5,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
-from arctic_jax.engine.async_engine import QueueFullError
+from arctic_jax.engine.front import QueueFullError
 from arctic_jax.serving.protocol import ErrorInfo, ErrorResponse
 
 RETRY_AFTER_S = 1                    # Retry-After sent with 429 (queue full)

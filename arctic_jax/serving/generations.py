@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, Sequence, TypeVar
 
 from fastapi import Request
 
-from arctic_jax.engine.replicas import EngineFront
+from arctic_jax.engine.front import EngineFront
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.errors import APIError, ClientDisconnected, engine_error

@@ -1,0 +1,99 @@
+"""Argument helpers shared by the ``arctic-jax`` subcommands (generate, serve, bench).
+
+Nothing here imports jax, FastAPI or a model at import time, so building the parser stays cheap
+and works where the serving extras are not installed.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from arctic_jax.speculative.config import SpeculativeConfig
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model and engine flags every subcommand that loads a model takes."""
+    p.add_argument("--model", default="default",
+                   help="HF checkpoint dir, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
+    p.add_argument("--attention-impl", default=None,
+                   help="reference, pallas (GPU default) or pallas-triton (Triton prefill kernel)")
+    p.add_argument("--token-buckets", type=int_list, default=None,
+                   help="comma-separated step token counts to compile (default: powers of 2)")
+    p.add_argument("--page-buckets", type=int_list, default=None,
+                   help="comma-separated page-table widths to compile (default: powers of 2)")
+    p.add_argument("--contiguous-prefill-min-tokens", type=int, default=None,
+                   help="steps that are one prompt's first chunk of at least this many (padded) "
+                        "tokens run cuDNN causal attention on their own K/V; 0: never "
+                        "(default: 1024 on a GPU with Pallas attention, else 0)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="KV cache element type: auto (the model's dtype, default) or fp8 "
+                        "(float8_e4m3fn, saturating: half the cache bytes of a 16-bit model)")
+    p.add_argument("--speculative-config", type=speculative_config, default=None,
+                   help="speculative decoding as JSON, vLLM's spelling, e.g. "
+                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' "
+                        "(greedy requests speculate; default: off)")
+    p.add_argument("--max-logprobs", type=int, default=None,
+                   help="most top logprobs a request may ask for (default 5, at most 20)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
+                   help="Ulysses sequence parallelism; SP x TP devices in all")
+    p.add_argument("--enable-shift-parallel", action="store_true",
+                   help="TP for small steps, SP for large ones, over one KV cache")
+    p.add_argument("--shift-parallel-threshold", default="512",
+                   help="tokens per step at or below which TP is used, or 'auto' to calibrate")
+    p.add_argument("--parallel-mode", choices=["tp", "sp", "shift"], default=None,
+                   help="shortcut for the parallel flags above")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="persistent XLA compilation cache directory")
+    p.add_argument("--log-level", default="WARNING")
+
+
+ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
+                "kv_cache_memory_fraction", "attention_impl", "tensor_parallel_size",
+                "sequence_parallel_size", "shift_parallel_threshold", "parallel_mode",
+                "token_buckets", "page_buckets", "max_logprobs", "contiguous_prefill_min_tokens",
+                "kv_cache_dtype", "speculative_config")
+
+
+def speculative_config(text: str) -> SpeculativeConfig:
+    """argparse type: ``--speculative-config`` JSON, validated when the flags are parsed."""
+    try:
+        return SpeculativeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the shared model/engine flags (those given)."""
+    kwargs = {n: getattr(args, n) for n in ENGINE_FLAGS if getattr(args, n, None) is not None}
+    if getattr(args, "enable_shift_parallel", False):
+        kwargs["enable_shift_parallel"] = True
+    return kwargs
+
+
+def parse_dtype(name: str | None) -> Any:
+    """The jnp dtype for ``--dtype`` (None: the engine's default)."""
+    if name is None:
+        return None
+    import jax.numpy as jnp
+    return jnp.dtype(name)

@@ -1,0 +1,114 @@
+"""The compiled step programs: the one place that jits model steps.
+
+A step is two device programs, launched back to back without waiting:
+
+- the model program reads decode tokens that are still on the device from the token
+  buffer, runs the model's ``step`` (hidden rows [R, H]) and its ``head`` (logits [R, V]):
+  (weights, cache, token buffer, packed inputs) -> (cache, logits);
+- the sampler program samples one token per logits row, writes plain decodes' tokens into
+  the token buffer and packs everything the host needs into one int32 array, so a step
+  costs one host-to-device and one device-to-host transfer.
+
+Model programs are compiled per deployment variant and attention route (and per bucket
+shape); the sampler, whose shape only depends on R, once per ``SamplingMode``. The host
+picks the mode from the step's requests, so no program holds a data-dependent branch: on
+a GPU such a branch makes the launching thread wait for the device, which would undo the
+engine's overlap of host work with the running step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from arctic_jax.attention.strategy import AttentionStrategy
+from arctic_jax.config import ModelConfig
+from arctic_jax.engine.packing import PackedLayout, unpack
+from arctic_jax.kv_cache import KVCache
+from arctic_jax.models.step_options import StepOptions
+from arctic_jax.pytree import replace
+from arctic_jax.sampling import SamplingMode, sample
+from sharding.deployment import Deployment
+
+
+def model_step(weights: Any, cache: KVCache, token_buffer: jax.Array, packed_inputs: jax.Array,
+               layout: PackedLayout, *, step: Callable, head: Callable, cfg: ModelConfig,
+               opts: StepOptions) -> tuple[KVCache, jax.Array]:
+    """The model part of a step: returns the updated cache and logits [R, V].
+
+    ``packed_inputs`` is the int32 buffer of ``pack(ModelInputs)`` (one transfer);
+    ``layout`` (static) unpacks it. Tokens marked in ``token_src`` come from the token
+    buffer [max_num_seqs] (sampled by the previous step, never seen by the host).
+    """
+    inputs = unpack(packed_inputs, layout)
+    batch = inputs.batch
+    from_buffer = token_buffer[jnp.maximum(inputs.token_src, 0)]
+    tokens = jnp.where(inputs.token_src >= 0, from_buffer, batch.tokens)
+    hidden, cache = step(weights, cache, replace(batch, tokens=tokens), cfg=cfg, opts=opts)
+    return cache, head(weights, hidden, cfg=cfg, sharding=opts.sharding)
+
+
+def sampler_step(logits: jax.Array, token_buffer: jax.Array, packed_inputs: jax.Array,
+                 layout: PackedLayout, *, mode: SamplingMode,
+                 num_top_logprobs: int) -> tuple[jax.Array, jax.Array]:
+    """Sample logits [R, V]; returns the updated token buffer and the packed result.
+
+    The result is int32 [R, 2 + 2 * num_top_logprobs]: token, logprob bits, top ids,
+    top logprob bits.
+    """
+    inputs = unpack(packed_inputs, layout)
+    result = sample(logits, inputs.sampling, num_top_logprobs, mode)
+    slots = jnp.where(inputs.sample_slot < 0, token_buffer.shape[0], inputs.sample_slot)
+    token_buffer = token_buffer.at[slots].set(result.tokens, mode="drop")
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    columns = [result.tokens[:, None], bits(result.logprob.astype(jnp.float32))[:, None]]
+    if num_top_logprobs:
+        columns += [result.top_ids.astype(jnp.int32), bits(result.top_logprobs.astype(jnp.float32))]
+    return token_buffer, jnp.concatenate(columns, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_model_step(step: Callable, head: Callable, cfg: ModelConfig, opts: StepOptions,
+                    weight_shardings: Any, cache_sharding: Any, replicated: Any) -> Callable:
+    """One jitted program family per (model, placed config, options, shardings): engines of
+    the same model on the same devices share compiled programs."""
+    fn = functools.partial(model_step, step=step, head=head, cfg=cfg, opts=opts)
+    return jax.jit(fn, donate_argnums=(1,), static_argnums=(4,),
+                   in_shardings=(weight_shardings, cache_sharding, replicated, replicated),
+                   out_shardings=(cache_sharding, replicated))
+
+
+def jit_model_step(spec: Any, dep: Deployment, variant: str,
+                   attention: AttentionStrategy) -> Callable:
+    """The engine's model program of one variant and attention route:
+    ``(weights, cache, token_buffer, packed, layout) -> (cache, logits)``, cache donated."""
+    opts = StepOptions(attention=attention, sharding=dep.activation_sharding(variant))
+    return _jit_model_step(spec.step, spec.head, dep.cfg, opts, dep.weight_shardings(variant),
+                           dep.cache_sharding, dep.replicated)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_sampler_step(mode: SamplingMode, num_top_logprobs: int) -> Callable:
+    """The jitted sampler of one mode; the token buffer is donated."""
+    fn = functools.partial(sampler_step, mode=mode, num_top_logprobs=num_top_logprobs)
+    return jax.jit(fn, donate_argnums=(1,), static_argnums=(3,))
+
+
+def forward(weights: Any, cache: KVCache, batch: Any, *, step: Callable, head: Callable,
+            cfg: ModelConfig, opts: StepOptions) -> tuple[jax.Array, KVCache]:
+    """``step`` then ``head`` on a plain ``StepBatch``: logits [R, V] and the updated cache."""
+    hidden, cache = step(weights, cache, batch, cfg=cfg, opts=opts)
+    return head(weights, hidden, cfg=cfg, sharding=opts.sharding), cache
+
+
+def jit_forward(spec: Any, dep: Deployment, variant: str,
+                attention: AttentionStrategy) -> Callable:
+    """``(weights, cache, batch) -> (logits, cache)`` of one variant, cache donated (tests and
+    benchmarks drive the model with plain batches through this)."""
+    opts = StepOptions(attention=attention, sharding=dep.activation_sharding(variant))
+    fn = functools.partial(forward, step=spec.step, head=spec.head, cfg=dep.cfg, opts=opts)
+    return jax.jit(fn, donate_argnums=(1,),
+                   in_shardings=(dep.weight_shardings(variant), dep.cache_sharding, dep.replicated),
+                   out_shardings=(dep.replicated, dep.cache_sharding))

@@ -1,0 +1,129 @@
+"""Host-side inputs of one step: the padded batch, where each token comes from, and the
+sampler rows.
+
+A scheduled chunk asks for logits on ``chunk.num_logits`` rows: none (a prefill chunk that
+is not the last), one (the last token: sample the next), or 1 + k (the last known token and
+k draft tokens: verify the drafts). Every logits row is one sampler row, in chunk order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
+from arctic_jax.engine.scheduler import ScheduledStep
+from arctic_jax.pytree import pytree_dataclass
+from arctic_jax.sampling import SamplingMode, SamplingTensors
+
+
+@pytree_dataclass
+class ModelInputs:
+    """Per-step inputs of the model program."""
+
+    batch: StepBatch
+    token_src: jax.Array       # [T] int32 token-buffer row holding the token, or -1 (host token)
+
+
+@pytree_dataclass
+class SamplerInputs:
+    """Per-step inputs of the sampler program (R rows)."""
+
+    sample_slot: jax.Array     # [R] int32 token-buffer row that receives the sampled token, or -1
+    sampling: SamplingTensors  # [R] rows
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Host-side inputs of one step, the sampling mode its requests need, and whether it takes
+    the contiguous-prefill route (a fresh prompt's first chunk attends over its own K/V)."""
+
+    model: ModelInputs
+    sampler: SamplerInputs
+    mode: SamplingMode
+    contiguous: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.model.batch.tokens.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.model.batch.logits_indices.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputBuilder:
+    """Turns a ``ScheduledStep`` into padded ``StepInputs`` of the compiled bucket shapes."""
+
+    buckets: Buckets
+    page_size: int
+    contiguous_min_tokens: int = 0   # token buckets >= this have a contiguous route; 0: none
+
+    def contiguous_bucket(self, num_tokens_padded: int) -> bool:
+        """Whether this token bucket has a contiguous-prefill program."""
+        least = self.contiguous_min_tokens
+        return least > 0 and num_tokens_padded >= least
+
+    def uses_contiguous(self, step: ScheduledStep, num_tokens_padded: int) -> bool:
+        """True for a step that is one sequence's first chunk (no cached prefix) in a
+        contiguous bucket."""
+        return (self.contiguous_bucket(num_tokens_padded) and len(step.chunks) == 1
+                and step.chunks[0].start == 0 and not step.chunks[0].from_slot)
+
+    def build(self, step: ScheduledStep) -> StepInputs:
+        chunks, rows = [], []   # rows: (chunk, index of the row within the chunk)
+        for c in step.chunks:
+            first = c.num_tokens - c.num_logits
+            chunks.append(SequenceChunk(tokens=c.host_tokens, start=c.start, pages=c.request.pages,
+                                        logits_at=tuple(range(first, c.num_tokens))))
+            rows.extend((c, i) for i in range(c.num_logits))
+        batch, _ = build_step_batch(chunks, self.page_size, self.buckets)
+        T = batch.tokens.shape[0]
+        R = batch.logits_indices.shape[0]
+        token_src = np.full(T, -1, np.int32)
+        offset = 0
+        for c in step.chunks:
+            if c.from_slot:
+                token_src[offset + c.num_tokens - 1] = c.request.token_slot
+            offset += c.num_tokens
+        # Only a plain decode's token goes back into the token buffer: a verified request's
+        # next tokens are known on the host before it is scheduled again.
+        sample_slot = np.full(R, -1, np.int32)
+        sample_slot[:len(rows)] = [c.request.token_slot if not c.draft else -1 for c, _ in rows]
+        params = [c.request.params for c, _ in rows]
+        sampling = SamplingTensors.from_params(
+            params, steps=[c.request.num_generated - 1 + i for c, i in rows],
+            seeds=[c.request.seed for c, _ in rows], num_rows=R)
+        return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
+                          sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling),
+                          mode=SamplingMode.for_params(params),
+                          contiguous=self.uses_contiguous(step, T))
+
+    def dummy(self, T: int, MP: int, R: int | None = None,
+              mode: SamplingMode = SamplingMode.GREEDY, contiguous: bool = False) -> StepInputs:
+        """All-padding inputs of one bucket shape (they write no KV slot and no buffer row)."""
+        S = self.buckets.seqs[0]
+        R = S if R is None else R
+        batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                          slot_mapping=np.full(T, -1, np.int32), seq_ids=np.zeros(T, np.int32),
+                          page_tables=np.zeros((S, MP), np.int32),
+                          query_start=np.zeros(S + 1, np.int32), kv_lens=np.zeros(S, np.int32),
+                          logits_indices=np.zeros(R, np.int32))
+        sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=R)
+        return StepInputs(model=ModelInputs(batch=batch, token_src=np.full(T, -1, np.int32)),
+                          sampler=SamplerInputs(sample_slot=np.full(R, -1, np.int32),
+                                                sampling=sampling),
+                          mode=mode, contiguous=contiguous)
+
+    def shapes(self) -> list[tuple[int, int, int, bool]]:
+        """Every (T, MP, R, contiguous) model-program shape a run may use."""
+        out = []
+        for T in self.buckets.tokens:
+            for R in self.buckets.rows_for(T):
+                for MP in self.buckets.pages:
+                    out.append((T, MP, R, False))
+                    if self.contiguous_bucket(T) and R == self.buckets.seqs[0]:
+                        out.append((T, MP, R, True))
+        return out

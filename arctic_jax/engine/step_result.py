@@ -1,0 +1,31 @@
+"""Unpacking a step's packed device result on the host."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """Host copy of a step's sampled tokens, one row per logits row (chunk order)."""
+
+    tokens: np.ndarray                # [n] int32
+    logprobs: np.ndarray              # [n] float32
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int) -> StepResult:
+    """Wait for a step's packed int32 result [R, 2 + 2 * num_top] and copy its first
+    ``num_rows`` rows to the host (one transfer)."""
+    host = np.asarray(jax.device_get(packed))[:num_rows]
+    tokens = host[:, 0].copy()
+    logprobs = host[:, 1].view(np.float32).copy()
+    top = None
+    n = num_top_logprobs
+    if n:
+        ids = host[:, 2:2 + n]
+        lps = host[:, 2 + n:2 + 2 * n].view(np.float32)
+        top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r])] for r in range(num_rows)]
+    return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top)
