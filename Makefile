@@ -1,12 +1,12 @@
 # Two entry points for a fresh machine:
 #   make run   - set up a CPU virtualenv and generate with the embedded default model
-#   make test  - set up the virtualenv with test extras and run the whole test suite
+#   make test  - set up the virtualenv with test extras, lint (ruff, import contracts), run the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test lint setup setup-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ setup-test: $(VENV)/.installed-test
 run: setup
 	$(VENV)/bin/arctic-jax generate --chat --prompt "$(PROMPT)" --temperature 0 --max-tokens 64
 
-test: setup-test
+# ruff's rules and the import-layer contracts are in pyproject.toml.
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: setup-test lint
 	$(PY) -m pytest -q tests
 
 clean:

@@ -7,7 +7,7 @@ T tokens, S sequences, R logits rows, MP page-table columns.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -53,7 +53,7 @@ class Buckets:
 
     @classmethod
     def for_limits(cls, max_tokens: int, max_seqs: int, max_pages_per_seq: int,
-                   min_tokens: int = 16) -> "Buckets":
+                   min_tokens: int = 16) -> Buckets:
         """Powers of two up to each limit (the limit itself included)."""
         return cls(tokens=_default_buckets(max_tokens, min(min_tokens, max_tokens)),
                    seqs=_default_buckets(max_seqs, 1),

@@ -8,7 +8,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from arctic_jax import generate_command
 from arctic_jax.bench import cli_commands as bench_command

@@ -6,7 +6,8 @@ Both the transformers-4 field style (top-level ``rope_theta`` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -69,7 +70,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Build from the dict of an HF ``config.json`` (transformers 4 or 5).
 
         The architecture is not checked here: ``arctic_jax.models.registry`` picks the model

@@ -30,7 +30,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,
-                 num_kv_heads: int | None = None) -> "KVCache":
+                 num_kv_heads: int | None = None) -> KVCache:
         """A cache of ``num_pages`` pages per layer, filled with zeros."""
         shape = (num_kv_heads or cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.request import CollectedOutput
@@ -85,7 +86,7 @@ class LLM:
                       params: list[SamplingParams]) -> list[CompletionOutput]:
         for ids in prompt_ids:  # reject a bad prompt before any request is queued
             self.engine.validate_prompt(ids)
-        streams = {self.engine.add_request(p, sp): p for p, sp in zip(prompt_ids, params)}
+        streams = {self.engine.add_request(p, sp): p for p, sp in zip(prompt_ids, params, strict=True)}
         collected = {rid: CollectedOutput() for rid in streams}
         pending = set(streams)
         while pending:

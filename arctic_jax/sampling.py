@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,8 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+        def set_(name: str, value: Any) -> None:   # normalises a field of this frozen instance
+            object.__setattr__(self, name, value)
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise _bad("max_tokens", self.max_tokens, "must be an integer >= 1")
@@ -146,7 +148,7 @@ class SamplingMode(enum.Enum):
     FILTERED = "filtered"    # everything, with the sort that top-k / top-p need
 
     @classmethod
-    def for_params(cls, params_list: Sequence[SamplingParams]) -> "SamplingMode":
+    def for_params(cls, params_list: Sequence[SamplingParams]) -> SamplingMode:
         """The cheapest mode that samples every request of ``params_list`` exactly."""
         mode = cls.GREEDY
         for p in params_list:
@@ -175,7 +177,7 @@ class SamplingTensors:
 
     @classmethod
     def from_params(cls, params_list: Sequence[SamplingParams], steps: Sequence[int],
-                    seeds: Sequence[int], num_rows: int) -> "SamplingTensors":
+                    seeds: Sequence[int], num_rows: int) -> SamplingTensors:
         """Host (numpy) tensors for ``params_list``, padded to ``num_rows`` greedy rows.
 
         ``steps[i]`` is the number of tokens request i has generated so far;
@@ -195,7 +197,7 @@ class SamplingTensors:
         min_p = np.zeros(num_rows, np.float32)
         seed = np.zeros(num_rows, np.uint32)
         step = np.zeros(num_rows, np.int32)
-        for i, (p, st, sd) in enumerate(zip(params_list, steps, seeds)):
+        for i, (p, st, sd) in enumerate(zip(params_list, steps, seeds, strict=True)):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"from_params: params_list[{i}] is {type(p).__name__}, "
                                 "not SamplingParams")

@@ -43,23 +43,29 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from arctic_jax.attention.kv_write_check import compile_write_kv, write_in_place_report  # noqa: E402
-from arctic_jax.attention.pallas import paged_attention_pallas  # noqa: E402
-from arctic_jax.attention.reference import reference_attention  # noqa: E402
-from arctic_jax.batch import StepBatch  # noqa: E402
-from pallas_kernels import (DecodeConfig, PrefillConfig, default_num_splits,  # noqa: E402
-                            paged_decode_attention, paged_decode_reference, ragged_prefill_attention)
-from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,  # noqa: E402
-                                                ragged_prefill_attention_mgpu)
+from arctic_jax.attention.kv_write_check import compile_write_kv, write_in_place_report
+from arctic_jax.attention.pallas import paged_attention_pallas
+from arctic_jax.attention.reference import reference_attention
+from arctic_jax.batch import StepBatch
+from pallas_kernels import (
+    DecodeConfig,
+    PrefillConfig,
+    default_num_splits,
+    paged_decode_attention,
+    paged_decode_reference,
+    ragged_prefill_attention,
+)
+from pallas_kernels.ragged_prefill_mgpu import MosaicPrefillConfig, is_hopper, ragged_prefill_attention_mgpu
 
 ROTATE_BYTES = 256 << 20     # paged variants rotate over this much KV at least
 TARGET_LOOP_S = 0.01         # aim for ~10 ms per timed loop
@@ -135,7 +141,7 @@ def run_variant(rows: list[Row], row: Row, step, q, arrays, ref, est_s, n_rot, a
             row.err = max_err(out, ref[0])
             if not err_ok(row.err, ref[0]):
                 row.status = "WRONG"
-    except Exception as e:  # noqa: BLE001 - report and continue
+    except Exception as e:  # report and continue
         row.status = "error: " + short(e)
         if args.verbose:
             traceback.print_exc()
@@ -193,18 +199,19 @@ def describe(cfg, B=None, K=None, ctx=None) -> str:
 
 def bench_decode(args, rows: list[Row]) -> None:
     rng = np.random.default_rng(0)
+    scale, interp = args.scale, args.smoke
     for ps, B, ctx in itertools.product(args.page_sizes, args.batches, args.contexts):
         name = f"B={B} ctx={ctx} ps={ps}"
         try:
             c = decode_case(args, B, ctx, ps, rng)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rows.append(Row("decode", name, "setup", status="error: " + short(e)))
             print(fmt_row(rows[-1]), flush=True)
             continue
         est = c["kv_bytes"] / 2.0e12 + 5e-6
-        metric = lambda t, c=c: {"tbps": c["kv_bytes"] / t / 1e12}  # noqa: E731
+        def metric(t: float, kv_bytes: float = c["kv_bytes"]) -> dict:
+            return {"tbps": kv_bytes / t / 1e12}
         ref = (c["ref"], lambda o: o)
-        scale, interp = args.scale, args.smoke
         arrays = (c["kc"], c["vc"], c["pts"], c["lens"])
 
         best = None
@@ -249,7 +256,7 @@ def bench_decode(args, rows: list[Row]) -> None:
                 run_variant(rows, Row("decode", name, "jax ops paged_attention",
                                       f"ppcb={ppcb} ks={ks}"),
                             jax_paged, c["q"], arrays, ref, est, c["n_rot"], args, metric)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 rows.append(Row("decode", name, "jax ops paged_attention",
                                 status="error: " + short(e)))
                 print(fmt_row(rows[-1]), flush=True)
@@ -265,15 +272,16 @@ def bench_decode(args, rows: list[Row]) -> None:
 
                 L = c["mp"] * ps
                 gks = next(s for s in (16, 8, 4, 2, 1) if L % s == 0 and L // s >= 16)
+                gbk = min(128, L // gks)
 
-                def jax_gqa(q, r, kk, vv, lens, gks=gks):
+                def jax_gqa(q, r, kk, vv, lens, gks=gks, block_k=gbk):
                     return jda.gqa(q, kk, vv, kv_seq_len=lens, sm_scale=scale, k_splits=gks,
-                                   block_k=min(128, L // gks), interpret=interp)
+                                   block_k=block_k, interpret=interp)
                 run_variant(rows, Row("decode", name, "jax ops decode_attention.gqa",
                                       f"contiguous KV, ks={gks}"),
                             jax_gqa, c["q"], (kk, vv, c["lens"]), ref, est, 1, args, metric)
                 del kk, vv
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 rows.append(Row("decode", name, "jax ops decode_attention.gqa",
                                 status="error: " + short(e)))
                 print(fmt_row(rows[-1]), flush=True)
@@ -310,6 +318,14 @@ def prefill_configs(args) -> list[PrefillConfig]:
     return out
 
 
+def to_pages(x: jax.Array, perm: np.ndarray, ps: int) -> jax.Array:
+    """Contiguous KV [L, K, D] as pages [K, len(perm), ps, D], logical page j at perm[j]."""
+    mp = len(perm)
+    x = jnp.pad(x, ((0, mp * ps - x.shape[0]), (0, 0), (0, 0))).reshape(mp, ps, *x.shape[1:])
+    pages = jnp.zeros_like(x).at[perm].set(x)
+    return jnp.transpose(pages, (2, 0, 1, 3))
+
+
 def bench_prefill(args, rows: list[Row]) -> None:
     rng = np.random.default_rng(1)
     K, N, D = args.kv_heads, args.q_heads, args.head_dim
@@ -321,7 +337,8 @@ def bench_prefill(args, rows: list[Row]) -> None:
         mp = -(-L // ps)
         pairs = n * prefix + n * (n + 1) // 2
         flops = 4.0 * pairs * N * D
-        metric = lambda t, f=flops: {"tflops": f / t / 1e12}  # noqa: E731
+        def metric(t: float, flops: float = flops) -> dict:
+            return {"tflops": flops / t / 1e12}
         est = flops / 2.5e14 + 1e-5
         try:
             key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
@@ -330,13 +347,7 @@ def bench_prefill(args, rows: list[Row]) -> None:
             vcont = jax.random.normal(k2, (L, K, D), jnp.float32).astype(dtype)
             q = jax.random.normal(k3, (n, N, D), jnp.float32).astype(dtype)
             perm = rng.permutation(mp).astype(np.int32)
-            pad = mp * ps - L
-
-            def to_pages(x):
-                x = jnp.pad(x, ((0, pad), (0, 0), (0, 0))).reshape(mp, ps, K, D)
-                pages = jnp.zeros_like(x).at[perm].set(x)          # logical page j at perm[j]
-                return jnp.transpose(pages, (2, 0, 1, 3))           # [K, mp, ps, D]
-            kc, vc = to_pages(kcont), to_pages(vcont)
+            kc, vc = to_pages(kcont, perm, ps), to_pages(vcont, perm, ps)
             pt = jnp.asarray(perm[None, :])
             qs = jnp.asarray([0, n], jnp.int32)
             kv = jnp.asarray([L], jnp.int32)
@@ -344,7 +355,7 @@ def bench_prefill(args, rows: list[Row]) -> None:
                                               rng.integers(0, n, 128)]))
             ref_rows = prefill_oracle_rows(q, kcont, vcont, prefix, check, scale)
             ref = (ref_rows, lambda o, check=check: o[check])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rows.append(Row("prefill", name, "setup", status="error: " + short(e)))
             print(fmt_row(rows[-1]), flush=True)
             continue
@@ -403,7 +414,7 @@ def bench_prefill(args, rows: list[Row]) -> None:
             if prefix:
                 # cuDNN's causal mask may align queries to the top-left when T < S; this variant
                 # recomputes the prefix queries too (useful FLOPs are counted) and slices.
-                def cudnn_full(q, r, kk, vv, qpre):
+                def cudnn_full(q, r, kk, vv, qpre, prefix=prefix):
                     qf = jnp.concatenate([qpre, q])[None]
                     o = jax.nn.dot_product_attention(qf, kk[None], vv[None], scale=scale,
                                                      is_causal=True, implementation="cudnn")
@@ -452,7 +463,8 @@ def bench_mixed(args, rows: list[Row]) -> None:
         q, kc, vc, batch, kv_bytes = mixed_case(args, B, ctx, n, prefix, ps, rng)
         ref = (reference_attention(q.astype(jnp.float32), kc.astype(jnp.float32),
                                    vc.astype(jnp.float32), batch, scale), lambda o: o)
-        metric = lambda t, b=kv_bytes: {"tbps": b / t / 1e12}  # noqa: E731
+        def metric(t: float, kv_bytes: float = kv_bytes) -> dict:
+            return {"tbps": kv_bytes / t / 1e12}
         est = kv_bytes / 2.0e12 + 1e-5
         for mode, backend in itertools.product(args.modes, args.prefill_backends):
             if mode == "decode" and backend != args.prefill_backends[0]:
@@ -492,13 +504,17 @@ def kv_write_check(args) -> str:
                                     shape, jnp.dtype(args.dtype))
         return (f"write_kv under donation: in_place={rep.in_place} (aliased {rep.aliased_bytes} B, "
                 f"temp {rep.temp_bytes} B, cache copies {len(rep.cache_copies)})")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return "write_kv in-place check failed: " + short(e)
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated list of integers, as argparse's ``type``."""
+    return [int(x) for x in text.split(",") if x]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--quick", action="store_true", help="a few cases, fewer repeats")
     p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
     p.add_argument("--only", choices=["all", "decode", "prefill", "mixed"], default="all",

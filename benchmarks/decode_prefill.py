@@ -18,18 +18,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch  # noqa: E402
-from arctic_jax.config import llama_3_1_8b  # noqa: E402
-from arctic_jax.engine.engine import resolve_kv_cache_dtype  # noqa: E402
-from arctic_jax.kv_cache import KVCache  # noqa: E402
-from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention  # noqa: E402
-from arctic_jax.models.llama import StepOptions, make_step_fn  # noqa: E402
-from arctic_jax.models.llama_weights import random_weights  # noqa: E402
-from arctic_jax.pytree import tree_nbytes  # noqa: E402
+from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
+from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.config import llama_3_1_8b
+from arctic_jax.engine.engine import resolve_kv_cache_dtype
+from arctic_jax.kv_cache import KVCache
+from arctic_jax.models.llama import StepOptions, make_step_fn
+from arctic_jax.models.llama_weights import random_weights
+from arctic_jax.pytree import tree_nbytes
 
 
 def copy_bandwidth(nbytes: int) -> float:

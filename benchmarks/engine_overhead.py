@@ -26,12 +26,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from arctic_jax.bench import report as rep  # noqa: E402
-from arctic_jax.bench import runner  # noqa: E402
-from arctic_jax.bench import workload as wl  # noqa: E402
-from arctic_jax.sampling import SamplingParams  # noqa: E402
+from arctic_jax.bench import report as rep
+from arctic_jax.bench import runner
+from arctic_jax.bench import workload as wl
+from arctic_jax.sampling import SamplingParams
 
 
 def ints(s: str) -> tuple[int, ...]:

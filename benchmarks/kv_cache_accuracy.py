@@ -21,14 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch  # noqa: E402
-from arctic_jax.kv_cache import KVCache  # noqa: E402
-from arctic_jax.models.llama import make_step_fn  # noqa: E402
-from arctic_jax.tokenizer import load_tokenizer  # noqa: E402
+from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.kv_cache import KVCache
+from arctic_jax.models.llama import make_step_fn
+from arctic_jax.tokenizer import load_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 CACHE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}

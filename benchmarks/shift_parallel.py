@@ -27,12 +27,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
-from arctic_jax.bench import report as rep  # noqa: E402
-from arctic_jax.bench import runner  # noqa: E402
-from arctic_jax.bench import workload as wl  # noqa: E402
-from arctic_jax.engine.replicas import build_replicas  # noqa: E402
+from arctic_jax.bench import report as rep
+from arctic_jax.bench import runner
+from arctic_jax.bench import workload as wl
+from arctic_jax.engine.replicas import build_replicas
 
 
 def summarize(name: str, result) -> dict:

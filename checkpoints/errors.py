@@ -7,7 +7,7 @@ whose tensors do not match the config. A config that arctic-jax cannot serve
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from arctic_jax.config import ConfigError
 

@@ -7,12 +7,24 @@ kernels is ``arctic_jax.attention.pallas``.
 """
 from __future__ import annotations
 
-from pallas_kernels.paged_decode import (DecodeConfig, default_num_splits, paged_decode_attention,
-                                         paged_decode_reference)
-from pallas_kernels.ragged_prefill import (PrefillConfig, block_schedule, ragged_prefill_attention,
-                                           ragged_prefill_reference)
-from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,
-                                                ragged_prefill_attention_mgpu, unsupported_reason)
+from pallas_kernels.paged_decode import (
+    DecodeConfig,
+    default_num_splits,
+    paged_decode_attention,
+    paged_decode_reference,
+)
+from pallas_kernels.ragged_prefill import (
+    PrefillConfig,
+    block_schedule,
+    ragged_prefill_attention,
+    ragged_prefill_reference,
+)
+from pallas_kernels.ragged_prefill_mgpu import (
+    MosaicPrefillConfig,
+    is_hopper,
+    ragged_prefill_attention_mgpu,
+    unsupported_reason,
+)
 
 __all__ = [
     "DecodeConfig", "MosaicPrefillConfig", "PrefillConfig", "block_schedule", "default_num_splits",

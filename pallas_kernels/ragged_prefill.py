@@ -205,8 +205,8 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
         compiler_params=c.triton_compiler_params(num_warps, config.num_stages),
         interpret=interpret,
         name=f"ragged_prefill_bq{bq}_bk{bk}",
-    )(q4, c.flat_slots(k_cache), c.flat_slots(v_cache), pt, sched.q_start, sched.num_rows, sched.seq, sched.first_pos,
-      sched.kv_stop)
+    )(q4, c.flat_slots(k_cache), c.flat_slots(v_cache), pt, sched.q_start, sched.num_rows, sched.seq,
+      sched.first_pos, sched.kv_stop)
     return out[:T, :, :g, :].reshape(T, N, d)
 
 

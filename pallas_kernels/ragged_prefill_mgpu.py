@@ -45,9 +45,9 @@ software pipeline. This kernel is built like FlashAttention-3:
   overwrite another block's rows.
 
 Limits (``unsupported_reason``, ``MosaicPrefillConfig``): q and cache both bf16 or
-both f16 (no fp8 cache); head_dim 64 or 128; block_k a multiple of 64 up to 256; PS a multiple of 8 that divides block_k or is a multiple of
-it; the tiles within 227 KiB of shared memory. ``paged_attention_pallas`` falls
-back to the Triton kernel otherwise.
+both f16 (no fp8 cache); head_dim 64 or 128; block_k a multiple of 64 up to 256; PS a multiple
+of 8 that divides block_k or is a multiple of it; the tiles within 227 KiB of shared memory.
+``paged_attention_pallas`` falls back to the Triton kernel otherwise.
 
 Testing: Mosaic GPU has no public interpret mode, so this kernel runs only on a
 Hopper GPU (tests/test_ragged_prefill_mgpu.py, GPU class, against a float64

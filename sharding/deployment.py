@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,7 @@ from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache
 from sharding.mesh import ParallelConfig, make_mesh
 from sharding.placement import HeadPlacement, place_weights, placed_config, plan_heads
-from sharding.rules import (ActivationSharding, dataclass_shardings, kv_cache_sharding,
-                            variant_rules)
+from sharding.rules import ActivationSharding, dataclass_shardings, kv_cache_sharding, variant_rules
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Deployment:
     @classmethod
     def create(cls, cfg: ModelConfig, weights: Any, parallel: ParallelConfig | None = None,
                *, allow_head_padding: bool = True,
-               devices: Sequence[jax.Device] | None = None) -> "Deployment":
+               devices: Sequence[jax.Device] | None = None) -> Deployment:
         """Place ``weights`` (any weights dataclass whose fields declare logical axes).
 
         ``parallel`` None (or one device): a one-device deployment on ``devices[0]``, or on

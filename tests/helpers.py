@@ -31,8 +31,8 @@ def deal_pages(rng: np.random.Generator, counts: list[int], num_pages: int) -> l
     sequence i, so the sequences' pages interleave in the cache."""
     pool = list(rng.permutation(num_pages))
     pages: list[list[int]] = [[] for _ in counts]
-    while any(len(p) < c for p, c in zip(pages, counts)):
-        for p, c in zip(pages, counts):
+    while any(len(p) < c for p, c in zip(pages, counts, strict=True)):
+        for p, c in zip(pages, counts, strict=True):
             if len(p) < c:
                 p.append(int(pool.pop()))
     return pages

@@ -47,7 +47,7 @@ def _make_case(rng, specs, ps, ratio, head_dim, buckets, extra_pages=3):
     pages = deal_pages(rng, needs, num_pages)
     chunks = [SequenceChunk(tokens=list(rng.integers(0, 100, n)), start=s, pages=p,
                             logits_at=[])
-              for (s, n), p in zip(specs, pages)]
+              for (s, n), p in zip(specs, pages, strict=True)]
     batch, _ = build_step_batch(chunks, ps, buckets)
     K, N = NUM_KV_HEADS, NUM_KV_HEADS * ratio
     T = batch.tokens.shape[0]
@@ -68,7 +68,7 @@ def _oracle(q, k_cache, v_cache, chunks, ps):
     return np.concatenate(outs), t
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(name: str, scale: float):
     fn = getattr(reference, name)
     return jax.jit(lambda q, k, v, b: fn(q, k, v, b, scale))
@@ -151,7 +151,9 @@ def test_oracle_matches_torch_sdpa(ratio):
     k, v = rng.standard_normal((L, K, D)), rng.standard_normal((L, K, D))
     positions = np.arange(L - T, L)
     mask = torch.from_numpy(np.arange(L)[None, :] <= positions[:, None])
-    to_t = lambda x: torch.from_numpy(np.swapaxes(x, 0, 1)[None])  # noqa: E731  [1, heads, len, D]
+
+    def to_t(x: np.ndarray) -> torch.Tensor:                  # [len, heads, D] -> [1, heads, len, D]
+        return torch.from_numpy(np.swapaxes(x, 0, 1)[None])
     want = torch.nn.functional.scaled_dot_product_attention(
         to_t(q), to_t(k), to_t(v), attn_mask=mask, enable_gqa=True)[0].numpy()
     got = dense_causal_attention(q, k, v, positions)

@@ -54,7 +54,7 @@ def test_inter_token_latencies_split_multi_token_deliveries():
     t = np.cumsum(rng.uniform(0.01, 0.1, size=4))
     rec = runner.RequestRecord(index=0, prompt_len=5, max_tokens=7, ignore_eos=True,
                                arrival=t[0] - 0.2)
-    for time_, k in zip(t, (2, 1, 3, 1)):
+    for time_, k in zip(t, (2, 1, 3, 1), strict=True):
         rec.add_delivery(float(time_), k)
     rec.end = float(t[-1])
     itl = rep.inter_token_latencies(rec)
@@ -346,7 +346,7 @@ def test_data_parallel_replicas_each_serve_on_their_own_device():
     routed = result.info["requests_per_replica"]
     assert sum(routed) == 8 and min(routed) >= 2, routed       # the probes bypass the router
 
-    for engine, device in zip(engines, devices):
+    for engine, device in zip(engines, devices, strict=True):
         assert engine.runner.cache.k[0].devices() == {device}
         assert engine.runner.token_buffer.devices() == {device}
         served = engine.metrics.render().decode()

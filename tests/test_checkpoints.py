@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from checkpoints import CheckpointError, ConfigError, load_model
-from checkpoints import converted_cache, gguf_file, hf_safetensors, loader
+from checkpoints import (
+    CheckpointError,
+    ConfigError,
+    converted_cache,
+    gguf_file,
+    hf_safetensors,
+    load_model,
+    loader,
+)
 
 CFG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32,
            hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -267,7 +274,7 @@ def test_gguf_missing_tensor_uses_gguf_name(tmp_path):
 def trees_equal(a, b) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return (jax.tree.structure(a) == jax.tree.structure(b)
-            and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb)))
+            and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb, strict=True)))
 
 
 def no_conversion(*args, **kwargs):

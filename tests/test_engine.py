@@ -10,8 +10,8 @@ import pytest
 
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ModelConfig
-from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.compile_counter import CompileCounter
+from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import make_step_fn
 from arctic_jax.models.llama_weights import random_weights
@@ -61,7 +61,7 @@ def make_engine(weights, **kw):
 
 
 def run_all(engine, prompts, params):
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     tokens = {i: [] for i in ids}
     reasons = {}
     for _ in range(10_000):
@@ -113,7 +113,7 @@ def test_concurrent_requests_equal_alone_and_pages_freed(weights):
     engine = make_engine(weights)
     together, _ = run_all(engine, prompts, params)
     solo_engine = make_engine(weights, enable_prefix_caching=False)
-    for p, sp, got in zip(prompts, params, together):
+    for p, sp, got in zip(prompts, params, together, strict=True):
         alone, _ = run_all(solo_engine, [p], [sp])
         assert got == alone[0]
         assert len(got) == sp.max_tokens

@@ -2,6 +2,7 @@
 tiny GGUF written here (llama.cpp's layout) against its torch source model."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -9,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoints import load_model
+from checkpoints.loader import default_model_path
 from helpers import prefill_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
-
-from checkpoints import load_model  # noqa: E402
-from checkpoints.loader import default_model_path  # noqa: E402
 
 PAGE_SIZE = 16
 TOL = 1e-4
@@ -194,8 +194,8 @@ def write_llama_gguf(path, model, *, rope_freqs=None, quantize: dict | None = No
                 name = f"blk.{i}.{layer_names[module]}.{kind}"
             arr = p.float().numpy().copy()
             heads_of = heads if ".attn_q." in name else kv_heads if ".attn_k." in name else None
-            order = (lambda x: x) if heads_of is None else (
-                lambda x: llama_cpp_permute(x, heads_of))
+            order = ((lambda x: x) if heads_of is None
+                     else functools.partial(llama_cpp_permute, n_heads=heads_of))
             if arr.ndim == 1:
                 values, data, raw = arr, order(arr), {}
             elif name in quantize:

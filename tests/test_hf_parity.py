@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arctic_jax.config import ModelConfig
+from checkpoints import load_model
 from helpers import prefill_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-from arctic_jax.config import ModelConfig  # noqa: E402
-from checkpoints import load_model  # noqa: E402
 
 PAGE_SIZE = 16
 TOL = 1e-4

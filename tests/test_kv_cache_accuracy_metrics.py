@@ -9,7 +9,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
-from kv_cache_accuracy import compare  # noqa: E402
+from kv_cache_accuracy import compare
 
 
 def _log_softmax(x):

@@ -55,7 +55,7 @@ def test_page_hashes_match_oracle_and_are_chained():
     other = list(toks)
     other[0] += 1
     h2 = page_hashes(other, ps)
-    assert all(a != b for a, b in zip(got, h2))
+    assert all(a != b for a, b in zip(got, h2, strict=True))
     # Resuming from a parent hash continues the same chain.
     assert page_hashes(toks[8:20], ps, parent=got[1]) == got[2:5]
     # numpy input hashes the same as a list.
@@ -306,7 +306,7 @@ def test_register_conflicting_content_raises():
 def test_lru_eviction_order():
     a = PageAllocator(7, 2, reserved_pages=1)          # 6 allocatable
     seqs = {}
-    for name, base in zip("abcd", (10, 20, 30, 40)):
+    for name, base in zip("abcd", (10, 20, 30, 40), strict=True):
         toks = [base, base + 1]
         p = a.allocate(1)
         a.register_full_pages(p, toks)
@@ -320,7 +320,7 @@ def test_lru_eviction_order():
     evicted = a.allocate(2)
     assert evicted == [seqs["c"][0][0], seqs["a"][0][0]]
     assert a.stats()["num_evictions"] == 2
-    for name, hit in zip("abcd", (False, True, False, True)):
+    for name, hit in zip("abcd", (False, True, False, True), strict=True):
         m, n = a.match_prefix(seqs[name][1] + [0])
         assert (n == 2) == hit, name
         a.free(m)                                      # re-freeing makes b, d most recent again
@@ -528,7 +528,7 @@ def test_incremental_registration_hashes_only_new_tokens(monkeypatch):
     ps = 4
     a, toks, pages = _cached_chain(10, 40, ps, 4 * ps)
     rng = random.Random(11)
-    for step in range(16 * ps):                  # decode, registering each page as it fills
+    for _ in range(16 * ps):                     # decode, registering each page as it fills
         toks.append(rng.randrange(50_000))
         if len(toks) > len(pages) * ps:
             pages += a.allocate(1)

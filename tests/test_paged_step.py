@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ModelConfig, RopeScaling
 from arctic_jax.kv_cache import KVCache
-from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.models.llama import StepOptions, make_step_fn
 from arctic_jax.models.llama_weights import random_weights
 from helpers import deal_pages
@@ -44,7 +44,9 @@ VARIANT_CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, 
 def random_cache(cfg: ModelConfig, rng: np.random.Generator, num_pages: int = NUM_PAGES) -> KVCache:
     """A cache filled with random non-zero values (stale data must never leak into results)."""
     shape = (cfg.num_kv_heads, num_pages, PS, cfg.head_dim)
-    draw = lambda: jnp.asarray(rng.standard_normal(shape, dtype=np.float32) + 3.0)  # noqa: E731
+
+    def draw() -> jax.Array:
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) + 3.0)
     return KVCache(k=tuple(draw() for _ in range(cfg.num_layers)),
                    v=tuple(draw() for _ in range(cfg.num_layers)), page_size=PS)
 
@@ -160,18 +162,18 @@ def test_mixed_step_matches_each_sequence_alone(step, weights):
             (3, 1)]    # decode into the last slot of the first page
     seqs = [rng.integers(0, CFG.vocab_size, pre + n) for pre, n in plan]
     pages = deal_pages(rng, [-(-len(s) // PS) for s in seqs], NUM_PAGES)
-    alone = [prefill_alone(step, weights, s, p, rng) for s, p in zip(seqs, pages)]
+    alone = [prefill_alone(step, weights, s, p, rng) for s, p in zip(seqs, pages, strict=True)]
 
     cache = random_cache(CFG, rng)
     prefixed = [i for i, (pre, _) in enumerate(plan) if pre]
     chunks = [all_logits(seqs[i][:plan[i][0]], 0, pages[i]) for i in prefixed]
     got, cache = run_step(step, weights, cache, chunks)
-    for i, g in zip(prefixed, got):
+    for i, g in zip(prefixed, got, strict=True):
         assert rel_err(g, alone[i][:plan[i][0]]) <= SELF_TOL, f"prefix of sequence {i}"
 
-    chunks = [all_logits(s[pre:pre + n], pre, p) for s, p, (pre, n) in zip(seqs, pages, plan)]
+    chunks = [all_logits(s[pre:pre + n], pre, p) for s, p, (pre, n) in zip(seqs, pages, plan, strict=True)]
     got, cache = run_step(step, weights, cache, chunks)
-    for i, (g, (pre, n)) in enumerate(zip(got, plan)):
+    for i, (g, (pre, n)) in enumerate(zip(got, plan, strict=True)):
         assert rel_err(g, alone[i][pre:pre + n]) <= SELF_TOL, f"sequence {i}"
 
 
@@ -206,7 +208,7 @@ def test_padding_slots_write_nothing(step, weights):
     cache = random_cache(CFG, rng)
     before_k = [np.array(x) for x in cache.k]
     before_v = [np.array(x) for x in cache.v]
-    chunks = [SequenceChunk(tokens=list(s), start=0, pages=p) for s, p in zip(seqs, pages)]
+    chunks = [SequenceChunk(tokens=list(s), start=0, pages=p) for s, p in zip(seqs, pages, strict=True)]
     batch, _ = build_step_batch(chunks, PS, BUCKETS)
     assert (batch.slot_mapping == -1).sum() == 32 - sum(lens)
     _, cache = step(weights, cache, batch)
@@ -221,7 +223,7 @@ def test_padding_slots_write_nothing(step, weights):
             assert np.array_equal(flat_after[:, untouched], flat_before[:, untouched]), \
                 f"layer {layer} {which}: slots outside the step changed"
             t = 0
-            for s, kv in zip(seqs, oracle_kv):
+            for s, kv in zip(seqs, oracle_kv, strict=True):
                 slots = batch.slot_mapping[t:t + len(s)]
                 want = kv[layer][0 if which == "k" else 1]               # [n, K, D]
                 got = np.swapaxes(flat_after[:, slots], 0, 1)
@@ -305,7 +307,7 @@ def test_contiguous_prefill_matches_paged_step_and_writes_the_same_cache(cfg):
     (b,), cache_b = run_step(contiguous, w, cache, chunk, buckets)
     assert rel_err(b, a) <= SELF_TOL
     assert rel_err(b, want) <= ORACLE_TOL
-    for x, y in zip(jax.tree_util.tree_leaves(cache_a), jax.tree_util.tree_leaves(cache_b)):
+    for x, y in zip(jax.tree_util.tree_leaves(cache_a), jax.tree_util.tree_leaves(cache_b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
@@ -362,7 +364,9 @@ def _to_torch_llama(weights, cfg: ModelConfig):
         mlp_bias=cfg.mlp_bias)
     model = LlamaForCausalLM(hf_cfg).to(torch.float64).eval()
     H = cfg.hidden_size
-    t = lambda x: torch.from_numpy(np.asarray(x, np.float64).copy())  # noqa: E731
+
+    def t(x) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(x, np.float64).copy())
     sd = {"model.embed_tokens.weight": t(weights.embed), "model.norm.weight": t(weights.final_norm)}
     if weights.lm_head is not None:
         sd["lm_head.weight"] = t(np.asarray(weights.lm_head).T)

@@ -6,19 +6,25 @@ reruns every case compiled through Triton when JAX's backend is a GPU
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from arctic_jax.attention import contiguous_causal_attention
-from arctic_jax.attention.reference import reference_attention
-from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
 from arctic_jax.attention.kv_write_check import compile_write_kv, write_in_place_report
 from arctic_jax.attention.pallas import paged_attention_pallas, select_mode
-from pallas_kernels import (DecodeConfig, PrefillConfig, block_schedule, paged_decode_attention,
-                            paged_decode_reference, ragged_prefill_attention, ragged_prefill_reference)
+from arctic_jax.attention.reference import reference_attention
+from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
+from pallas_kernels import (
+    DecodeConfig,
+    PrefillConfig,
+    block_schedule,
+    paged_decode_attention,
+    paged_decode_reference,
+    ragged_prefill_attention,
+    ragged_prefill_reference,
+)
 
 # (GQA ratio, head_dim, page_size): covers ratios 1/4/8, head_dim 64/128, pages 16/64.
 SHAPES = [(1, 64, 16), (4, 128, 16), (8, 64, 64), (4, 64, 64), (1, 128, 64), (8, 128, 16)]
@@ -144,7 +150,7 @@ class TestKernels:
         return out, ref
 
     @pytest.mark.parametrize("group,head_dim,page_size,config", [
-        shape + (cfg,) for shape, cfg in zip(SHAPES, [None, PrefillConfig(16, 16)] * 3)],
+        shape + (cfg,) for shape, cfg in zip(SHAPES, [None, PrefillConfig(16, 16)] * 3, strict=True)],
         ids=lambda v: "auto" if v is None else (f"bq{v.block_q}_bk{v.block_k}"
                                                   if isinstance(v, PrefillConfig) else str(v)))
     def test_prefill_ragged_with_prefix(self, group, head_dim, page_size, config):
@@ -218,7 +224,9 @@ class TestKernels:
         padding tail after the sequence, whose rows are discarded."""
         rng = np.random.default_rng(31)
         n, T, kh, group, d = 300, 320, 2, 4, 128
-        draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+
+        def draw(*shape: int) -> jax.Array:
+            return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
         q, k, v = draw(T, kh * group, d), draw(T, kh, d), draw(T, kh, d)
         scale = 1.0 / np.sqrt(d)
         out = contiguous_causal_attention(q, k, v, scale, impl="pallas")
@@ -360,7 +368,9 @@ def test_kernels_lower_to_triton_for_cuda(group, page_size, monkeypatch):
         monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", checked)
     K, D, P = 8, 128, 512
     kc = jax.ShapeDtypeStruct((K, P, page_size, D), jnp.bfloat16)
-    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+
+    def i32(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
     cases = [
         (lambda q, k, v, pt, ln: paged_decode_attention(q, k, v, pt, ln, scale=0.1),
          (jax.ShapeDtypeStruct((4, K * group, D), jnp.bfloat16), kc, kc, i32(4, 64), i32(4))),
@@ -395,7 +405,9 @@ def test_attention_lowers_without_control_flow_for_cuda(mode, prefill_backend, m
     monkeypatch.setattr(attention_pallas, "is_hopper", lambda: True)
     K, D, P, T, S, MP = 8, 128, 512, 256, 9, 64
     kc = jax.ShapeDtypeStruct((K, P, 16, D), jnp.bfloat16)
-    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+
+    def i32(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
     batch = StepBatch(tokens=i32(T), positions=i32(T), slot_mapping=i32(T), seq_ids=i32(T),
                       page_tables=i32(S, MP), query_start=i32(S + 1), kv_lens=i32(S),
                       logits_indices=i32(S))

@@ -2,18 +2,21 @@
 lowering for CUDA (on the CPU: Mosaic GPU has no public interpret mode)."""
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from arctic_jax.attention.pallas import paged_attention_pallas, select_prefill_backend
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from oracles import dense_causal_attention, gather_sequence_kv
-from pallas_kernels.ragged_prefill_mgpu import (MosaicPrefillConfig, is_hopper,
-                                                ragged_prefill_attention_mgpu, unsupported_reason)
+from pallas_kernels.ragged_prefill_mgpu import (
+    MosaicPrefillConfig,
+    is_hopper,
+    ragged_prefill_attention_mgpu,
+    unsupported_reason,
+)
 
 BF16_TOL = 3e-2
 
@@ -193,7 +196,9 @@ def test_lowers_to_mosaic_gpu_for_cuda(head_dim, page_size, config):
     errors without a GPU (the numbers are checked by the GPU class above)."""
     K, N, P, T, S, MP = 8, 32, 256, 200, 3, 32
     kc = jax.ShapeDtypeStruct((K, P, page_size, head_dim), jnp.bfloat16)
-    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+
+    def i32(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
     fn = jax.jit(lambda q, k, v, qs, kv, pt: ragged_prefill_attention_mgpu(
         q, k, v, qs, kv, pt, scale=0.1, config=config))
     lowered = fn.trace(jax.ShapeDtypeStruct((T, N, head_dim), jnp.bfloat16), kc, kc, i32(S + 1),

@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import llama_forward_dense, rel_err
-from test_checkpoints import CFG, hf_tensors, write_gguf, write_hf
 
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ConfigError, ModelConfig
@@ -25,8 +23,10 @@ from arctic_jax.models.registry import (
 )
 from arctic_jax.pytree import pytree_dataclass
 from checkpoints import load_model
+from oracles import llama_forward_dense, rel_err
 from sharding import logical_axes as ax
 from sharding.placement import place_weights, placed_config, plan_heads
+from test_checkpoints import CFG, hf_tensors, write_gguf, write_hf
 
 # --- resolving a spec ------------------------------------------------------------------
 
@@ -143,7 +143,7 @@ def test_spec_step_then_head_equals_llama_forward():
     ref, kv_ref = jax.jit(functools.partial(llama.forward, cfg=TINY))(weights, cache(), batch)
     assert hidden.shape[1] == TINY.hidden_size and logits.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
-    for a, b in zip(jax.tree.leaves(kv_spec), jax.tree.leaves(kv_ref)):
+    for a, b in zip(jax.tree.leaves(kv_spec), jax.tree.leaves(kv_ref), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     dense = llama_forward_dense(weights, TINY, tokens)
     assert rel_err(np.asarray(logits)[:rows], dense) < 1e-5
@@ -180,7 +180,7 @@ def test_place_weights_matches_hand_written_llama_placement(heads, kv_heads, dev
     placed = place_weights(w, cfg, plan)
     want = hand_placed_llama(w, cfg, plan)
     assert jax.tree.structure(placed) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     LLAMA.validate_weights(placed, placed_config(cfg, plan))
 
@@ -215,7 +215,7 @@ def test_place_weights_is_generic_over_declared_axes():
     np.testing.assert_array_equal(placed.norm, w.norm)
     np.testing.assert_array_equal(placed.q, np.asarray(w.q)[:, :, q_idx] * keep)
     assert placed.extra is None and len(placed.blocks) == 2
-    for blk, orig in zip(placed.blocks, w.blocks):
+    for blk, orig in zip(placed.blocks, w.blocks, strict=True):
         np.testing.assert_array_equal(blk.kv, np.asarray(orig.kv)[kv_idx])
         np.testing.assert_array_equal(blk.mixed, np.asarray(orig.mixed)[kv_idx][:, :, q_idx] * keep)
 

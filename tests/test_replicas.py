@@ -23,13 +23,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import server_env
-
 from arctic_jax.bench import runner
 from arctic_jax.engine.async_engine import AsyncEngine, QueueFullError
 from arctic_jax.engine.replicas import ReplicaRouter, build_replicas, merged_metrics
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.cli_commands import ServerProcess
+from helpers import server_env
 
 KWARGS = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, page_size=8,
               token_buckets=(8, 32), page_buckets=(16,))
@@ -98,7 +97,7 @@ def test_shared_prefix_goes_to_the_replica_that_cached_it(engines):
     for slack, expect_cached in ((4, True), (0, False)):
         router = _router(engines, prefix_affinity_slack=slack)
         try:
-            async def run():
+            async def run(router):
                 # 1) the system prompt is computed (and cached) on replica 0 (a tie goes low)
                 await _collect(router, system + [7, 8], GREEDY, "warm")
                 # 2) a long request makes replica 0 the busier one
@@ -112,7 +111,7 @@ def test_shared_prefix_goes_to_the_replica_that_cached_it(engines):
                     cached.append(out.num_cached_tokens)
                 await busy
                 return before, cached[-1]
-            before, cached_tokens = asyncio.run(run())
+            before, cached_tokens = asyncio.run(run(router))
         finally:
             router.shutdown()
         assert before == [2, 0]
@@ -213,7 +212,8 @@ def test_router_rejects_bad_settings(engines):
     with pytest.raises(ValueError, match="prefix_affinity_slack"):
         ReplicaRouter([AsyncEngine(engines[0])], prefix_affinity_slack=-1)
     with pytest.raises(ValueError, match="need 3 devices|one-device"):
-        build_replicas(lambda kw: runner.build_random_engine("tiny", kw), dict(KWARGS, tensor_parallel_size=2), 2)
+        build_replicas(lambda kw: runner.build_random_engine("tiny", kw),
+                       dict(KWARGS, tensor_parallel_size=2), 2)
 
 
 class _FailingReplica:
@@ -255,6 +255,7 @@ def test_a_failed_replica_is_routed_around(engines):
     """A replica that fails before streaming hands its request to another; later requests
     skip it; the server reports "degraded" while a replica still runs."""
     from fastapi.testclient import TestClient
+
     from arctic_jax.serving.app import ServerState, create_app
 
     prompt = [int(t) for t in np.random.default_rng(4).integers(1, 100, 12)]

@@ -158,7 +158,7 @@ def test_every_covering_mode_gives_the_same_tokens(kind):
     assert mode is SamplingMode(kind)
     cheap = SAMPLE(logits, t, num_top_logprobs=3, mode=mode)
     full = SAMPLE(logits, t, num_top_logprobs=3, mode=SamplingMode.FILTERED)
-    for a, b in zip(jax.tree_util.tree_leaves(cheap), jax.tree_util.tree_leaves(full)):
+    for a, b in zip(jax.tree_util.tree_leaves(cheap), jax.tree_util.tree_leaves(full), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if kind == "random":  # the rows really sampled (not all argmax), so the check has teeth
         assert (np.asarray(full.tokens) != np.asarray(logits).argmax(-1)).sum() >= 4

@@ -20,9 +20,8 @@ import httpx
 import openai
 import pytest
 
-from helpers import server_env
-
 from arctic_jax.serving.cli_commands import ServerProcess
+from helpers import server_env
 
 MODEL = "smollm2-test"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +200,7 @@ def test_completion_logprobs(client):
     assert len(lp.text_offset) == n
     assert "".join(lp.tokens) == choice.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
-    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert value <= 0
         assert n_top <= len(top) <= n_top + 1
         assert top[token] == value

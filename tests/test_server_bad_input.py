@@ -16,9 +16,8 @@ import time
 import httpx
 import pytest
 
-from helpers import server_env
-
 from arctic_jax.serving.cli_commands import ServerProcess
+from helpers import server_env
 
 MODEL = "smollm2-test"
 API_KEY = "sk-test-7f3a"

@@ -7,14 +7,15 @@ warm-up compiles nothing; "auto" calibrates the threshold at warm-up.
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.compile_counter import CompileCounter
+from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.models.llama_weights import random_weights
 from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingParams
@@ -92,7 +93,7 @@ def assert_shifts(used, threshold):
     for n, variant in used:
         assert variant == ("tp" if n <= threshold else "sp"), (n, variant)
     seq = [v for _, v in used]
-    switches = sum(a != b for a, b in zip(seq, seq[1:]))
+    switches = sum(a != b for a, b in itertools.pairwise(seq))
     assert switches >= 3, seq
 
 

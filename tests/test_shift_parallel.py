@@ -16,16 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arctic_jax.attention.strategy import PagedAttention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ConfigError, ModelConfig
 from arctic_jax.engine.engine import EngineConfig
+from arctic_jax.engine.programs import jit_forward
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import make_step_fn
 from arctic_jax.models.llama_weights import random_weights
-from oracles import rel_err
-from arctic_jax.attention.strategy import PagedAttention
-from arctic_jax.engine.programs import jit_forward
 from arctic_jax.models.registry import LLAMA
+from oracles import rel_err
 from sharding.deployment import Deployment
 from sharding.mesh import ParallelConfig, make_mesh, resolve_parallel_config
 from sharding.placement import place_weights, placed_config, plan_heads
@@ -67,8 +67,8 @@ def deal_pages(rng, counts, num_pages=NUM_PAGES):
     """Shuffled page ids dealt round-robin, so the sequences' pages interleave."""
     pool = [int(p) for p in rng.permutation(num_pages)]
     pages = [[] for _ in counts]
-    while any(len(p) < c for p, c in zip(pages, counts)):
-        for p, c in zip(pages, counts):
+    while any(len(p) < c for p, c in zip(pages, counts, strict=True)):
+        for p, c in zip(pages, counts, strict=True):
             if len(p) < c:
                 p.append(pool.pop())
     return pages
@@ -125,7 +125,7 @@ def stale_cache(num_kv_heads: int, cfg: ModelConfig, rng, sharding=None) -> KVCa
 
 def run_steps(step, weights, cache, batches, counts):
     logits = []
-    for batch, n in zip(batches, counts):
+    for batch, n in zip(batches, counts, strict=True):
         out, cache = step(weights, cache, batch)
         out = np.asarray(out)[:n]
         assert np.isfinite(out).all()
@@ -138,11 +138,11 @@ def written_kv(cache: KVCache, slots: np.ndarray) -> np.ndarray:
     def pick(x):
         x = np.asarray(x)
         return x.reshape(x.shape[0], -1, x.shape[-1])[:, slots]
-    return np.stack([np.stack([pick(k), pick(v)]) for k, v in zip(cache.k, cache.v)])
+    return np.stack([np.stack([pick(k), pick(v)]) for k, v in zip(cache.k, cache.v, strict=True)])
 
 
 def assert_matches_reference(logits, cache, ref_logits, ref_kv, slots, kv_replication, what):
-    for i, (got, want) in enumerate(zip(logits, ref_logits)):
+    for i, (got, want) in enumerate(zip(logits, ref_logits, strict=True)):
         assert got.shape == want.shape
         assert rel_err(got, want) <= TOL, f"{what}: step {i} logits"
     got_kv = written_kv(cache, slots)
@@ -263,8 +263,8 @@ def test_smollm2_matches_single_device(smollm2, layout):
     for variant in LAYOUTS[layout].variants:
         cache = stale_cache(dep.cfg.num_kv_heads, model.config, np.random.default_rng(3),
                             dep.cache_sharding)
-        logits, cache = run_steps(jit_forward(LLAMA, dep, variant, PagedAttention()), dep.weights[variant], cache,
-                                  batches, counts)
+        logits, cache = run_steps(jit_forward(LLAMA, dep, variant, PagedAttention()),
+                                  dep.weights[variant], cache, batches, counts)
         assert_matches_reference(logits, cache, ref_logits, ref_kv, slots,
                                  dep.plan.kv_replication, f"SmolLM2 {layout}/{variant}")
 
@@ -332,7 +332,7 @@ def test_switching_variants_mid_sequence(models, switching, schedule):
                                        prompt, pages, chunks, 10)
     assert set(used) == {"tp", "sp"}
     assert tokens == want_tokens
-    for got, want in zip(logits, want_logits):
+    for got, want in zip(logits, want_logits, strict=True):
         assert rel_err(got, want) <= TOL
     for x in cache.k + cache.v:
         assert x.sharding == dep.cache_sharding
@@ -517,7 +517,7 @@ def test_place_weights_replicates_kv_and_zeroes_padding():
     plan = plan_heads(cfg, 8)
     assert plan.q_source == (0, -1, 1, -1, 2, -1, 3, -1)
     placed = place_weights(w, cfg, plan)
-    for orig, new in zip(w.layers, placed.layers):
+    for orig, new in zip(w.layers, placed.layers, strict=True):
         for j in range(8):
             np.testing.assert_array_equal(new.kv_proj[:, :, j], orig.kv_proj[:, :, j // 2])
             np.testing.assert_array_equal(new.kv_bias[:, j], orig.kv_bias[:, j // 2])

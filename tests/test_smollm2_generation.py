@@ -32,13 +32,14 @@ def test_greedy_32_tokens_match_transformers(llm, hf_model):
 
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     ours = llm.chat(conversations, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-    for conv, out in zip(conversations, ours):
+    for conv, out in zip(conversations, ours, strict=True):
         ids = encode_chat(llm.tokenizer, conv)
         assert out.prompt_token_ids == ids
         with torch.no_grad():
             # An explicit mask: the prompt contains <|im_end|> (id 2), which transformers would
             # otherwise take for padding.
-            ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            ref = hf_model.generate(torch.tensor([ids]),
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=32, do_sample=False, pad_token_id=2)
         expected = ref[0, len(ids):].tolist()
         assert len(expected) == 32

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from arctic_jax.speculative import (
-    NgramProposer, Proposer, ProposerRequest, SpeculationStats, SpeculativeConfig,
-    emitted_tokens, greedy_accept, make_proposer,
+    NgramProposer,
+    Proposer,
+    ProposerRequest,
+    SpeculationStats,
+    SpeculativeConfig,
+    emitted_tokens,
+    greedy_accept,
+    make_proposer,
 )
 from arctic_jax.speculative.ngram import find_ngram_draft
 
@@ -115,7 +121,7 @@ def test_proposer_follows_growing_requests():
     rng = random.Random(7)
     prop = NgramProposer(2, 4)
     reqs = [Req(f"r{i}", [rng.randrange(5) for _ in range(rng.randint(0, 20))]) for i in range(6)]
-    for step in range(60):
+    for _ in range(60):
         k = rng.randint(1, 6)
         drafts = prop.propose(reqs, k)
         assert drafts == [oracle_draft(r.prompt_ids + r.output_ids, k, 2, 4) for r in reqs]

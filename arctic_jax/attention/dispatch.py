@@ -21,7 +21,8 @@ reading the paged cache.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ def _over_local_heads(fn: Callable[..., jax.Array], sharding: ActivationSharding
     if sharding is None:
         return fn(*args)
     specs = tuple(jax.tree_util.tree_map(lambda _: PartitionSpec(), a) if axes is None
-                  else partition_spec(axes, sharding.rules) for a, axes in zip(args, arg_axes))
+                  else partition_spec(axes, sharding.rules) for a, axes in zip(args, arg_axes, strict=True))
     qkv = partition_spec(ax.ATTN_QKV_AXES, sharding.rules)
     return jax.shard_map(fn, mesh=sharding.mesh, in_specs=specs, out_specs=qkv,
                          check_vma=False)(*args)

@@ -57,9 +57,16 @@ import jax
 import jax.numpy as jnp
 
 from arctic_jax.batch import StepBatch
-from pallas_kernels import (DecodeConfig, MosaicPrefillConfig, PrefillConfig, is_hopper,
-                            paged_decode_attention, ragged_prefill_attention,
-                            ragged_prefill_attention_mgpu, unsupported_reason)
+from pallas_kernels import (
+    DecodeConfig,
+    MosaicPrefillConfig,
+    PrefillConfig,
+    is_hopper,
+    paged_decode_attention,
+    ragged_prefill_attention,
+    ragged_prefill_attention_mgpu,
+    unsupported_reason,
+)
 
 MODES = ("auto", "prefill", "decode", "mixed")
 PREFILL_BACKENDS = ("auto", "triton", "mosaic")

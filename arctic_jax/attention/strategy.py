@@ -18,8 +18,7 @@ import dataclasses
 
 import jax
 
-from arctic_jax.attention.dispatch import (check_attention_impl, contiguous_causal_attention,
-                                           paged_attention)
+from arctic_jax.attention.dispatch import check_attention_impl, contiguous_causal_attention, paged_attention
 from arctic_jax.batch import StepBatch
 from sharding.rules import ActivationSharding
 

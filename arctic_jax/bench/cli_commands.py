@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import logging
 import math
+import os
 import sys
 from typing import Any
 

@@ -16,9 +16,11 @@ completion. Latencies are reported in milliseconds.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import math
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +96,8 @@ def build_report(result: RunResult, meta: dict | None = None) -> dict[str, Any]:
     duration = result.end - result.start
     in_tokens = sum(r.prompt_len or 0 for r in ok)
     out_tokens = sum(r.output_tokens for r in ok)
-    ms = lambda xs: [1e3 * x for x in xs]  # noqa: E731
+    def ms(xs: Iterable[float]) -> list[float]:
+        return [1e3 * x for x in xs]
     length_mismatches = [r.index for r in ok if r.ignore_eos and r.output_tokens != r.max_tokens]
     report: dict[str, Any] = {
         "meta": dict(meta or {}),
@@ -171,10 +174,8 @@ def format_table(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------ plot
 def check_plotting_available() -> None:
     """Raise ImportError now (not after the run) if matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ImportError("--plot needs matplotlib (pip install matplotlib)") from e
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plot needs matplotlib (pip install matplotlib)")
 
 
 def _cdf(ax: Any, values_ms: Iterable[float], label: str) -> None:
@@ -228,15 +229,16 @@ def results_section(report: dict[str, Any], *, title: str, compare_note: str = "
                     now: datetime.datetime | None = None) -> str:
     """A markdown section for benchmarks/RESULTS.md."""
     meta = report["meta"]
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     engine = meta.get("engine_config") or {}
     engine_text = ", ".join(f"{k}={v}" for k, v in engine.items()) or "-"
+    num_devices = meta.get("num_devices", 1)
     lines = [
         f"## {title}",
         "",
         f"- Date: {now.strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Card: {meta.get('card', 'unknown')}"
-        f"{' x%d' % meta['num_devices'] if meta.get('num_devices', 1) > 1 else ''} "
+        f"{f' x{num_devices}' if num_devices > 1 else ''} "
         f"(jax {meta.get('jax_version', 'unknown')})",
         f"- Model: {meta.get('model', 'unknown')} (dtype {meta.get('dtype', 'unknown')})",
         f"- Driver: {meta.get('driver', 'unknown')}",

@@ -18,7 +18,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ async def _send(driver: Any, request: BenchRequest) -> RequestRecord:
         record.end = time.perf_counter()
         if record.first_token is None:
             record.error = "the request finished without producing a token"
-    except Exception as e:  # noqa: BLE001 - a failed request is reported, not fatal
+    except Exception as e:  # a failed request is reported, not fatal
         record.end = time.perf_counter()
         record.error = f"{type(e).__name__}: {e}"
         log.warning("request %d failed: %s", request.index, record.error)
@@ -118,7 +119,7 @@ async def run_load(driver: Any, requests: Sequence[BenchRequest], *,
             raise ValueError(f"{len(arrival_offsets)} arrival times for {len(requests)} requests")
         t0 = time.perf_counter()
         tasks = []
-        for request, offset in zip(requests, arrival_offsets):
+        for request, offset in zip(requests, arrival_offsets, strict=True):
             delay = t0 + float(offset) - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def synthetic_requests(num_requests: int, input_len: LengthRange, output_len: Le
     return [BenchRequest(index=i,
                          prompt=tuple(int(t) for t in rng.integers(0, vocab_size, size=int(n_in))),
                          max_tokens=int(n_out), ignore_eos=True)
-            for i, (n_in, n_out) in enumerate(zip(in_lens, out_lens))]
+            for i, (n_in, n_out) in enumerate(zip(in_lens, out_lens, strict=True))]
 
 
 def load_dataset(path: str | os.PathLike, num_requests: int | None = None) -> list[BenchRequest]:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -169,7 +169,7 @@ class AsyncEngine:
                 _, rid, ids, params, stream = cmd
                 try:
                     self.engine.add_request(ids, params, request_id=rid)
-                except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
+                except Exception as e:  # one bad request must not stop the loop
                     self._deliver_all([(stream, e if isinstance(e, ValueError)
                                         else RuntimeError(str(e)))])
                 else:
@@ -189,7 +189,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 if outputs:
                     self._deliver_outputs(outputs)
-        except BaseException as e:  # noqa: BLE001 - report to every waiting client
+        except BaseException as e:  # report to every waiting client
             log.exception("engine loop failed")
             with self._lock:
                 self.error = e

@@ -7,7 +7,8 @@ in an incomplete UTF-8 sequence (U+FFFD) waits for more tokens.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _REPLACEMENT = "\ufffd"
 

@@ -7,7 +7,8 @@ scheduler, config or model config.
 from __future__ import annotations
 
 import dataclasses
-from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
 
 from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams

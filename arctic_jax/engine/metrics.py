@@ -93,7 +93,7 @@ class EngineMetrics:
         reason = request.finish_reason.value if request.finish_reason else "unknown"
         self.finished.labels(reason).inc()
 
-    def on_step(self, scheduler) -> None:  # noqa: ANN001 - Scheduler, avoids an import cycle
+    def on_step(self, scheduler) -> None:  # a Scheduler; not imported, to avoid an import cycle
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
         stats = scheduler.allocator.stats()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -281,13 +281,13 @@ class PageAllocator:
             hashes = page_hashes(tokens[start_page * self.page_size:num_full * self.page_size],
                                  self.page_size, parent=parent)
         seen: dict[int, bytes] = {}
-        for p, h in zip(todo, hashes):
+        for p, h in zip(todo, hashes, strict=True):
             old = seen.get(p, self._page_hash.get(p))
             if old is not None and old != h:
                 raise ValueError(f"page {p} already holds different content than registered now "
                                  f"(page reused in one table, or tokens differ from the computed KV)")
             seen[p] = h
-        for p, h in zip(todo, hashes):
+        for p, h in zip(todo, hashes, strict=True):
             self._page_hash[p] = h
             self._cached.setdefault(h, p)
 
@@ -319,7 +319,7 @@ class PageAllocator:
         assert used + len(free_set) + len(evict) == self.num_allocatable, "page leaked or double-counted"
         for h, p in self._cached.items():
             assert self._page_hash.get(p) == h, f"cached hash of page {p} disagrees with its content hash"
-        for p, h in self._page_hash.items():
+        for p in self._page_hash:
             assert self.reserved_pages <= p < self.num_pages
             assert p not in free_set, f"free page {p} still has a content hash"
             if rc[p] == 0:

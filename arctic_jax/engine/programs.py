@@ -18,7 +18,8 @@ engine's overlap of host work with the running step.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def sampler_step(logits: jax.Array, token_buffer: jax.Array, packed_inputs: jax.
     return token_buffer, jnp.concatenate(columns, axis=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_model_step(step: Callable, head: Callable, cfg: ModelConfig, opts: StepOptions,
                     weight_shardings: Any, cache_sharding: Any, replicated: Any) -> Callable:
     """One jitted program family per (model, placed config, options, shardings): engines of
@@ -89,7 +90,7 @@ def jit_model_step(spec: Any, dep: Deployment, variant: str,
                            dep.cache_sharding, dep.replicated)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jit_sampler_step(mode: SamplingMode, num_top_logprobs: int) -> Callable:
     """The jitted sampler of one mode; the token buffer is donated."""
     fn = functools.partial(sampler_step, mode=mode, num_top_logprobs=num_top_logprobs)

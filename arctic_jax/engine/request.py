@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from arctic_jax.sampling import SamplingParams
 
@@ -15,7 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"        # EOS, a stop token or a stop string
     LENGTH = "length"    # max_tokens or the model's context length
     ABORT = "abort"      # cancelled by the client

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from arctic_jax.engine.page_allocator import OutOfPagesError, PageAllocator
 from arctic_jax.engine.request import FinishReason, Request, RequestStatus
@@ -169,7 +169,8 @@ class Scheduler:
                 request.spec_tokens = []
                 i += 1
                 continue
-            draft = self._draft_for(request, n, budget)
+            # drafts leave one token of budget to each running request after this one
+            draft = self._draft_for(request, n, budget - (len(self.running) - i - 1))
             end = request.num_computed + n + len(draft)
             if not self._reserve_pages(request, end, preempted, scheduled_ids):
                 continue  # request itself was preempted; running[i] is now the next one

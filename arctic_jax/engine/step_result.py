@@ -27,5 +27,5 @@ def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int) -> Ste
     if n:
         ids = host[:, 2:2 + n]
         lps = host[:, 2 + n:2 + 2 * n].view(np.float32)
-        top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r])] for r in range(num_rows)]
+        top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r], strict=True)] for r in range(num_rows)]
     return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top)

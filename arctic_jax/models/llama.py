@@ -11,7 +11,8 @@ from them.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,8 @@ from arctic_jax.batch import StepBatch
 from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache, write_kv
 from arctic_jax.models.llama_weights import LayerWeights, LlamaWeights
-from arctic_jax.models.step_options import StepOptions
 from arctic_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from arctic_jax.models.step_options import StepOptions
 from sharding import logical_axes as ax
 from sharding.rules import ActivationSharding, constrain
 

@@ -13,9 +13,10 @@ import dataclasses
 import logging
 import secrets
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,15 +27,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from arctic_jax.engine.front import EngineFront
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
-from arctic_jax.serving.protocol import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatLogprobs, CompletionChoice, CompletionRequest,
-    CompletionResponse, DeltaMessage, ModelCard, ModelList,
-    RequestParseError, parse_request)
 from arctic_jax.serving.errors import APIError, ClientDisconnected, sampling_error
-from arctic_jax.serving.generations import (SSE_HEADERS, Generations, Job, finish_reason_of,
-                                            sse, sse_with_errors, until_disconnected, usage_of)
+from arctic_jax.serving.generations import (
+    SSE_HEADERS,
+    Generations,
+    Job,
+    finish_reason_of,
+    sse,
+    sse_with_errors,
+    until_disconnected,
+    usage_of,
+)
 from arctic_jax.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from arctic_jax.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    RequestParseError,
+    parse_request,
+)
 from arctic_jax.tokenizer import encode_chat, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -54,7 +75,7 @@ class ServerState:
     engine: EngineFront | None = None
     tokenizer: Any = None
     startup_error: str | None = None
-    token_texts: "TokenTexts | None" = None
+    token_texts: TokenTexts | None = None
 
     def set_ready(self, engine: EngineFront, tokenizer: Any,
                   model_name: str) -> None:
@@ -321,7 +342,7 @@ def create_app(state: ServerState) -> FastAPI:
                          "content": m.text()} for m in body.messages]
         try:
             ids = await run_in_pool(encode_chat, state.tokenizer, conversation)
-        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+        except Exception as e:  # template errors are the request's fault
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         check_prompt(ids, eng, "messages")
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

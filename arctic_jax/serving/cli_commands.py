@@ -18,7 +18,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from arctic_jax.cli_args import add_model_args, engine_kwargs, parse_dtype
 
@@ -31,7 +32,7 @@ def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -91,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"http://{args.host}:{args.port}{where} (start-up "
                   f"{time.perf_counter() - start:.1f} s, of which compiling {warm:.1f} s)",
                   file=sys.stderr, flush=True)
-        except BaseException as e:  # noqa: BLE001 - reported, then the server stops
+        except BaseException as e:  # reported, then the server stops
             state.startup_error = f"{type(e).__name__}: {e}"
             log.debug("start-up failed", exc_info=True)
             print(f"arctic-jax serve: error: start-up failed: {state.startup_error}",
@@ -175,7 +176,7 @@ class ServerProcess:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any, AsyncIterator, Awaitable, Sequence, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -49,7 +50,7 @@ class Generations:
         try:
             async for out in stream:
                 self._queue.put_nowait((job.index, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
+        except Exception as e:  # handed to the consumer
             self._queue.put_nowait((job.index, e))
         finally:
             await stream.aclose()  # aborts the request if it has not finished
@@ -141,7 +142,7 @@ async def sse_with_errors(gens: Generations, events: AsyncIterator[str]) -> Asyn
     except APIError as e:
         yield sse(e.body())
         yield SSE_DONE
-    except Exception as e:  # noqa: BLE001 - the status line is already sent
+    except Exception as e:  # the status line is already sent
         log.exception("streaming response failed")
         yield sse(APIError(500, f"internal error: {e}", type="server_error").body())
         yield SSE_DONE

@@ -1,7 +1,8 @@
 """Logprobs in the OpenAI completions (legacy) and chat formats."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from arctic_jax.serving.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
@@ -26,7 +27,7 @@ def completion_logprobs(texts: TokenTexts, ids: Sequence[int], lps: Sequence[flo
                          ) -> tuple[CompletionLogprobs, int]:
     """Legacy logprobs of ``ids``; offsets count from ``offset``. Returns it and the next offset."""
     out = CompletionLogprobs()
-    for k, (tid, lp) in enumerate(zip(ids, lps)):
+    for k, (tid, lp) in enumerate(zip(ids, lps, strict=True)):
         token = texts(tid)
         top = {texts(t): float(v) for t, v in (tops[k] if k < len(tops) else ())}
         top.setdefault(token, float(lp))  # the chosen token is always listed
@@ -41,7 +42,7 @@ def completion_logprobs(texts: TokenTexts, ids: Sequence[int], lps: Sequence[flo
 def chat_logprobs(texts: TokenTexts, ids: Sequence[int], lps: Sequence[float],
                    tops: Sequence[Sequence[tuple[int, float]]]) -> ChatLogprobs:
     content = []
-    for k, (tid, lp) in enumerate(zip(ids, lps)):
+    for k, (tid, lp) in enumerate(zip(ids, lps, strict=True)):
         token = texts(tid)
         top = [TopLogprob(token=texts(t), logprob=float(v), bytes=list(texts(t).encode()))
                for t, v in (tops[k] if k < len(tops) else ())]

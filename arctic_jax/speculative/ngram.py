@@ -17,7 +17,8 @@ request id). Drafts only affect speed, since verification is exact.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

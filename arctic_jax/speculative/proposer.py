@@ -1,4 +1,4 @@
-"""The ``Proposer`` protocol the scheduler drives, and the factory for configured proposers.
+"""The ``Proposer`` protocol the engine drives (``factory.make_proposer`` builds configured ones).
 
 Per step the engine calls ``propose`` for the requests that will speculate, then
 ``on_tokens`` with each request's newly accepted tokens once verified, and
@@ -6,10 +6,9 @@ Per step the engine calls ``propose`` for the requests that will speculate, then
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
-from arctic_jax.speculative.config import SpeculativeConfig
-from arctic_jax.speculative.ngram import NgramProposer
 
 
 @runtime_checkable
@@ -36,10 +35,3 @@ class Proposer(Protocol):
     def on_finish(self, request: ProposerRequest) -> None:
         """The request left the engine; drop any state held for it."""
         ...
-
-
-def make_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer ``config.method`` names (only "ngram" today; the config refuses others)."""
-    if config.method == "ngram":
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-    raise ValueError(f"no proposer for speculative method {config.method!r}")

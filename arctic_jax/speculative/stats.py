@@ -85,7 +85,7 @@ class SpeculationStats:
 
     @property
     def acceptance_rate_by_position(self) -> list[float]:
-        return [_ratio(a, d) for a, d in zip(self._accepted_padded(), self.drafted_by_position)]
+        return [_ratio(a, d) for a, d in zip(self._accepted_padded(), self.drafted_by_position, strict=True)]
 
     @property
     def mean_tokens_per_step(self) -> float:

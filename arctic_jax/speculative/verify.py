@@ -10,7 +10,7 @@ speculation would have produced.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def greedy_accept(drafts: Sequence[int], target: Sequence[int]) -> int:

@@ -1,0 +1,51 @@
+"""Commands in README.md work as written: every ``arctic-jax`` command parses, and the speculative
+``arctic-jax generate`` example runs."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+from arctic_jax import cli
+from arctic_jax.speculative.config import SpeculativeConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands() -> list[list[str]]:
+    """argv (without the program name) of every ``arctic-jax`` command in README.md's bash blocks,
+    backslash continuations joined and trailing comments dropped."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("arctic-jax "):   # other lines (curl) may hold multi-line quotes
+                commands.append(shlex.split(line, comments=True)[1:])
+    return commands
+
+
+def speculative_generate_command() -> list[str]:
+    found = [argv for argv in readme_commands()
+             if argv[0] == "generate" and "--speculative-config" in argv]
+    assert len(found) == 1, f"expected one speculative generate command in README.md, got {found}"
+    return found[0]
+
+
+def test_every_readme_command_parses():
+    commands = readme_commands()
+    assert {argv[0] for argv in commands} == {"generate", "serve", "bench"}, commands
+    parser = cli.build_parser()
+    for argv in commands:
+        parser.parse_args(argv)     # exits (failing the test) on an unknown flag or a bad value
+
+
+def test_readme_speculative_generate_runs(capsys):
+    argv = speculative_generate_command()
+    args = cli.build_parser().parse_args(argv)
+    assert isinstance(args.speculative_config, SpeculativeConfig)
+    assert args.speculative_config.method == "ngram" and args.temperature == 0
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"

@@ -1,0 +1,256 @@
+"""Speculative decoding through the engine: greedy output with n-gram drafts is token-for-token
+the output without them (SmolLM2, one device and shift SP2xTP2, prefix caching, preemption, stop
+strings and max_tokens inside an accepted run), acceptance counts on a scripted proposer, the
+metrics, and no compilation while serving with speculation on."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arctic_jax.config import ModelConfig
+from arctic_jax.engine.compile_counter import CompileCounter
+from arctic_jax.engine.engine import EngineConfig, LLMEngine
+from arctic_jax.models.registry import LLAMA
+from arctic_jax.sampling import SamplingParams
+from arctic_jax.speculative.config import SpeculativeConfig
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 1}
+CODE = ("def add(a, b):\n    return a + b\n\n\ndef scale(values, factor):\n"
+        "    return [v * factor for v in values]\n")
+REPEATING = [f"Rewrite this code with type hints:\n{CODE}",
+             "Repeat this list exactly, twice: apple, pear, plum, cherry, melon, grape."]
+OTHER = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+def run(engine, prompts, params):
+    """Drive the engine to completion: (token ids, text, finish reason, token-count of each
+    streamed update) per request."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    out = {i: ([], [], None, []) for i in ids}
+    for _ in range(20_000):
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            tokens, text, _, runs = out[o.request_id]
+            tokens.extend(o.new_token_ids)
+            text.append(o.new_text)
+            runs.append(len(o.new_token_ids))
+            if o.finished:
+                out[o.request_id] = (tokens, text, o.finish_reason.value, runs)
+    assert not engine.has_unfinished()
+    return [(t, "".join(x), r, runs) for t, x, r, runs in (out[i] for i in ids)]
+
+
+# ------------------------------------------------------------------ SmolLM2
+@pytest.fixture(scope="module")
+def smollm2():
+    from arctic_jax.tokenizer import encode_chat, load_tokenizer
+    from checkpoints import load_model
+
+    model = load_model("default", dtype=jnp.float32, progress=False)
+    tok = load_tokenizer(model.tokenizer_source.path, model.tokenizer_source.gguf_file)
+    prompts = [encode_chat(tok, [{"role": "user", "content": p}]) for p in REPEATING + OTHER]
+    return model, tok, prompts
+
+
+def smol_engine(smollm2, speculative=None, **kw):
+    model, tok, _ = smollm2
+    base = dict(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256, page_size=16,
+                token_buckets=(8, 16, 32, 64), page_buckets=(16,), attention_impl="reference",
+                speculative_config=speculative)
+    base.update(kw)
+    return LLMEngine(model.spec, model.config, model.weights, tok, EngineConfig.from_flags(**base))
+
+
+@pytest.fixture(scope="module")
+def smol_reference(smollm2):
+    """Greedy outputs without speculation (one device)."""
+    params = [SamplingParams(max_tokens=48, temperature=0)] * len(smollm2[2])
+    return run(smol_engine(smollm2), smollm2[2], params)
+
+
+@pytest.fixture(scope="module")
+def smol_speculative(smollm2):
+    engine = smol_engine(smollm2, NGRAM)
+    params = [SamplingParams(max_tokens=48, temperature=0)] * len(smollm2[2])
+    return engine, run(engine, smollm2[2], params)
+
+
+def test_ngram_greedy_equals_plain_greedy_on_smollm2(smol_reference, smol_speculative):
+    engine, outs = smol_speculative
+    for (want, want_text, want_reason, _), (got, text, reason, _) in zip(smol_reference, outs, strict=True):
+        assert got == want and text == want_text and reason == want_reason
+    stats = engine.spec_stats
+    # The prompts that repeat their input do speculate, and drafts are accepted.
+    assert stats.num_draft_steps > 0 and stats.acceptance_rate > 0.3
+    assert stats.mean_tokens_per_step > 1.3
+    n = sum(len(o[0]) for o in outs)   # all but each request's first token come from decodes
+    assert stats.num_emitted == n - len(outs)
+    # the chat template's system prompt is shared: later requests hit the prefix cache
+    assert engine.scheduler.allocator.stats()["hit_rate"] > 0
+
+
+def test_ngram_on_shift_sp2_tp2_equals_one_device(smollm2, smol_reference):
+    engine = smol_engine(smollm2, NGRAM, parallel_mode="shift", sequence_parallel_size=2,
+                         tensor_parallel_size=2, shift_parallel_threshold=16)
+    params = [SamplingParams(max_tokens=48, temperature=0)] * len(smollm2[2])
+    outs = run(engine, smollm2[2], params)
+    used = {v for v in ("tp", "sp")
+            if engine.metrics.steps.labels(v)._value.get() > 0}
+    assert used == {"tp", "sp"}
+    assert engine.spec_stats.num_draft_steps > 0
+    for (want, *_), (got, *_) in zip(smol_reference, outs, strict=True):
+        assert got == want
+
+
+def test_ngram_with_preemption_and_prefix_cache(smollm2):
+    """A pool too small for all five requests at full length (ignore_eos): preemption and
+    recompute (the prefix cache serves pages of verified tokens only), and the same tokens."""
+    prompts = smollm2[2] + smollm2[2][:1]
+    params = [SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)] * len(prompts)
+    want = run(smol_engine(smollm2), prompts, params)
+    engine = smol_engine(smollm2, NGRAM, num_pages=17)   # one 256-token sequence fits
+    preempted = []
+    original = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda r: (preempted.append(r.request_id), original(r))[1]
+    outs = run(engine, prompts, params)
+    assert preempted, "the pool was meant to force preemption"
+    assert engine.spec_stats.num_draft_steps > 0
+    for (w, *_), (got, *_) in zip(want, outs):
+        assert got == w
+    allocator = engine.scheduler.allocator
+    allocator.check_invariants()
+    assert allocator.num_free() == allocator.num_allocatable   # no page leaked
+
+
+def _inside_a_run(runs: list[int]) -> int:
+    """Index of a token that is neither first nor last of a multi-token streamed update."""
+    start = 0
+    for n in runs:
+        if n >= 3:
+            return start + 1
+        start += n
+    raise AssertionError(f"no run of 3+ tokens in {runs}")
+
+
+def test_stop_string_and_max_tokens_inside_an_accepted_run(smollm2, smol_speculative):
+    """The request stops mid-run: later tokens are dropped, usage counts the tokens returned, and
+    output, text and finish reason equal those without speculation."""
+    model, tok, prompts = smollm2
+    _, outs = smol_speculative
+    tokens, _, _, runs = outs[0]
+    j = _inside_a_run(runs)
+    text_upto = tok.decode(tokens[:j + 1], skip_special_tokens=True)
+    before = tok.decode(tokens[:j], skip_special_tokens=True)
+    stop = text_upto[len(before) - 2:] if len(before) >= 2 else text_upto
+    assert stop and stop not in before
+    for params in (SamplingParams(max_tokens=48, temperature=0, stop=[stop]),
+                   SamplingParams(max_tokens=j + 1, temperature=0)):
+        want = run(smol_engine(smollm2), prompts[:1], [params])[0]
+        spec_engine = smol_engine(smollm2, NGRAM)
+        got = run(spec_engine, prompts[:1], [params])[0]
+        assert got[:3] == want[:3]
+        assert len(got[0]) <= j + 1
+        # the step that ended the request had been a run of 3+ tokens without the stop
+        assert sum(got[3][:-1]) < j + 1 <= sum(got[3][:-1]) + runs[len(got[3]) - 1]
+
+
+# ------------------------------------------------------------- scripted drafts
+CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, max_position_embeddings=512)
+
+
+class CharTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(33 + int(i) % 90) for i in ids)
+
+
+class ScriptedProposer:
+    """Proposes, per call, ``good`` true next tokens then ``bad`` wrong ones (from a script)."""
+
+    def __init__(self, truth: dict[str, list[int]], script: list[tuple[int, int]]):
+        self.truth, self.script, self.calls = truth, list(script), 0
+
+    def propose(self, requests, k):
+        drafts = []
+        for r in requests:
+            good, bad = self.script[self.calls] if self.calls < len(self.script) else (0, 0)
+            self.calls += 1
+            rest = self.truth[r.request_id][len(r.output_ids):]
+            draft = rest[:good] + [(t + 1) % CFG.vocab_size for t in rest[good:good + bad]]
+            drafts.append(draft[:k])
+        return drafts
+
+    def on_tokens(self, request, new_tokens):
+        pass
+
+    def on_finish(self, request):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_weights():
+    return LLAMA.random_weights(CFG, jax.random.PRNGKey(11), scale=0.3)
+
+
+def tiny_engine(weights, speculative=None, **kw):
+    base = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, page_size=4,
+                num_pages=64, token_buckets=(8, 16, 32), page_buckets=(32,),
+                attention_impl="reference", speculative_config=speculative)
+    base.update(kw)
+    return LLMEngine(LLAMA, CFG, weights, CharTokenizer(), EngineConfig.from_flags(**base))
+
+
+def test_acceptance_counts_by_hand(tiny_weights):
+    """One request, 20 tokens, k = 4. Script (good, bad) per proposal:
+    (2, 1): accept 2, emit 3 | (0, 3): accept 0, emit 1 | (4, 0): accept 4, emit 5 |
+    (1, 3): accept 1, emit 2 | (3, 1): accept 3, emit 4 -> 15 tokens after the first;
+    the first token comes from the prefill step, the last 4 from proposals past the script
+    (no draft): 1 + 15 + 4 = 20.
+    """
+    rng = np.random.default_rng(3)
+    prompt = [int(t) for t in rng.integers(0, CFG.vocab_size, 9)]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    (truth, *_), = run(tiny_engine(tiny_weights), [prompt], [params])
+    engine = tiny_engine(tiny_weights, SpeculativeConfig("ngram", 4))
+    engine.proposer = ScriptedProposer({"req-1": truth},
+                                       [(2, 1), (0, 3), (4, 0), (1, 3), (3, 1)])
+    (got, _, reason, runs), = run(engine, [prompt], [params])
+    assert got == truth and reason == "length"
+    assert runs == [1, 3, 1, 5, 2, 4, 1, 1, 1, 1]
+    s = engine.spec_stats
+    assert (s.num_draft_steps, s.num_drafted, s.num_accepted) == (5, 18, 10)
+    assert s.drafted_by_position == [5, 5, 5, 3]
+    assert s.accepted_by_position == [4, 3, 2, 1]
+    assert s.num_steps == 9 and s.num_emitted == 19       # 5 verified + 4 plain decodes
+    assert s.mean_tokens_per_step == pytest.approx(19 / 9)
+    text = engine.metrics.render().decode()
+    assert "arctic_spec_decode_num_draft_tokens_total 18.0" in text
+    assert "arctic_spec_decode_num_accepted_tokens_total 10.0" in text
+    assert 'arctic_spec_decode_num_accepted_tokens_per_pos_total{position="3"} 1.0' in text
+
+
+def test_no_compilation_while_serving_with_speculation(tiny_weights):
+    """Warm-up compiles the verify shapes too (R = S x (1 + k) rows), then serving with n-gram
+    drafts, several requests verifying at once, compiles nothing."""
+    engine = tiny_engine(tiny_weights, NGRAM, num_pages=71)   # a cache shape of its own
+    counter = CompileCounter()
+    try:
+        engine.runner.warmup(progress=False)
+        assert counter.count > 0
+        counter.count = 0
+        rng = np.random.default_rng(8)
+        motif = [int(t) for t in rng.integers(0, CFG.vocab_size, 5)]
+        prompts = [motif * 4 + [int(t) for t in rng.integers(0, CFG.vocab_size, 3)] for _ in range(6)]
+        kinds = [dict(temperature=0.0), dict(temperature=0.0), dict(temperature=0.8, seed=2)]
+        params = [SamplingParams(max_tokens=24, **kinds[i % 3]) for i in range(6)]
+        run(engine, prompts, params)
+        assert engine.spec_stats.num_draft_steps > 0
+        assert counter.count == 0
+    finally:
+        counter.close()
