@@ -31,7 +31,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
-    llm = LLM(args.model, dtype=parse_dtype(args.dtype), **engine_kwargs(args))
+    # one prompt: one sequence slot unless asked (keeps the KV cache small on a CPU)
+    kwargs = {"max_num_seqs": 1, **engine_kwargs(args)}
+    llm = LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
     if args.chat:
         ids = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
     else:

@@ -7,7 +7,9 @@ Three measurements on one warmed-up engine (Llama-3.1-8B shape, random weights):
    against the synchronous step time.
 2. **Offline decode loop.** ``LLMEngine.step`` driven directly with ``c`` running
    requests, after their prompts are in: per step, the time in scheduling, input
-   building, the launch call, waiting for the result and applying it.
+   building, the launch call, waiting for the result and applying it; once with the
+   overlapped loop and once reading each step before scheduling the next (the loop the
+   engine runs while greedy requests speculate: the cost of reading first).
 3. **Async front end.** The same engine behind ``AsyncEngine`` with asyncio clients
    (what ``arctic-jax bench`` and the server do), at each ``sys.setswitchinterval``
    given, to see what the client thread's share of the GIL costs the engine thread.
@@ -53,16 +55,16 @@ class PhaseTimer:
                 return inner(*a, **k)
             finally:
                 self.total[name] += time.perf_counter() - t
-        setattr(obj, method, timed)
+        object.__setattr__(obj, method, timed)   # frozen dataclasses too
 
     def unwrap(self, obj, method: str) -> None:
-        delattr(obj, method)
+        object.__delattr__(obj, method)
 
 
 def launch_probe(engine, repeats: int = 20) -> dict:
     """Per-call host time of back-to-back launches of the smallest decode program."""
     r = engine.runner
-    inputs = r._dummy_inputs(r.buckets.tokens[0], r.buckets.pages[-1])
+    inputs = r.inputs.dummy(r.buckets.tokens[0], r.buckets.pages[-1])
     variant = r.variants[0]
     r._run(variant, inputs).block_until_ready()
     sync = []
@@ -82,8 +84,12 @@ def launch_probe(engine, repeats: int = 20) -> dict:
             "launch_call_ms": 1e3 * float(np.median(calls[2:]))}
 
 
-def offline_decode(engine, c: int, input_len: int, steps: int, rng) -> dict:
-    """Per-step phase times with ``c`` requests decoding (prompts already prefilled)."""
+def offline_decode(engine, c: int, input_len: int, steps: int, rng, read_first: bool = False) -> dict:
+    """Per-step phase times with ``c`` requests decoding (prompts already prefilled).
+
+    ``read_first``: every step is read before the next is scheduled (what the engine does
+    while greedy requests speculate) instead of overlapping host work with the running step.
+    """
     ids = []
     for _ in range(c):
         prompt = [int(t) for t in rng.integers(1, engine.cfg.vocab_size, size=input_len)]
@@ -96,7 +102,9 @@ def offline_decode(engine, c: int, input_len: int, steps: int, rng) -> dict:
         engine.step()
     timer = PhaseTimer()
     timer.wrap(sched, "schedule", "schedule")
-    timer.wrap(engine.runner, "build_inputs", "build inputs")
+    timer.wrap(engine.runner.inputs, "build", "build inputs")
+    if read_first:
+        object.__setattr__(engine, "_read_first", lambda step: True)
     timer.wrap(engine.runner, "_run", "launch call")
     timer.wrap(engine.runner, "fetch", "wait + copy result")
     timer.wrap(sched, "update", "apply tokens")
@@ -104,7 +112,9 @@ def offline_decode(engine, c: int, input_len: int, steps: int, rng) -> dict:
     for _ in range(steps):
         engine.step()
     wall = time.perf_counter() - t0
-    for obj, m in ((sched, "schedule"), (sched, "update"), (engine.runner, "build_inputs"),
+    if read_first:
+        object.__delattr__(engine, "_read_first")
+    for obj, m in ((sched, "schedule"), (sched, "update"), (engine.runner.inputs, "build"),
                    (engine.runner, "_run"), (engine.runner, "fetch")):
         timer.unwrap(obj, m)
     for rid in ids:
@@ -165,10 +175,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     conc = ints(args.concurrency)
     for c in conc:
-        row = offline_decode(engine, c, args.input_len, args.steps, rng)
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k not in ("step_ms", "tok_s"))
-        print(f"offline decode c={c}: {row['step_ms']:.2f} ms/step ({row['tok_s']:.0f} tok/s); "
-              f"ms/step in: {phases}", flush=True)
+        for read_first in (False, True):
+            row = offline_decode(engine, c, args.input_len, args.steps, rng, read_first)
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k not in ("step_ms", "tok_s"))
+            loop = "read first" if read_first else "overlapped"
+            print(f"offline decode c={c} ({loop}): {row['step_ms']:.2f} ms/step ({row['tok_s']:.0f} "
+                  f"tok/s); ms/step in: {phases}", flush=True)
     if args.skip_front_end:
         return
     for switch in (float(x) for x in args.switch_intervals.split(",")):

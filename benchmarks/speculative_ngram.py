@@ -84,6 +84,8 @@ def main() -> int:
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                    '"prompt_lookup_max": 4, "prompt_lookup_min": 1}')
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--token-buckets", default="16,128,512",
+                   help="step token counts to compile (few: each engine warms every bucket)")
     p.add_argument("--append-results", action="store_true")
     args = p.parse_args()
     spec_cfg = SpeculativeConfig.parse(args.speculative_config)
@@ -110,7 +112,9 @@ def main() -> int:
     for c in levels:
         for label, sc in (("off", None), ("ngram", spec_cfg)):
             ec = EngineConfig(max_num_seqs=max(c, 1), max_num_batched_tokens=args.max_num_batched_tokens,
-                              max_model_len=max_len, speculative_config=sc)
+                              max_model_len=max_len, speculative_config=sc,
+                              token_buckets=tuple(int(t) for t in args.token_buckets.split(",")),
+                              page_buckets=(-(-max_len // 16),))
             engine = LLMEngine(model.spec, model.config, model.weights, tokenizer, ec)
             engine.runner.warmup(progress=False)
             serve_closed_loop(engine, prompts[:max(c, 1)], c, 8)          # untimed
@@ -128,7 +132,8 @@ def main() -> int:
             return 1
     base = {c: tps for c, label, tps, *_ in rows if label == "off"}
     lines = ["| concurrency | speculation | output tok/s | speedup | TPOT p50 ms | output tokens | "
-             "acceptance | tokens/step | acceptance by position |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "acceptance | tokens/step | acceptance by position |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for c, label, tps, tpot, n, acc, tps_step, by_pos in rows:
         lines.append(f"| {c} | {label} | {tps:,.1f} | {tps / base[c]:.2f}x | {tpot:.2f} | {n} | "
                      f"{'-' if acc is None else f'{acc:.1%}'} | "

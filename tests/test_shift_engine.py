@@ -177,18 +177,18 @@ def test_kv_cache_sizing_per_device(monkeypatch):
     split over the devices (placed KV heads / P)."""
     import jax.numpy as jnp
 
-    from arctic_jax.engine import engine as engine_mod
+    from arctic_jax.engine import config as engine_config
     from arctic_jax.kv_cache import bytes_per_page
 
-    monkeypatch.setattr(engine_mod, "_device_free_bytes", lambda n=1: 64 << 20)
+    monkeypatch.setattr(engine_config, "_device_free_bytes", lambda n=1: 64 << 20)
     cfg = CFG
     ec1 = EngineConfig(page_size=4, max_model_len=64, kv_cache_memory_fraction=0.5)
-    one = engine_mod.resolve_scheduler_config(cfg, ec1, jnp.float32, weight_bytes=8 << 20)
+    one = engine_config.resolve_scheduler_config(cfg, ec1, jnp.float32, weight_bytes=8 << 20)
     assert one.num_pages == (32 << 20) // bytes_per_page(cfg, 4, jnp.float32)
     ec8 = EngineConfig.from_flags(page_size=4, max_model_len=64, kv_cache_memory_fraction=0.5,
                                   parallel_mode="shift", sequence_parallel_size=4,
                                   tensor_parallel_size=2)
-    eight = engine_mod.resolve_scheduler_config(cfg, ec8, jnp.float32, weight_bytes=8 << 20)
+    eight = engine_config.resolve_scheduler_config(cfg, ec8, jnp.float32, weight_bytes=8 << 20)
     copies = (8 << 20) // 8 + (8 << 20) // 2        # the TP copy (1/8) and the SP copy (1/2)
     page_per_device = bytes_per_page(cfg, 4, jnp.float32) * 4 // 8  # 2 kv heads placed as 8
     assert eight.num_pages == ((64 << 20) - copies) // 2 // page_per_device

@@ -119,7 +119,7 @@ def test_ngram_with_preemption_and_prefix_cache(smollm2):
     outs = run(engine, prompts, params)
     assert preempted, "the pool was meant to force preemption"
     assert engine.spec_stats.num_draft_steps > 0
-    for (w, *_), (got, *_) in zip(want, outs):
+    for (w, *_), (got, *_) in zip(want, outs, strict=True):
         assert got == w
     allocator = engine.scheduler.allocator
     allocator.check_invariants()

@@ -24,13 +24,18 @@ from sharding.rules import ActivationSharding
 
 
 @dataclasses.dataclass(frozen=True)
-class PagedAttention:
-    """Queries attend over the paged cache as the batch's page tables say."""
+class _Route:
+    """A route's implementation name (``attention_impl``), checked when it is made."""
 
     impl: str = "reference"
 
     def __post_init__(self) -> None:
         check_attention_impl(self.impl)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttention(_Route):
+    """Queries attend over the paged cache as the batch's page tables say."""
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
                  cache_v: jax.Array, batch: StepBatch, *, scale: float,
@@ -41,18 +46,13 @@ class PagedAttention:
 
 
 @dataclasses.dataclass(frozen=True)
-class ContiguousCausalAttention:
-    """One fresh sequence's first chunk: causal attention over the step's own K/V."""
-
-    impl: str = "reference"
-
-    def __post_init__(self) -> None:
-        check_attention_impl(self.impl)
+class ContiguousCausalAttention(_Route):
+    """One fresh sequence's first chunk: causal attention over the step's own K/V (the caches
+    are not read: q [T, N, D] over k/v [T, K, D] -> [T, N, D])."""
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
                  cache_v: jax.Array, batch: StepBatch, *, scale: float,
                  sharding: ActivationSharding | None) -> jax.Array:
-        """q [T, N, D] over k/v [T, K, D] (the caches are not read) -> [T, N, D]."""
         return contiguous_causal_attention(q, k, v, scale=scale, impl=self.impl, sharding=sharding)
 
 

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 
-
 @runtime_checkable
 class ProposerRequest(Protocol):
     """What a proposer reads from a request (the engine's ``Request`` has these)."""
