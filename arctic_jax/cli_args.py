@@ -48,10 +48,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache element type: auto (the model's dtype, default) or fp8 "
                         "(float8_e4m3fn, saturating: half the cache bytes of a 16-bit model)")
     p.add_argument("--speculative-config", type=speculative_config, default=None,
-                   help="speculative decoding as JSON, vLLM's spelling, e.g. "
+                   help="speculative decoding as JSON, vLLM's spelling: "
                         "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' "
-                        "(greedy requests speculate; default: off)")
+                        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' or '{\"method\": "
+                        "\"suffix\", \"num_speculative_tokens\": 16, \"suffix_cache_max_depth\": 24, "
+                        "\"suffix_cache_max_requests\": 10000, \"suffix_max_spec_factor\": 1.0, "
+                        "\"suffix_max_spec_offset\": 0.0, \"suffix_min_token_prob\": 0.1}'; any method also takes "
+                        "disable_by_batch_size (above N running requests only N draft) and "
+                        "hard_disable_by_batch_size (above N none does); greedy requests speculate "
+                        "(default: off)")
     p.add_argument("--max-logprobs", type=int, default=None,
                    help="most top logprobs a request may ask for (default 5, at most 20)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)

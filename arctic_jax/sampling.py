@@ -250,9 +250,13 @@ def _gumbel_rows(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:
     return jax.vmap(row)(seed, step)
 
 
-def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array,
-                 filtered: bool) -> jax.Array:
-    v = logits.shape[-1]
+def shaped_logits(logits: jax.Array, t: SamplingTensors, greedy: jax.Array,
+                  filtered: bool) -> jax.Array:
+    """[R, V] temperature-scaled logits with the tokens top-k / top-p / min-p drop at -inf.
+
+    The softmax of a non-greedy row is that row's sampling distribution (greedy rows
+    are scaled by 1). ``filtered`` (static) runs top-k / top-p; otherwise only min-p.
+    """
     temp = jnp.where(greedy, 1.0, t.temperature).astype(jnp.float32)
     scaled = logits / temp[:, None]
     if filtered:
@@ -263,7 +267,13 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array,
     row_max = jnp.max(scaled, axis=-1)
     min_p_cut = row_max + jnp.log(t.min_p.astype(jnp.float32))   # -inf when min_p == 0
     cutoff = jnp.maximum(cutoff, min_p_cut)
-    masked = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+    return jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+
+
+def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array,
+                 filtered: bool) -> jax.Array:
+    v = logits.shape[-1]
+    masked = shaped_logits(logits, t, greedy, filtered)
     noise = _gumbel_rows(t.seed, t.step, v)
     drawn = jnp.argmax(masked + noise, axis=-1).astype(jnp.int32)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)

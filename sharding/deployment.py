@@ -33,10 +33,16 @@ _ONE_DEVICE = ParallelConfig(1, 1, "tp")
 
 
 def _weights_device(weights: Any) -> jax.Device:
-    """The device holding a one-device model's weights (the default device if on host)."""
+    """The device holding a one-device model's weights; the default device (``jax.default_device``)
+    for host arrays. Weights spread over several devices are an error here."""
     leaf = jax.tree_util.tree_leaves(weights)[0]
     devices = getattr(leaf, "devices", lambda: set())()
-    return next(iter(devices)) if len(devices) == 1 else jax.devices()[0]
+    if len(devices) > 1:
+        raise ValueError(f"one-device deployment of weights that span {len(devices)} devices")
+    if devices:
+        return next(iter(devices))
+    default = jax.config.jax_default_device or jax.devices()[0]
+    return jax.devices(default)[0] if isinstance(default, str) else default
 
 
 @dataclasses.dataclass

@@ -1,10 +1,12 @@
 """Commands in README.md work as written: every ``arctic-jax`` command parses, and the speculative
-``arctic-jax generate`` example runs."""
+``arctic-jax generate`` examples (n-gram, suffix) run."""
 from __future__ import annotations
 
 import os
 import re
 import shlex
+
+import pytest
 
 from arctic_jax import cli
 from arctic_jax.speculative.config import SpeculativeConfig
@@ -25,11 +27,9 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def speculative_generate_command() -> list[str]:
-    found = [argv for argv in readme_commands()
-             if argv[0] == "generate" and "--speculative-config" in argv]
-    assert len(found) == 1, f"expected one speculative generate command in README.md, got {found}"
-    return found[0]
+def speculative_generate_commands() -> list[list[str]]:
+    return [argv for argv in readme_commands()
+            if argv[0] == "generate" and "--speculative-config" in argv]
 
 
 def test_every_readme_command_parses():
@@ -40,11 +40,15 @@ def test_every_readme_command_parses():
         parser.parse_args(argv)     # exits (failing the test) on an unknown flag or a bad value
 
 
-def test_readme_speculative_generate_runs(capsys):
-    argv = speculative_generate_command()
-    args = cli.build_parser().parse_args(argv)
-    assert isinstance(args.speculative_config, SpeculativeConfig)
-    assert args.speculative_config.method == "ngram" and args.temperature == 0
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_readme_speculative_generate_runs(capsys, method):
+    parser = cli.build_parser()
+    found = [argv for argv in speculative_generate_commands()
+             if parser.parse_args(argv).speculative_config.method == method]
+    assert len(found) == 1, f"expected one {method} generate command in README.md, got {found}"
+    argv = found[0]
+    args = parser.parse_args(argv)
+    assert isinstance(args.speculative_config, SpeculativeConfig) and args.temperature == 0
     rc = cli.main(argv)
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]

@@ -214,7 +214,7 @@ def test_verify_table(name):
     step = sched.schedule()
     (chunk,) = step.chunks
     assert req.spec_tokens == []  # consumed
-    assert chunk.draft == case.carried and step.verifies == bool(case.carried)
+    assert chunk.draft == case.carried and any(c.draft for c in step.chunks) == bool(case.carried)
     assert (chunk.start, chunk.num_tokens, chunk.num_logits) == (6, 1 + len(case.carried),
                                                                    1 + len(case.carried))
     assert chunk.host_tokens == (FIRST, *case.carried) and not chunk.from_slot and chunk.sample
@@ -323,19 +323,30 @@ def test_drafts_reserve_pages_and_rollback_keeps_them(accepted):
     assert len(req.pages) == 5 and sched.allocator.num_free() == 1
 
 
-def test_draft_pages_preempt_a_newer_request():
-    # 4 pages of 4. A and B each hold 2 pages (7 tokens). A's 2 drafts need a third page: B, the
-    # newest, is preempted and cannot come back this step.
+def test_drafts_never_preempt_another_request():
+    # 4 pages of 4. A and B each hold 2 pages (7 prompt tokens + 1 output). A's 2 drafts would need a
+    # third page, which only preempting B could free: the drafts are dropped instead, both decode.
     sched = Scheduler(_config(num_pages=4))
     a, b = _start_together(sched, ("a", [1, 2, 3, 4, 5, 6, 7], 50), ("b", [9, 8, 7, 6, 5, 4, 3], 51))
     a.spec_tokens = [60, 61]
     step = sched.schedule()
-    assert step.preempted == ("b",)
-    assert [c.request for c in step.chunks] == [a] and step.chunks[0].draft == (60, 61)
-    assert len(a.pages) == 3 and b.pages == [] and b.status is RequestStatus.WAITING
-    assert b.output_ids == [51] and b.num_computed == 0
-    sched.update(step, [60, 61, 62])
-    assert a.output_ids == [50, 60, 61, 62] and a.num_computed == 10
+    assert step.preempted == ()
+    assert [c.request for c in step.chunks] == [a, b] and step.chunks[0].draft == ()
+    assert len(a.pages) == 2 and len(b.pages) == 2
+    sched.update(step, [60, 52])
+    assert a.output_ids == [50, 60] and b.output_ids == [51, 52] and a.num_computed == 8
+
+
+def test_drafts_take_free_pages_up_to_what_is_free():
+    # 5 pages of 4: one is free. A (6 prompt tokens + 1 output, 6 computed) decodes position 6;
+    # its 6 drafts are cut to positions 7..11: one slot left in its own 2 pages plus the free page.
+    # B is not preempted.
+    sched = Scheduler(_config(num_pages=5))
+    a, b = _start_together(sched, ("a", [1, 2, 3, 4, 5, 6], 50), ("b", [9, 8, 7, 6, 5, 4, 3], 51))
+    a.spec_tokens = [60, 61, 62, 63, 64, 65]
+    step = sched.schedule()
+    assert step.preempted == () and step.chunks[0].draft == (60, 61, 62, 63, 64)
+    assert len(a.pages) == 3 and sched.allocator.num_free() == 0
 
 
 # ------------------------------------------------------------------ 3. prefix cache

@@ -40,12 +40,23 @@ def test_known_methods_not_supported_yet(method):
 
 @pytest.mark.parametrize("d, message", [
     ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"},
-     "unknown key\\(s\\) 'model'; accepted keys: method, num_speculative_tokens, prompt_lookup_max, "
-     "prompt_lookup_min"),
+     "unknown key\\(s\\) 'model'; accepted keys: method, num_speculative_tokens, disable_by_batch_size, "
+     "hard_disable_by_batch_size, prompt_lookup_max, prompt_lookup_min, suffix_cache_max_depth"),
     ({"method": "telepathy", "num_speculative_tokens": 3},
-     "unknown method 'telepathy'; supported: ngram; not supported yet: suffix"),
+     "unknown method 'telepathy'; supported: ngram, suffix; not supported yet: arctic"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "suffix_cache_max_depth": 8},
+     "suffix_cache_max_depth applies to method 'suffix', not 'ngram'"),
+    ({"method": "suffix", "prompt_lookup_max": 3},
+     "prompt_lookup_max applies to method 'ngram', not 'suffix'"),
+    ({"method": "suffix", "suffix_min_token_prob": 1.5},
+     "suffix_min_token_prob must be in \\[0.0, 1.0\\], got 1.5"),
+    ({"method": "suffix", "suffix_cache_max_depth": 0}, "suffix_cache_max_depth must be >= 1, got 0"),
+    ({"method": "suffix", "suffix_cache_max_requests": -2}, "suffix_cache_max_requests must be >= -1"),
+    ({"method": "suffix", "suffix_max_spec_factor": "1"}, "suffix_max_spec_factor must be a number"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 0},
+     "disable_by_batch_size must be >= 1, got 0"),
     ({"num_speculative_tokens": 3}, "'method' is required"),
-    ({"method": "ngram"}, "'num_speculative_tokens' is required"),
+    ({"method": "ngram"}, "'num_speculative_tokens' is required for method 'ngram'"),
     ({"method": 1, "num_speculative_tokens": 3}, "method must be a string, got int 1"),
     ({"method": "ngram", "num_speculative_tokens": "4"},
      "num_speculative_tokens must be an integer, got str '4'"),
@@ -85,3 +96,21 @@ def test_bad_json(text, message):
 def test_parse_rejects_non_string():
     with pytest.raises(ValueError, match="must be a JSON string, got dict"):
         SpeculativeConfig.parse({"method": "ngram"})
+
+
+def test_suffix_defaults_follow_upstream_vllm():
+    c = SpeculativeConfig.parse('{"method": "suffix"}')
+    assert (c.suffix_cache_max_depth, c.suffix_cache_max_requests, c.suffix_max_spec_factor,
+            c.suffix_max_spec_offset, c.suffix_min_token_prob) == (24, 10000, 1.0, 0.0, 0.1)
+    assert c.num_speculative_tokens == 24 and c.disable_by_batch_size == 64
+    assert c.prompt_lookup_max is None and c.hard_disable_by_batch_size is None
+    assert SpeculativeConfig.from_dict(c.as_dict()) == c
+    full = SpeculativeConfig.from_dict({
+        "method": "suffix", "num_speculative_tokens": 16, "suffix_cache_max_depth": 24,
+        "suffix_cache_max_requests": 10000, "suffix_max_spec_factor": 1.0,
+        "suffix_max_spec_offset": 0.0, "suffix_min_token_prob": 0.1,
+        "disable_by_batch_size": 8, "hard_disable_by_batch_size": 32})
+    assert (full.num_speculative_tokens, full.disable_by_batch_size,
+            full.hard_disable_by_batch_size) == (16, 8, 32)
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2}').as_dict() == {
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 5, "prompt_lookup_min": 5}

@@ -254,3 +254,53 @@ def test_no_compilation_while_serving_with_speculation(tiny_weights):
         assert counter.count == 0
     finally:
         counter.close()
+
+
+class RecordingProposer:
+    """Records how many requests each ``propose`` call got (with how many running), drafts nothing."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def propose(self, requests, k):
+        self.calls.append((len(requests), len(self.engine.scheduler.running)))
+        return [[] for _ in requests]
+
+    def on_tokens(self, request, new_tokens):
+        pass
+
+    def on_finish(self, request):
+        pass
+
+
+@pytest.mark.parametrize("limits, check", [
+    ({"disable_by_batch_size": 2}, lambda asked, running: asked <= 2 if running > 2 else True),
+    ({"hard_disable_by_batch_size": 2}, lambda asked, running: running <= 2),
+])
+def test_drafting_disabled_by_batch_size(tiny_weights, limits, check):
+    """Soft cap: above N running requests only N are asked for drafts; hard cap: none is."""
+    engine = tiny_engine(tiny_weights, {"method": "ngram", "num_speculative_tokens": 3, **limits})
+    engine.proposer = RecordingProposer(engine)
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(0, CFG.vocab_size, 6)] for _ in range(4)]
+    lengths = [3, 6, 9, 12]   # requests finish one by one, so the batch shrinks below the caps
+    run(engine, prompts, [SamplingParams(max_tokens=n, temperature=0) for n in lengths])
+    calls = engine.proposer.calls
+    assert any(running > 2 for _, running in calls) or "hard_disable_by_batch_size" in limits
+    assert any(running <= 2 for _, running in calls)
+    assert all(check(asked, running) for asked, running in calls), calls
+
+
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 8, "suffix_cache_max_depth": 24}
+
+
+def test_suffix_greedy_equals_plain_greedy_on_smollm2(smollm2, smol_reference):
+    """Arctic's suffix decoding (path mode, per-request and global trees) through the engine."""
+    engine = smol_engine(smollm2, SUFFIX)
+    params = [SamplingParams(max_tokens=48, temperature=0)] * len(smollm2[2])
+    outs = run(engine, smollm2[2], params)
+    for (want, want_text, want_reason, _), (got, text, reason, _) in zip(smol_reference, outs, strict=True):
+        assert got == want and text == want_text and reason == want_reason
+    assert engine.spec_stats.num_draft_steps > 0 and engine.spec_stats.acceptance_rate > 0.3
+    # finished responses stay in the global tree; the per-request trees are gone
+    assert engine.proposer.num_cached_responses == len(outs) and engine.proposer.num_tracked == 0

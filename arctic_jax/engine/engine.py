@@ -161,33 +161,43 @@ class LLMEngine:
         """Greedy requests speculate when a proposer is configured (sampled ones do not yet)."""
         return self.proposer is not None and request.params.temperature < GREEDY_TEMPERATURE
 
+    def _drafters(self) -> list[Request]:
+        """The running requests allowed to draft now: greedy ones, none while more requests run
+        than ``hard_disable_by_batch_size``, and only the first N running while more than
+        ``disable_by_batch_size`` = N run."""
+        if self.proposer is None:
+            return []
+        cfg = self.config.speculative_config
+        running = self.scheduler.running
+        if cfg.hard_disable_by_batch_size is not None and len(running) > cfg.hard_disable_by_batch_size:
+            return []
+        if cfg.disable_by_batch_size is not None:
+            running = running[:cfg.disable_by_batch_size]
+        return [r for r in running if self._may_speculate(r)]
+
     def _read_first(self, inflight: ScheduledStep) -> bool:
         """Whether to read the step in flight before scheduling the next: it samples for a
-        request that may speculate. Steps of requests that do not speculate keep overlapping."""
-        return self.proposer is not None and any(
-            c.sample and self._may_speculate(c.request) for c in inflight.chunks)
+        request that may draft now. Steps of requests that do not draft keep overlapping."""
+        drafters = {id(r) for r in self._drafters()}
+        return bool(drafters) and any(c.sample and id(c.request) in drafters for c in inflight.chunks)
 
     def _propose(self) -> None:
-        """Ask the proposer for drafts for running requests whose next chunk is a decode with
-        its last token known on the host."""
-        if self.proposer is None:
-            return
-        ready = [r for r in self.scheduler.running
-                 if self._may_speculate(r) and not r.pending and r.num_computed == r.num_tokens - 1]
+        """Ask the proposer for drafts (at most k each) for the requests allowed to draft whose
+        next chunk is a decode with its last token known on the host."""
+        ready = [r for r in self._drafters() if not r.pending and r.num_computed == r.num_tokens - 1]
         if not ready:
             return
         k = self.config.speculative_config.num_speculative_tokens
         for request, draft in zip(ready, self.proposer.propose(ready, k), strict=True):
-            request.spec_tokens = list(draft)
+            request.spec_tokens = list(draft)[:k]
 
     def _finish_step(self, step: ScheduledStep, packed: Any, variant: str) -> list[RequestOutput]:
         result = self.runner.fetch(packed, step.num_logits)
         now = time.monotonic()
         update = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs)
-        if self.proposer is not None:
-            self._record_speculation(step, update)
         outputs = []
         num_generated = 0
+        kept: dict[int, int] = {}   # id(request) -> tokens returned this step
         for request in update.touched:
             detok = self._detok.get(request.request_id)
             if detok is None:
@@ -197,11 +207,14 @@ class LLMEngine:
                 self.metrics.on_first_token(request)
             new_ids = self._detokenize(request, detok)
             num_generated += len(new_ids)
+            kept[id(request)] = len(new_ids)
             if self.proposer is not None:
                 self.proposer.on_tokens(request, new_ids)
             outputs.append(self._output(request, detok, len(new_ids)))
             if request.finished:
                 self._on_finish(request)
+        if self.proposer is not None:
+            self._record_speculation(step, update, kept)
         self.metrics.on_tokens(num_generated, step.num_tokens, variant)
         return outputs
 
@@ -225,14 +238,17 @@ class LLMEngine:
             self.scheduler.finish(request, FinishReason.STOP)
         return new_ids
 
-    def _record_speculation(self, step: ScheduledStep, update: StepUpdate) -> None:
-        verified = {id(v.request) for v in update.verified}
-        plain = sum(1 for c in step.chunks   # one-token decodes of requests that may draft
-                    if c.sample and not c.draft and c.num_tokens == 1
-                    and id(c.request) not in verified and self._may_speculate(c.request))
+    def _record_speculation(self, step: ScheduledStep, update: StepUpdate,
+                            kept: dict[int, int]) -> None:
+        """Count this step's verified runs (tokens returned, after a stop string's truncation) and
+        the plain decodes of requests that may speculate (tokens past the prompt only)."""
+        plain = sum(1 for c in step.chunks
+                    if c.sample and not c.draft and id(c.request) in kept
+                    and c.start >= len(c.request.prompt_ids) and self._may_speculate(c.request))
         for v in update.verified:
-            self.spec_stats.on_verified(v.drafted, v.accepted, v.emitted)
-            self.metrics.on_verified(v.drafted, v.accepted, v.emitted)
+            emitted = min(v.emitted, kept.get(id(v.request), v.emitted))
+            self.spec_stats.on_verified(v.drafted, v.accepted, emitted)
+            self.metrics.on_verified(v.drafted, v.accepted, emitted)
         if plain:
             self.spec_stats.on_plain_decode(plain)
             self.metrics.on_plain_decode(plain)

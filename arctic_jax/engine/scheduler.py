@@ -88,11 +88,6 @@ class ScheduledStep:
     def num_logits(self) -> int:
         return sum(c.num_logits for c in self.chunks)
 
-    @property
-    def verifies(self) -> bool:
-        """True when some chunk carries drafts (its request waits for this step's result)."""
-        return any(c.draft for c in self.chunks)
-
 
 @dataclasses.dataclass(frozen=True)
 class Verified:
@@ -169,8 +164,13 @@ class Scheduler:
                 request.spec_tokens = []
                 i += 1
                 continue
-            # drafts leave one token of budget to each running request after this one
+            # drafts leave one token of budget to each running request after this one, and take
+            # only pages that are free (they never preempt another request)
             draft = self._draft_for(request, n, budget - (len(self.running) - i - 1))
+            if draft:
+                spare = ((len(request.pages) + self.allocator.num_free()) * self.config.page_size
+                         - request.num_computed - n)
+                draft = draft[:max(spare, 0)]
             end = request.num_computed + n + len(draft)
             if not self._reserve_pages(request, end, preempted, scheduled_ids):
                 continue  # request itself was preempted; running[i] is now the next one
@@ -270,6 +270,8 @@ class Scheduler:
         from_slot = end > known  # the last token is still pending on the device
         host = tuple(request.known_tokens(start, min(end, known))) + ((0,) if from_slot else ())
         sample = end == request.num_tokens
+        if draft and not sample:
+            raise ValueError("drafts need a chunk that reaches the request's last token")
         request.num_computed = end + len(draft)
         if sample:
             request.pending += 1
@@ -284,6 +286,7 @@ class Scheduler:
         request.pages = []
         request.num_computed = 0
         request.num_registered_pages = 0
+        request.spec_tokens = []
         self._release_slot(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1

@@ -85,8 +85,8 @@ class StepInputBuilder:
         token_src = np.full(T, -1, np.int32)
         offset = 0
         for c in step.chunks:
-            if c.from_slot:
-                token_src[offset + c.num_tokens - 1] = c.request.token_slot
+            if c.from_slot:   # the request's last token (a chunk with drafts is never from_slot)
+                token_src[offset + c.num_tokens - 1 - len(c.draft)] = c.request.token_slot
             offset += c.num_tokens
         # Only a plain decode's token goes back into the token buffer: a verified request's
         # next tokens are known on the host before it is scheduled again.

@@ -1,14 +1,22 @@
-"""``--speculative-config``: which speculative method to run and its knobs, as vLLM spells them.
+"""``--speculative-config``: which speculative method to run and its knobs, as vLLM and Arctic
+Inference spell them.
 
-Accepted keys: ``method``, ``num_speculative_tokens``, ``prompt_lookup_max``,
-``prompt_lookup_min``. Only ``method: "ngram"`` runs today; the methods in
-``UNSUPPORTED_METHODS`` are recognised and refused with "not supported yet".
+Keys for every method: ``method``, ``num_speculative_tokens`` (k), ``disable_by_batch_size``
+(soft: with more running requests than this, only the first N draft) and
+``hard_disable_by_batch_size`` (with more running requests than this, none drafts).
 
-n-gram defaults follow vLLM: neither bound given -> both 5; one given -> the
-other takes its value; then 1 <= prompt_lookup_min <= prompt_lookup_max.
+- ``method: "ngram"`` (vLLM's prompt lookup): k is required; ``prompt_lookup_max`` /
+  ``prompt_lookup_min`` follow vLLM: neither given -> both 5; one given -> the other takes its
+  value; then 1 <= min <= max.
+- ``method: "suffix"`` (Arctic's suffix decoding; upstream vLLM's defaults):
+  ``suffix_cache_max_depth`` 24, ``suffix_cache_max_requests`` 10000 (0: no global tree, -1:
+  unlimited), ``suffix_max_spec_factor`` 1.0, ``suffix_max_spec_offset`` 0.0,
+  ``suffix_min_token_prob`` 0.1, ``disable_by_batch_size`` 64; k defaults to the depth (at most
+  ``MAX_SPECULATIVE_TOKENS``).
 
-Turning speculation off (no flag, ``None``, an empty string) is the caller's
-business: ``parse`` and ``from_dict`` always describe a method.
+A key of another method is refused, naming the method it belongs to. The methods in
+``UNSUPPORTED_METHODS`` are recognised and refused with "not supported yet". Turning
+speculation off (no flag, ``None``) is the caller's business.
 """
 from __future__ import annotations
 
@@ -17,13 +25,21 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_METHODS = ("ngram",)
-UNSUPPORTED_METHODS = (
-    "suffix", "arctic", "mlp_speculator", "draft_model", "eagle", "eagle3", "medusa", "mtp",
-)
-ACCEPTED_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SUPPORTED_METHODS = ("ngram", "suffix")
+UNSUPPORTED_METHODS = ("arctic", "mlp_speculator", "draft_model", "eagle", "eagle3", "medusa", "mtp")
+COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size",
+               "hard_disable_by_batch_size")
+METHOD_KEYS = {
+    "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "suffix": ("suffix_cache_max_depth", "suffix_cache_max_requests", "suffix_max_spec_factor",
+               "suffix_max_spec_offset", "suffix_min_token_prob"),
+}
+ACCEPTED_KEYS = COMMON_KEYS + tuple(k for keys in METHOD_KEYS.values() for k in keys)
 MAX_SPECULATIVE_TOKENS = 32
 DEFAULT_PROMPT_LOOKUP = 5
+SUFFIX_DEFAULTS = {"suffix_cache_max_depth": 24, "suffix_cache_max_requests": 10000,
+                   "suffix_max_spec_factor": 1.0, "suffix_max_spec_offset": 0.0,
+                   "suffix_min_token_prob": 0.1, "disable_by_batch_size": 64}
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -35,20 +51,31 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
         raise ValueError(f"speculative config: {name} must be {bound}, got {value}")
 
 
+def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"speculative config: {name} must be a number, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"speculative config: {name} must be {bound}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """A validated speculative-decoding configuration.
-
-    ``num_speculative_tokens`` (k) is the most draft tokens per request per step.
-    ``prompt_lookup_max`` / ``prompt_lookup_min`` bound the n-gram length the
-    n-gram proposer matches; ``None`` is resolved to vLLM's defaults on
-    construction, so a built config always holds integers.
-    """
+    """A validated speculative-decoding configuration; ``None`` fields of the chosen method are
+    resolved to their defaults on construction, other methods' fields stay ``None``."""
 
     method: str
-    num_speculative_tokens: int
+    num_speculative_tokens: int | None = None
+    disable_by_batch_size: int | None = None
+    hard_disable_by_batch_size: int | None = None
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    suffix_cache_max_depth: int | None = None
+    suffix_cache_max_requests: int | None = None
+    suffix_max_spec_factor: float | None = None
+    suffix_max_spec_offset: float | None = None
+    suffix_min_token_prob: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
@@ -61,7 +88,27 @@ class SpeculativeConfig:
             raise ValueError(
                 f"speculative config: unknown method {self.method!r}; supported: "
                 f"{', '.join(SUPPORTED_METHODS)}; not supported yet: {', '.join(UNSUPPORTED_METHODS)}")
+        for method, keys in METHOD_KEYS.items():
+            given = [k for k in keys if getattr(self, k) is not None]
+            if method != self.method and given:
+                raise ValueError(f"speculative config: {', '.join(given)} applies to method "
+                                 f"{method!r}, not {self.method!r}")
+        if self.method == "ngram":
+            self._resolve_ngram()
+        else:
+            self._resolve_suffix()
         _check_int("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
+        for name in ("disable_by_batch_size", "hard_disable_by_batch_size"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _resolve_ngram(self) -> None:
+        if self.num_speculative_tokens is None:
+            raise ValueError("speculative config: 'num_speculative_tokens' is required for method "
+                             "'ngram'")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if hi is not None:
             _check_int("prompt_lookup_max", hi, 1)
@@ -76,8 +123,21 @@ class SpeculativeConfig:
         if lo > hi:
             raise ValueError(f"speculative config: prompt_lookup_min={lo} must be <= "
                              f"prompt_lookup_max={hi}")
-        object.__setattr__(self, "prompt_lookup_min", lo)
-        object.__setattr__(self, "prompt_lookup_max", hi)
+        self._set("prompt_lookup_min", lo)
+        self._set("prompt_lookup_max", hi)
+
+    def _resolve_suffix(self) -> None:
+        for name, default in SUFFIX_DEFAULTS.items():
+            if getattr(self, name) is None:
+                self._set(name, default)
+        _check_int("suffix_cache_max_depth", self.suffix_cache_max_depth, 1)
+        _check_int("suffix_cache_max_requests", self.suffix_cache_max_requests, -1)
+        _check_float("suffix_max_spec_factor", self.suffix_max_spec_factor, 0.0)
+        _check_float("suffix_max_spec_offset", self.suffix_max_spec_offset, -float(2**31))
+        _check_float("suffix_min_token_prob", self.suffix_min_token_prob, 0.0, 1.0)
+        if self.num_speculative_tokens is None:
+            self._set("num_speculative_tokens", min(self.suffix_cache_max_depth,
+                                                    MAX_SPECULATIVE_TOKENS))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SpeculativeConfig:
@@ -88,9 +148,8 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative config: unknown key(s) {', '.join(map(repr, unknown))}; "
                              f"accepted keys: {', '.join(ACCEPTED_KEYS)}")
-        for key in ("method", "num_speculative_tokens"):
-            if key not in d:
-                raise ValueError(f"speculative config: {key!r} is required")
+        if "method" not in d:
+            raise ValueError("speculative config: 'method' is required")
         return cls(**dict(d))
 
     @classmethod
@@ -115,5 +174,5 @@ class SpeculativeConfig:
         return cls.from_dict(value)
 
     def as_dict(self) -> dict[str, Any]:
-        """The resolved configuration, with the keys ``from_dict`` accepts."""
-        return dataclasses.asdict(self)
+        """The resolved configuration: every key that is set (``from_dict`` accepts it back)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
