@@ -53,7 +53,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' or '{\"method\": "
                         "\"suffix\", \"num_speculative_tokens\": 16, \"suffix_cache_max_depth\": 24, "
                         "\"suffix_cache_max_requests\": 10000, \"suffix_max_spec_factor\": 1.0, "
-                        "\"suffix_max_spec_offset\": 0.0, \"suffix_min_token_prob\": 0.1}'; any method also takes "
+                        "\"suffix_max_spec_offset\": 0.0, \"suffix_min_token_prob\": 0.1}'; "
+                        "any method also takes "
                         "disable_by_batch_size (above N running requests only N draft) and "
                         "hard_disable_by_batch_size (above N none does); greedy requests speculate "
                         "(default: off)")

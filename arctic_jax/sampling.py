@@ -242,7 +242,7 @@ def _cutoff_values(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax
     return jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)[:, 0]
 
 
-def _gumbel_rows(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:
+def gumbel_rows(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:
     """[R, V] Gumbel noise; row r depends only on (seed[r], step[r])."""
     def row(s, st):
         key = jax.random.fold_in(jax.random.key(s), st)
@@ -274,9 +274,20 @@ def _sample_rows(logits: jax.Array, t: SamplingTensors, greedy: jax.Array,
                  filtered: bool) -> jax.Array:
     v = logits.shape[-1]
     masked = shaped_logits(logits, t, greedy, filtered)
-    noise = _gumbel_rows(t.seed, t.step, v)
+    noise = gumbel_rows(t.seed, t.step, v)
     drawn = jnp.argmax(masked + noise, axis=-1).astype(jnp.int32)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+
+
+def check_logits_rows(caller: str, logits: jax.Array, t: SamplingTensors) -> tuple[int, int]:
+    """(R, V) of logits [R, V] whose rows ``t`` describes; ValueError naming ``caller`` if not."""
+    if logits.ndim != 2:
+        raise ValueError(f"{caller}: logits must be [R, V], got shape {logits.shape}")
+    r, v = logits.shape
+    if t.temperature.shape != (r,):
+        raise ValueError(f"{caller}: {r} logits rows but sampling tensors of shape "
+                         f"{t.temperature.shape}")
+    return r, v
 
 
 def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0,
@@ -287,12 +298,7 @@ def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0,
     ``mode`` must cover every row (``SamplingMode.for_params``); a cheaper mode
     ignores the filters it does not run. Any covering mode gives the same tokens.
     """
-    if logits.ndim != 2:
-        raise ValueError(f"sample: logits must be [R, V], got shape {logits.shape}")
-    r, v = logits.shape
-    if t.temperature.shape != (r,):
-        raise ValueError(f"sample: {r} logits rows but sampling tensors of shape "
-                         f"{t.temperature.shape}")
+    r, v = check_logits_rows("sample", logits, t)
     if not (0 <= num_top_logprobs <= v):
         raise ValueError(f"sample: num_top_logprobs={num_top_logprobs} not in [0, {v}]")
     logits = logits.astype(jnp.float32)

@@ -28,7 +28,8 @@ from arctic_jax.sampling import (
     GREEDY_TEMPERATURE,
     SamplingMode,
     SamplingTensors,
-    _gumbel_rows,
+    check_logits_rows,
+    gumbel_rows,
     shaped_logits,
 )
 
@@ -64,12 +65,7 @@ def verify_rows(logits: jax.Array, t: SamplingTensors, draft: jax.Array,
       ``sampling.sample`` gives the row), accepted False.
     Draft values must lie in [-1, V); this cannot be checked on traced values.
     """
-    if logits.ndim != 2:
-        raise ValueError(f"verify_rows: logits must be [R, V], got shape {logits.shape}")
-    r, v = logits.shape
-    if t.temperature.shape != (r,):
-        raise ValueError(f"verify_rows: {r} logits rows but sampling tensors of shape "
-                         f"{t.temperature.shape}")
+    r, v = check_logits_rows("verify_rows", logits, t)
     if draft.shape != (r,):
         raise ValueError(f"verify_rows: {r} logits rows but draft of shape {draft.shape}")
     if not jnp.issubdtype(draft.dtype, jnp.integer):
@@ -90,7 +86,7 @@ def verify_rows(logits: jax.Array, t: SamplingTensors, draft: jax.Array,
     accepted = has_draft & (_uniform_rows(t.seed, t.step) < p_d)
     is_d = has_draft[:, None] & (jnp.arange(v, dtype=jnp.int32)[None, :] == d[:, None])
     residual = jnp.where(is_d, -jnp.inf, masked)
-    drawn = jnp.argmax(residual + _gumbel_rows(t.seed, t.step, v), axis=-1).astype(jnp.int32)
+    drawn = jnp.argmax(residual + gumbel_rows(t.seed, t.step, v), axis=-1).astype(jnp.int32)
     return jnp.where(greedy, top, drawn), jnp.where(greedy, greedy_accept, accepted)
 
 
