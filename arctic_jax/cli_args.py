@@ -56,7 +56,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "\"suffix_max_spec_offset\": 0.0, \"suffix_min_token_prob\": 0.1}'; "
                         "any method also takes "
                         "disable_by_batch_size (above N running requests only N draft) and "
-                        "hard_disable_by_batch_size (above N none does); greedy requests speculate "
+                        "hard_disable_by_batch_size (above N none does); greedy and sampled "
+                        "requests speculate (lossless rejection sampling) "
                         "(default: off)")
     p.add_argument("--max-logprobs", type=int, default=None,
                    help="most top logprobs a request may ask for (default 5, at most 20)")

@@ -55,12 +55,17 @@ def test_model_program_has_no_control_flow_on_cuda(runner, contiguous):
     assert _control_flow(traced.lower(lowering_platforms=("cuda",)).as_text()) == {}
 
 
+@pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("mode", list(SamplingMode))
-def test_sampler_programs_have_no_control_flow_on_cuda(runner, mode):
-    inputs = runner.inputs.dummy(32, 16)
+def test_sampler_programs_have_no_control_flow_on_cuda(runner, mode, verify):
+    """Every sampler, the rejection-sampling verify variants included."""
+    from arctic_jax.engine.programs import jit_sampler_step
+
+    inputs = runner.inputs.dummy(32, 16, verify=verify)
     flat, layout = pack(inputs.sampler)
     logits = jax.random.normal(jax.random.PRNGKey(0), (8, CFG.vocab_size), jnp.float32)
-    traced = runner._samplers[mode].trace(logits, runner.token_buffer, flat, layout)
+    program = jit_sampler_step(mode, runner.num_top_logprobs, verify)
+    traced = program.trace(logits, runner.token_buffer, flat, layout)
     assert _control_flow(traced.lower(lowering_platforms=("cuda",)).as_text()) == {}
 
 

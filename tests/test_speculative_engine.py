@@ -304,3 +304,108 @@ def test_suffix_greedy_equals_plain_greedy_on_smollm2(smollm2, smol_reference):
     assert engine.spec_stats.num_draft_steps > 0 and engine.spec_stats.acceptance_rate > 0.3
     # finished responses stay in the global tree; the per-request trees are gone
     assert engine.proposer.num_cached_responses == len(outs) and engine.proposer.num_tracked == 0
+
+
+# ------------------------------------------------------- sampled requests speculate too
+SMALL = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+_SKEW = np.random.default_rng(0).dirichlet(np.full(16, 0.3))   # drafts favour a few tokens
+
+
+class RandomDraftProposer:
+    """k random one-hot drafts (often wrong) from a skewed distribution (uniform drafts would hide
+    some wrong verifiers), drawn from the request's seed and length, so a request gets the same
+    drafts whatever shares its batch."""
+
+    def propose(self, requests, k):
+        return [[int(t) for t in np.random.default_rng((r.seed, len(r.output_ids)))
+                 .choice(SMALL.vocab_size, k, p=_SKEW)] for r in requests]
+
+    def on_tokens(self, request, new_tokens):
+        pass
+
+    def on_finish(self, request):
+        pass
+
+
+def _exact_distributions(weights, prompt):
+    """p(t1), p(t2 | t1) [V, V] and p(t3 | t1, t2) [V, V, V] of the model at temperature 1, from
+    plain forward passes (no engine)."""
+    from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+    from arctic_jax.kv_cache import KVCache
+    from arctic_jax.models.llama import make_step_fn
+
+    V = SMALL.vocab_size
+    step = make_step_fn(SMALL)
+    n = len(prompt) + 2
+    pages_per_seq = -(-n // 4)
+    contexts = [prompt] + [prompt + [a] for a in range(V)] + [prompt + [a, b] for a in range(V)
+                                                            for b in range(V)]
+    buckets = Buckets(tokens=(len(contexts) * n,), seqs=(len(contexts),), pages=(pages_per_seq,))
+    chunks = [SequenceChunk(c, 0, list(range(i * pages_per_seq, (i + 1) * pages_per_seq)))
+              for i, c in enumerate(contexts)]
+    batch, _ = build_step_batch(chunks, 4, buckets)
+    cache = KVCache.allocate(SMALL, len(contexts) * pages_per_seq, 4, jnp.float32)
+    logits, _ = step(weights, cache, batch)
+    logits = np.asarray(logits[:len(contexts)], np.float64)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs[0], probs[1:1 + V], probs[1 + V:].reshape(V, V, V)
+
+
+def _chi2_pvalue(samples, probs) -> float:
+    """Chi-square goodness of fit of cell indices ``samples`` against ``probs`` (cells expected
+    below 5 pooled; a sample in a zero-probability cell gives 0)."""
+    from scipy import stats
+
+    probs = np.asarray(probs, np.float64).ravel()
+    counts = np.bincount(np.asarray(samples).ravel(), minlength=probs.size)
+    if counts[probs == 0].any():
+        return 0.0
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chi2.sf(float(((obs - exp) ** 2 / exp).sum()), obs.size - 1))
+
+
+def test_sampled_output_with_speculation_is_distribution_exact():
+    """Temperature 1 with random one-hot drafts (mostly wrong; rejection sampling on the device):
+    the first three tokens of 6,000 seeded requests follow the model's exact distribution (the
+    joint of the first two, and the third given the first two), as without speculation; the
+    same test rejects a wrong distribution. Seeded requests repeat exactly in another batch."""
+    weights = LLAMA.random_weights(SMALL, jax.random.PRNGKey(5), scale=0.25)
+    prompt = [3, 7, 1, 12, 5]
+    p1, p2, p3 = _exact_distributions(weights, prompt)
+    joint12 = p1[:, None] * p2                                                 # [V, V]
+    n = 6000
+    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i) for i in range(n)]
+
+    def sampled(speculative, order):
+        kw = dict(max_num_seqs=64, max_num_batched_tokens=256, max_model_len=32, page_size=4,
+                  num_pages=600, token_buckets=(64, 128, 256), page_buckets=(8,),
+                  attention_impl="reference", speculative_config=speculative)
+        engine = LLMEngine(LLAMA, SMALL, weights, CharTokenizer(), EngineConfig.from_flags(**kw))
+        if speculative:
+            engine.proposer = RandomDraftProposer()
+        outs = run(engine, [prompt] * len(order), [params[i] for i in order])
+        return np.array([o[0] for o in outs]), engine.spec_stats
+
+    spec_cfg = {"method": "ngram", "num_speculative_tokens": 2}
+    tokens, stats = sampled(spec_cfg, list(range(n)))
+    assert stats.num_draft_steps > 0.9 * n and 0.02 < stats.acceptance_rate < 0.5
+    first2 = tokens[:, 0] * SMALL.vocab_size + tokens[:, 1]
+    assert _chi2_pvalue(first2, joint12) > 1e-4
+    third = first2 * SMALL.vocab_size + tokens[:, 2]
+    assert _chi2_pvalue(third, joint12[:, :, None] * p3) > 1e-4
+    # the test has power: a near-miss (the first two tokens' joint with p2 of the wrong context)
+    assert _chi2_pvalue(first2, p1[:, None] * p2[np.roll(np.arange(SMALL.vocab_size), 1)]) < 1e-4
+    plain, _ = sampled(None, list(range(n)))
+    assert _chi2_pvalue(plain[:, 0] * SMALL.vocab_size + plain[:, 1], joint12) > 1e-4
+    # seeded: the same requests in reverse order, in other batches, repeat token for token
+    again, _ = sampled(spec_cfg, list(range(n))[::-1][:256])
+    assert (again[::-1] == tokens[n - 256:]).all()

@@ -30,7 +30,7 @@ from arctic_jax.engine.request import FinishReason, Request, RequestOutput
 from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, StepUpdate
 from arctic_jax.kv_cache import bytes_per_page
 from arctic_jax.pytree import tree_nbytes
-from arctic_jax.sampling import GREEDY_TEMPERATURE, SamplingParams
+from arctic_jax.sampling import SamplingParams
 from arctic_jax.speculative.factory import make_proposer
 from arctic_jax.speculative.stats import SpeculationStats
 
@@ -71,7 +71,8 @@ class LLMEngine:
                                   parallel=config.parallel,
                                   contiguous_prefill_min_tokens=resolve_contiguous_prefill(
                                       config, attention_impl, dtype, cfg.head_dim),
-                                  max_logits_rows=self.sched_config.max_num_seqs * rows_per_seq)
+                                  max_logits_rows=self.sched_config.max_num_seqs * rows_per_seq,
+                                  speculative=spec_cfg is not None)
         self.metrics = EngineMetrics()
         self.spec_stats = SpeculationStats()
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -158,8 +159,9 @@ class LLMEngine:
         return outputs
 
     def _may_speculate(self, request: Request) -> bool:
-        """Greedy requests speculate when a proposer is configured (sampled ones do not yet)."""
-        return self.proposer is not None and request.params.temperature < GREEDY_TEMPERATURE
+        """Every request speculates when a proposer is configured: verification is exact for
+        greedy and for sampled requests (rejection sampling on the device)."""
+        return self.proposer is not None
 
     def _drafters(self) -> list[Request]:
         """The running requests allowed to draft now: greedy ones, none while more requests run
@@ -192,9 +194,11 @@ class LLMEngine:
             request.spec_tokens = list(draft)[:k]
 
     def _finish_step(self, step: ScheduledStep, packed: Any, variant: str) -> list[RequestOutput]:
-        result = self.runner.fetch(packed, step.num_logits)
+        verify = any(c.draft for c in step.chunks)
+        result = self.runner.fetch(packed, step.num_logits, verify)
         now = time.monotonic()
-        update = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs)
+        update = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs,
+                                       result.accepted)
         outputs = []
         num_generated = 0
         kept: dict[int, int] = {}   # id(request) -> tokens returned this step

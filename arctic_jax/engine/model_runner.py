@@ -61,7 +61,8 @@ class ModelRunner:
                  token_buckets: tuple[int, ...] | None = None,
                  page_buckets: tuple[int, ...] | None = None,
                  parallel: ParallelConfig | None = None,
-                 contiguous_prefill_min_tokens: int = 0, max_logits_rows: int | None = None):
+                 contiguous_prefill_min_tokens: int = 0, max_logits_rows: int | None = None,
+                 speculative: bool = False):
         self.sched = sched
         self.num_top_logprobs = num_top_logprobs
         self.parallel = parallel
@@ -82,7 +83,10 @@ class ModelRunner:
                        True: ContiguousCausalAttention(attention_impl)}
         self._programs = {(v, c): jit_model_step(spec, dep, v, route)
                           for v in self.variants for c, route in self.routes.items()}
-        self._samplers = {m: jit_sampler_step(m, num_top_logprobs) for m in SamplingMode}
+        # Sampler programs by (mode, verify); the verify variants only with speculation on.
+        self.speculative = speculative
+        self._samplers = {(m, v): jit_sampler_step(m, num_top_logprobs, v)
+                          for m in SamplingMode for v in ((False, True) if speculative else (False,))}
         self.num_contiguous_steps = 0
         self.shift_threshold = (parallel.shift_threshold
                                 if parallel is not None and isinstance(parallel.shift_threshold, int)
@@ -132,8 +136,8 @@ class ModelRunner:
                                      layout)
         self.num_contiguous_steps += inputs.contiguous
         flat, layout = pack(inputs.sampler)
-        self.token_buffer, packed = self._samplers[inputs.mode](logits, self.token_buffer,
-                                                                flat, layout)
+        self.token_buffer, packed = self._samplers[inputs.mode, inputs.verify](
+            logits, self.token_buffer, flat, layout)
         return packed
 
     def dispatch(self, step: ScheduledStep) -> tuple[jax.Array, str]:
@@ -141,9 +145,10 @@ class ModelRunner:
         variant = self.variant_for(step.num_tokens)
         return self._run(variant, self.inputs.build(step)), variant
 
-    def fetch(self, packed: jax.Array, num_rows: int) -> StepResult:
-        """Wait for a dispatched step and copy its first ``num_rows`` result rows to the host."""
-        return fetch_result(packed, num_rows, self.num_top_logprobs)
+    def fetch(self, packed: jax.Array, num_rows: int, verify: bool = False) -> StepResult:
+        """Wait for a dispatched step and copy its first ``num_rows`` result rows to the host
+        (``verify``: the step verified drafts, its result carries the accepted flags)."""
+        return fetch_result(packed, num_rows, self.num_top_logprobs, verify)
 
     # ----------------------------------------------------------------- warm-up
     def warmup(self, progress: bool = True) -> float:
@@ -166,9 +171,9 @@ class ModelRunner:
         for variant in self.variants:  # every sampler mode after each variant's logits
             for R in rows:
                 T = next(t for t in self.buckets.tokens if R in self.buckets.rows_for(t))
-                for mode in SamplingMode:
+                for mode, verify in self._samplers:
                     packed = self._run(variant, self.inputs.dummy(T, self.buckets.pages[0], R,
-                                                                  mode=mode))
+                                                                  mode=mode, verify=verify))
         if packed is not None:
             packed.block_until_ready()
         if self.needs_calibration:

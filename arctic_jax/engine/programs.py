@@ -31,6 +31,7 @@ from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.step_options import StepOptions
 from arctic_jax.pytree import replace
 from arctic_jax.sampling import SamplingMode, sample
+from arctic_jax.speculative.rejection import verify_rows
 from sharding.deployment import Deployment
 
 
@@ -52,21 +53,35 @@ def model_step(weights: Any, cache: KVCache, token_buffer: jax.Array, packed_inp
 
 
 def sampler_step(logits: jax.Array, token_buffer: jax.Array, packed_inputs: jax.Array,
-                 layout: PackedLayout, *, mode: SamplingMode,
-                 num_top_logprobs: int) -> tuple[jax.Array, jax.Array]:
+                 layout: PackedLayout, *, mode: SamplingMode, num_top_logprobs: int,
+                 verify: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sample logits [R, V]; returns the updated token buffer and the packed result.
 
-    The result is int32 [R, 2 + 2 * num_top_logprobs]: token, logprob bits, top ids,
-    top logprob bits.
+    The result is int32 [R, 2 + 2 * num_top_logprobs (+ 1 when ``verify``)]: token, logprob
+    bits, top ids, top logprob bits, and with ``verify`` whether the row accepted its draft.
+    ``verify`` (static): rows with a draft (``inputs.draft`` >= 0) run rejection sampling
+    (``speculative.rejection.verify_rows``, exact at any temperature, the argmax test for greedy
+    rows); the row's token is then the draft if accepted, else the token to emit instead.
     """
     inputs = unpack(packed_inputs, layout)
     result = sample(logits, inputs.sampling, num_top_logprobs, mode)
+    tokens = result.tokens
+    if verify:
+        drawn, accepted = verify_rows(logits, inputs.sampling, inputs.draft, mode)
+        tokens = jnp.where(accepted, inputs.draft, drawn)
+        logits32 = logits.astype(jnp.float32)
+        logprob = (jnp.take_along_axis(logits32, tokens[:, None], axis=-1)[:, 0]
+                   - jax.nn.logsumexp(logits32, axis=-1))
+    else:
+        logprob = result.logprob
     slots = jnp.where(inputs.sample_slot < 0, token_buffer.shape[0], inputs.sample_slot)
-    token_buffer = token_buffer.at[slots].set(result.tokens, mode="drop")
+    token_buffer = token_buffer.at[slots].set(tokens, mode="drop")
     bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
-    columns = [result.tokens[:, None], bits(result.logprob.astype(jnp.float32))[:, None]]
+    columns = [tokens[:, None], bits(logprob.astype(jnp.float32))[:, None]]
     if num_top_logprobs:
         columns += [result.top_ids.astype(jnp.int32), bits(result.top_logprobs.astype(jnp.float32))]
+    if verify:
+        columns.append(accepted.astype(jnp.int32)[:, None])
     return token_buffer, jnp.concatenate(columns, axis=1)
 
 
@@ -91,9 +106,11 @@ def jit_model_step(spec: Any, dep: Deployment, variant: str,
 
 
 @functools.cache
-def jit_sampler_step(mode: SamplingMode, num_top_logprobs: int) -> Callable:
-    """The jitted sampler of one mode; the token buffer is donated."""
-    fn = functools.partial(sampler_step, mode=mode, num_top_logprobs=num_top_logprobs)
+def jit_sampler_step(mode: SamplingMode, num_top_logprobs: int, verify: bool = False) -> Callable:
+    """The jitted sampler of one mode (``verify``: with rejection-sampling verify rows); the
+    token buffer is donated."""
+    fn = functools.partial(sampler_step, mode=mode, num_top_logprobs=num_top_logprobs,
+                           verify=verify)
     return jax.jit(fn, donate_argnums=(1,), static_argnums=(3,))
 
 

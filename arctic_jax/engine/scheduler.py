@@ -300,11 +300,15 @@ class Scheduler:
     # ----------------------------------------------------------------- update
     def update(self, step: ScheduledStep, tokens: Sequence[int],
                logprobs: Sequence[float] | None = None,
-               top_logprobs: Sequence[Sequence[tuple[int, float]]] | None = None) -> StepUpdate:
+               top_logprobs: Sequence[Sequence[tuple[int, float]]] | None = None,
+               accepted: Sequence[bool] | None = None) -> StepUpdate:
         """Apply one step's sampled tokens: ``chunk.num_logits`` rows per chunk, in order.
 
         A plain chunk appends its one token. A verify chunk appends its accepted drafts and
         the target's next token, and rolls ``num_computed`` back by the rejected drafts.
+        ``accepted`` (per row, from the device's rejection sampling): row i accepted draft
+        d_{i+1}, and each row's token is the draft if accepted, else the token to emit
+        instead; without it drafts are accepted while equal to the row's token (greedy).
         Tokens after a stop (EOS, stop token, ``max_tokens``, model length) are dropped.
         """
         touched, verified = [], []
@@ -320,11 +324,17 @@ class Scheduler:
                 continue
             request.pending -= 1  # a request preempted meanwhile keeps the tokens, recomputes later
             targets = [int(tokens[r]) for r in rows]
-            accepted = greedy_accept(chunk.draft, targets) if chunk.draft else 0
+            if not chunk.draft:
+                n_accepted = 0
+            elif accepted is None:
+                n_accepted = greedy_accept(chunk.draft, targets)
+            else:
+                n_accepted = next((i for i, r in enumerate(rows[:-1]) if not accepted[r]),
+                                  len(chunk.draft))
             if chunk.draft and request.status is RequestStatus.RUNNING:
-                request.num_computed -= len(chunk.draft) - accepted
+                request.num_computed -= len(chunk.draft) - n_accepted
             emitted = 0
-            for r in rows[:accepted + 1]:
+            for r in rows[:n_accepted + 1]:
                 token = int(tokens[r])
                 request.output_ids.append(token)
                 emitted += 1
@@ -338,7 +348,7 @@ class Scheduler:
                     break
             touched.append(request)
             if chunk.draft:
-                verified.append(Verified(request, len(chunk.draft), accepted, emitted))
+                verified.append(Verified(request, len(chunk.draft), n_accepted, emitted))
             if not request.finished:
                 self._register_pages(request)
         return StepUpdate(touched=touched, verified=verified)

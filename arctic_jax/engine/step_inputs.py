@@ -32,6 +32,7 @@ class SamplerInputs:
 
     sample_slot: jax.Array     # [R] int32 token-buffer row that receives the sampled token, or -1
     sampling: SamplingTensors  # [R] rows
+    draft: jax.Array           # [R] int32 the draft token row r verifies, or -1 (none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class StepInputs:
     sampler: SamplerInputs
     mode: SamplingMode
     contiguous: bool = False
+    verify: bool = False       # some row verifies a draft: the sampler's rejection-sampling variant
 
     @property
     def num_tokens(self) -> int:
@@ -96,13 +98,17 @@ class StepInputBuilder:
         sampling = SamplingTensors.from_params(
             params, steps=[c.request.num_generated - 1 + i for c, i in rows],
             seeds=[c.request.seed for c, _ in rows], num_rows=R)
+        draft = np.full(R, -1, np.int32)   # row i of [last, d1..dk] verifies d_{i+1}
+        draft[:len(rows)] = [c.draft[i] if i < len(c.draft) else -1 for c, i in rows]
         return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
-                          sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling),
+                          sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling,
+                                                draft=draft),
                           mode=SamplingMode.for_params(params),
-                          contiguous=self.uses_contiguous(step, T))
+                          contiguous=self.uses_contiguous(step, T),
+                          verify=any(c.draft for c in step.chunks))
 
-    def dummy(self, T: int, MP: int, R: int | None = None,
-              mode: SamplingMode = SamplingMode.GREEDY, contiguous: bool = False) -> StepInputs:
+    def dummy(self, T: int, MP: int, R: int | None = None, mode: SamplingMode = SamplingMode.GREEDY,
+              contiguous: bool = False, verify: bool = False) -> StepInputs:
         """All-padding inputs of one bucket shape (they write no KV slot and no buffer row)."""
         S = self.buckets.seqs[0]
         R = S if R is None else R
@@ -114,8 +120,8 @@ class StepInputBuilder:
         sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=R)
         return StepInputs(model=ModelInputs(batch=batch, token_src=np.full(T, -1, np.int32)),
                           sampler=SamplerInputs(sample_slot=np.full(R, -1, np.int32),
-                                                sampling=sampling),
-                          mode=mode, contiguous=contiguous)
+                                                sampling=sampling, draft=np.full(R, -1, np.int32)),
+                          mode=mode, contiguous=contiguous, verify=verify)
 
     def shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every (T, MP, R, contiguous) model-program shape a run may use."""

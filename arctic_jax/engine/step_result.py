@@ -14,11 +14,13 @@ class StepResult:
     tokens: np.ndarray                # [n] int32
     logprobs: np.ndarray              # [n] float32
     top_logprobs: list[list[tuple[int, float]]] | None
+    accepted: np.ndarray | None = None   # [n] bool: the row accepted its draft (verify steps)
 
 
-def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int) -> StepResult:
-    """Wait for a step's packed int32 result [R, 2 + 2 * num_top] and copy its first
-    ``num_rows`` rows to the host (one transfer)."""
+def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int,
+                 verify: bool = False) -> StepResult:
+    """Wait for a step's packed int32 result [R, 2 + 2 * num_top (+ 1 accepted flag when
+    ``verify``)] and copy its first ``num_rows`` rows to the host (one transfer)."""
     host = np.asarray(jax.device_get(packed))[:num_rows]
     tokens = host[:, 0].copy()
     logprobs = host[:, 1].view(np.float32).copy()
@@ -28,4 +30,5 @@ def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int) -> Ste
         ids = host[:, 2:2 + n]
         lps = host[:, 2 + n:2 + 2 * n].view(np.float32)
         top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r], strict=True)] for r in range(num_rows)]
-    return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top)
+    accepted = host[:, 2 + 2 * n].astype(bool) if verify else None
+    return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top, accepted=accepted)
