@@ -164,7 +164,7 @@ class LLMEngine:
         return self.proposer is not None
 
     def _drafters(self) -> list[Request]:
-        """The running requests allowed to draft now: greedy ones, none while more requests run
+        """The running requests allowed to draft now: all of them, none while more requests run
         than ``hard_disable_by_batch_size``, and only the first N running while more than
         ``disable_by_batch_size`` = N run."""
         if self.proposer is None:
