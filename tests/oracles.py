@@ -1,4 +1,5 @@
-"""Plain numpy float64 oracles for attention and the Llama decoder (test use only).
+"""Plain numpy float64 oracles for attention and the Llama decoder, and a chi-square check of
+sampled tokens (test use only).
 
 They share no code with the runtime except ``rope.inverse_frequencies`` (the
 frequency table only) and work on contiguous, non-paged KV.
@@ -107,3 +108,21 @@ def rel_err(a, b) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def chi2_pvalue(samples, probs) -> float:
+    """P-value of a chi-square goodness-of-fit test of ``samples`` (cell indices) against
+    ``probs``; a sample in a zero-probability cell gives 0. Cells expected below 5 are pooled."""
+    from scipy import stats
+
+    probs = np.asarray(probs, np.float64).ravel()
+    counts = np.bincount(np.asarray(samples).ravel(), minlength=probs.size)
+    if counts.size != probs.size or counts[probs == 0].any():
+        return 0.0
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chi2.sf(float(((obs - exp) ** 2 / exp).sum()), obs.size - 1))

@@ -10,6 +10,7 @@ from scipy import stats
 
 from arctic_jax.sampling import SamplingMode, SamplingParams, SamplingTensors, sample
 from arctic_jax.speculative.rejection import NO_DRAFT, accept_run, verify_rows
+from oracles import chi2_pvalue
 
 VERIFY = jax.jit(verify_rows, static_argnames=("mode",))
 SAMPLE = jax.jit(sample, static_argnames=("num_top_logprobs", "mode"))
@@ -66,24 +67,6 @@ def _rows(params: SamplingParams, n: int, step: int, seed0: int = 0) -> Sampling
         seed=np.arange(seed0, seed0 + n, dtype=np.uint32), step=np.full(n, step, np.int32))
 
 
-def _chi2_pvalue(samples, probs) -> float:
-    """P-value of a chi-square goodness-of-fit test of ``samples`` (cell indices) against
-    ``probs``; a sample in a zero-probability cell gives 0. Cells expected below 5
-    are pooled into one."""
-    probs = np.asarray(probs, np.float64).ravel()
-    counts = np.bincount(np.asarray(samples).ravel(), minlength=probs.size)
-    if counts.size != probs.size or counts[probs == 0].any():
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    return float(stats.chi2.sf(stat, obs.size - 1))
-
-
 def _drafts(kind: str, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if kind == "random":      # uniform over the vocabulary: mostly wrong, sometimes filtered out
         return rng.integers(0, V, N).astype(np.int32)
@@ -112,7 +95,7 @@ def _case(name: str, kind: str):
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_emitted_token_is_distributed_as_target(name, kind):
     logits, params, p, d, tokens, accepted, emitted = _case(name, kind)
-    assert _chi2_pvalue(emitted, p) > ALPHA
+    assert chi2_pvalue(emitted, p) > ALPHA
     # the acceptance rate is p(d) (binomial, 5 sigma)
     rate = p[d].mean()
     assert abs(accepted.mean() - rate) < 5 * np.sqrt(max(rate * (1 - rate), 1e-12) / N) + 1e-9
@@ -128,15 +111,15 @@ def test_biased_variants_fail_the_same_test():
     u = rng.random(N)
     p_d = p[d]
     # accept with sqrt(p(d)) instead of p(d)
-    assert _chi2_pvalue(np.where(u < np.sqrt(p_d), d, tokens), p) < ALPHA
+    assert chi2_pvalue(np.where(u < np.sqrt(p_d), d, tokens), p) < ALPHA
     # accept 2% more often (absolute) than p(d)
-    assert _chi2_pvalue(np.where(u < p_d + 0.02, d, tokens), p) < ALPHA
+    assert chi2_pvalue(np.where(u < p_d + 0.02, d, tokens), p) < ALPHA
     # on rejection, draw from p itself instead of p with the draft removed (with a
     # uniformly random draft that error happens to cancel out, so the draft is the mode)
     logits, params, p, d, tokens, accepted, emitted = _case("all", "mode")
     plain = np.asarray(SAMPLE(jnp.asarray(np.tile(logits, (N, 1))), _rows(params, N, STEP)).tokens)
-    assert _chi2_pvalue(emitted, p) > ALPHA
-    assert _chi2_pvalue(np.where(accepted, d, plain), p) < ALPHA
+    assert chi2_pvalue(emitted, p) > ALPHA
+    assert chi2_pvalue(np.where(accepted, d, plain), p) < ALPHA
 
 
 # ---------------------------------------------------------------- 2. two-token chain
@@ -179,9 +162,9 @@ def test_two_token_joint_distribution_is_exact():
     p1 = _oracle(l1, params)
     joint = p1[:, None] * np.stack([_oracle(l2[a], params) for a in range(V)])
     first, second = _chain(params, l1, l2, seed=11)
-    assert _chi2_pvalue(first * V + second, joint) > ALPHA
+    assert chi2_pvalue(first * V + second, joint) > ALPHA
     first, second = _chain(params, l1, l2, seed=11, biased=True)
-    assert _chi2_pvalue(first * V + second, joint) < ALPHA
+    assert chi2_pvalue(first * V + second, joint) < ALPHA
 
 
 def _speculative_decode(params, l0, trans, q, n_tokens, k, seed):
@@ -224,7 +207,7 @@ def test_three_tokens_through_accept_run_are_exact():
     joint = p0[:, None, None] * pt[:, :, None] * pt[None, :, :]   # p(a) p(b|a) p(c|b)
     seqs = _speculative_decode(params, l0, trans, q, n_tokens=3, k=2, seed=21)
     cells = seqs[:, 0] * V * V + seqs[:, 1] * V + seqs[:, 2]
-    assert _chi2_pvalue(cells, joint) > ALPHA
+    assert chi2_pvalue(cells, joint) > ALPHA
 
 
 # ---------------------------------------------------------------- 3. greedy and reproducibility

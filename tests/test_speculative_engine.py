@@ -15,6 +15,7 @@ from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.speculative.config import SpeculativeConfig
+from oracles import chi2_pvalue
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
          "prompt_lookup_min": 1}
@@ -355,24 +356,6 @@ def _exact_distributions(weights, prompt):
     return probs[0], probs[1:1 + V], probs[1 + V:].reshape(V, V, V)
 
 
-def _chi2_pvalue(samples, probs) -> float:
-    """Chi-square goodness of fit of cell indices ``samples`` against ``probs`` (cells expected
-    below 5 pooled; a sample in a zero-probability cell gives 0)."""
-    from scipy import stats
-
-    probs = np.asarray(probs, np.float64).ravel()
-    counts = np.bincount(np.asarray(samples).ravel(), minlength=probs.size)
-    if counts[probs == 0].any():
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return float(stats.chi2.sf(float(((obs - exp) ** 2 / exp).sum()), obs.size - 1))
-
-
 def test_sampled_output_with_speculation_is_distribution_exact():
     """Temperature 1 with random one-hot drafts (mostly wrong; rejection sampling on the device):
     the first three tokens of 6,000 seeded requests follow the model's exact distribution (the
@@ -399,13 +382,13 @@ def test_sampled_output_with_speculation_is_distribution_exact():
     tokens, stats = sampled(spec_cfg, list(range(n)))
     assert stats.num_draft_steps > 0.9 * n and 0.02 < stats.acceptance_rate < 0.5
     first2 = tokens[:, 0] * SMALL.vocab_size + tokens[:, 1]
-    assert _chi2_pvalue(first2, joint12) > 1e-4
+    assert chi2_pvalue(first2, joint12) > 1e-4
     third = first2 * SMALL.vocab_size + tokens[:, 2]
-    assert _chi2_pvalue(third, joint12[:, :, None] * p3) > 1e-4
+    assert chi2_pvalue(third, joint12[:, :, None] * p3) > 1e-4
     # the test has power: a near-miss (the first two tokens' joint with p2 of the wrong context)
-    assert _chi2_pvalue(first2, p1[:, None] * p2[np.roll(np.arange(SMALL.vocab_size), 1)]) < 1e-4
+    assert chi2_pvalue(first2, p1[:, None] * p2[np.roll(np.arange(SMALL.vocab_size), 1)]) < 1e-4
     plain, _ = sampled(None, list(range(n)))
-    assert _chi2_pvalue(plain[:, 0] * SMALL.vocab_size + plain[:, 1], joint12) > 1e-4
+    assert chi2_pvalue(plain[:, 0] * SMALL.vocab_size + plain[:, 1], joint12) > 1e-4
     # seeded: the same requests in reverse order, in other batches, repeat token for token
     again, _ = sampled(spec_cfg, list(range(n))[::-1][:256])
     assert (again[::-1] == tokens[n - 256:]).all()
