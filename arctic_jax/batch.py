@@ -25,6 +25,13 @@ class StepBatch:
     query_start: jax.Array     # [S + 1] int32 offsets of each sequence's tokens
     kv_lens: jax.Array         # [S] int32 KV length after this step (padding: 0)
     logits_indices: jax.Array  # [R] int32 token indices whose logits are returned
+    # [T] int32 tree attention (None: plain causal). Bit d - 1 says whether token t sees the key
+    # d = 1..LOOKBACK slots before its own; keys further back, and itself, are always seen.
+    lookback: jax.Array | None = None
+
+
+LOOKBACK = 32        # slots a tree token's lookback bits cover
+ALL_VISIBLE = -1     # lookback of a token that sees every earlier slot (plain causal)
 
 
 class BatchTooLargeError(ValueError):
@@ -99,20 +106,58 @@ class SequenceChunk:
     ``start + len(tokens)`` positions. ``logits_at`` lists chunk-relative
     indices whose logits are wanted (the last token by default; empty for a
     prefill chunk that is not the last).
+
+    ``parents`` makes the chunk a token tree (speculative tree verification):
+    ``parents[i]`` is the chunk index of token i's parent, or -1 for a token that
+    follows the cached context; parents precede their children. Token i still
+    takes cache slot ``start + i`` but its position is ``start + depth(i)``, and it
+    attends to the cached context plus its ancestors only. None: a plain chain.
     """
 
     tokens: Sequence[int]
     start: int
     pages: Sequence[int]
     logits_at: Sequence[int] | None = None
+    parents: Sequence[int] | None = None
 
     def wanted(self) -> Sequence[int]:
         return (len(self.tokens) - 1,) if self.logits_at is None else self.logits_at
 
 
+def tree_layout(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(depth [n], lookback bits [n] int32) of a token tree given by chunk-relative parents.
+
+    Token i sees the key d slots back (d = 1..LOOKBACK) iff that slot precedes the chunk
+    or holds one of its ancestors; a tree whose token would have to hide a slot more than
+    LOOKBACK back is refused."""
+    n = len(parents)
+    depth = np.zeros(n, np.int64)
+    ancestors: list[set[int]] = []
+    bits = np.zeros(n, np.int64)
+    for i, p in enumerate(parents):
+        p = int(p)
+        if not -1 <= p < i:
+            raise ValueError(f"tree token {i} has parent {p}; parents must precede their children "
+                             f"(-1: the cached context)")
+        anc = set() if p < 0 else ancestors[p] | {p}
+        ancestors.append(anc)
+        depth[i] = 0 if p < 0 else depth[p] + 1
+        hidden = [j for j in range(i) if j not in anc]
+        if hidden and i - hidden[0] > LOOKBACK:
+            raise ValueError(f"tree token {i} must not see token {hidden[0]}, {i - hidden[0]} slots "
+                             f"back; lookback bits cover {LOOKBACK}")
+        for d in range(1, LOOKBACK + 1):
+            if i - d < 0 or (i - d) in anc:
+                bits[i] |= 1 << (d - 1)
+    return depth, bits.astype(np.uint32).view(np.int32)
+
+
 def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
-                     buckets: Buckets) -> tuple[StepBatch, int]:
-    """Pack chunks into a padded numpy StepBatch; returns it and the real logits rows."""
+                     buckets: Buckets, tree: bool = False) -> tuple[StepBatch, int]:
+    """Pack chunks into a padded numpy StepBatch; returns it and the real logits rows.
+
+    ``tree``: the batch carries lookback bits (``ALL_VISIBLE`` for plain chunks), as a
+    program compiled for tree verification expects; chunks with ``parents`` need it."""
     if not chunks:
         raise ValueError("a step needs at least one sequence")
     # Vectorised over chunks (the host builds one of these per engine step).
@@ -167,7 +212,19 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
                 raise ValueError(f"logits index {i} outside the chunk of {lens[s]} tokens")
             logits_indices[r] = first[s] + i
             r += 1
+    lookback = None
+    if tree:
+        lookback = np.full(T, ALL_VISIBLE, np.int32)
+        for s, c in enumerate(chunks):
+            if c.parents is not None:
+                if len(c.parents) != lens[s]:
+                    raise ValueError(f"sequence {s}: {len(c.parents)} parents for {lens[s]} tokens")
+                depth, bits = tree_layout(c.parents)
+                positions[first[s]:first[s] + lens[s]] = starts[s] + depth
+                lookback[first[s]:first[s] + lens[s]] = bits
+    elif any(c.parents is not None for c in chunks):
+        raise ValueError("a token-tree chunk needs build_step_batch(..., tree=True)")
     batch = StepBatch(tokens=tokens, positions=positions, slot_mapping=slots, seq_ids=seq_ids,
                       page_tables=page_tables, query_start=query_start, kv_lens=kv_lens,
-                      logits_indices=logits_indices)
+                      logits_indices=logits_indices, lookback=lookback)
     return batch, num_logits

@@ -33,6 +33,11 @@ Design (Pallas, Triton lowering on GPU; ``interpret=True`` on CPU):
   key_pos <= query_pos (second loop). Softmax in f32, base 2.
 - T < block_q: q is padded to block_q rows (small steps only).
 
+Token trees (speculative tree verification): with ``lookback`` [T] int32, token t also
+hides the keys d = 1..32 slots before its own slot whose bit d - 1 is clear (itself
+and keys further back stay visible). The unmasked first loop then stops 32 keys
+earlier, so the bits are applied wherever they matter.
+
 Inputs are trusted inside jit: KV lengths past the page table's capacity are
 clipped and page ids clamped into the cache, so bad values give wrong numbers,
 never out-of-bounds reads. The cache must hold finite values (as for the
@@ -114,9 +119,21 @@ def block_schedule(query_start: jax.Array, kv_lens: jax.Array, num_tokens: int, 
                          first_pos=first_pos, kv_stop=kv_stop)
 
 
+LOOKBACK = 32   # slots covered by a token's lookback bits
+
+
+def _tree_mask(q_pos: jax.Array, key_pos: jax.Array, bits: jax.Array) -> jax.Array:
+    """[rows, bk] causal mask that also hides the keys a token's lookback bits clear."""
+    dist = q_pos[:, None] - key_pos[None, :]
+    bit = jnp.right_shift(bits[:, None], jnp.clip(dist - 1, 0, LOOKBACK - 1)) & 1
+    return (dist >= 0) & ((dist == 0) | (dist > LOOKBACK) | (bit == 1))
+
+
 def _prefill_kernel(q_ref, k_ref, v_ref, pt_ref, qstart_ref, nrows_ref, seq_ref, pos0_ref,
-                    kvstop_ref, o_ref, *, block_q: int, block_k: int, page_size: int,
-                    num_slots: int, num_tokens: int, scale_log2: float, heavy_first: bool):
+                    kvstop_ref, *rest, block_q: int, block_k: int, page_size: int,
+                    num_slots: int, num_tokens: int, scale_log2: float, heavy_first: bool,
+                    tree: bool):
+    lb_ref, o_ref = rest if tree else (None, rest[0])
     blk = pl.program_id(0)
     if heavy_first:  # later blocks of a sequence see more keys: start them first (less tail)
         blk = pl.num_programs(0) - 1 - blk
@@ -136,7 +153,10 @@ def _prefill_kernel(q_ref, k_ref, v_ref, pt_ref, qstart_ref, nrows_ref, seq_ref,
         valid = (rel >= 0) & (rel < n_rows)
         q_pos = jnp.where(valid, pos0 + rel, -1)
         n_total = c.cdiv(kv_stop, block_k)
-        n_full = jnp.minimum(lax.div(jnp.maximum(pos0 + 1, 0), jnp.int32(block_k)), n_total)
+        unmasked = pos0 + 1 - LOOKBACK if tree else pos0 + 1   # keys every row sees
+        n_full = jnp.minimum(lax.div(jnp.maximum(unmasked, 0), jnp.int32(block_k)), n_total)
+        if tree:
+            bits = lb_ref[load_at + lax.div(jnp.arange(rows, dtype=jnp.int32), jnp.int32(gp))]
 
         def full_body(i, carry):
             k, v = c.kv_tile(k_ref, v_ref, pt_ref, seq, i * block_k, block_k, page_size, kv_stop,
@@ -147,7 +167,7 @@ def _prefill_kernel(q_ref, k_ref, v_ref, pt_ref, qstart_ref, nrows_ref, seq_ref,
             k, v = c.kv_tile(k_ref, v_ref, pt_ref, seq, i * block_k, block_k, page_size, kv_stop,
                              num_slots)
             key_pos = i * block_k + jnp.arange(block_k, dtype=jnp.int32)
-            mask = key_pos[None, :] <= q_pos[:, None]
+            mask = _tree_mask(q_pos, key_pos, bits) if tree else key_pos[None, :] <= q_pos[:, None]
             return c.online_softmax_step(q, k, v, mask, scale_log2, carry)
 
         carry = lax.fori_loop(0, n_full, full_body, c.init_carry(rows, d))
@@ -162,8 +182,10 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
                              query_start: jax.Array, kv_lens: jax.Array,
                              page_tables: jax.Array, *, scale: float,
                              config: PrefillConfig | None = None,
-                             interpret: bool = False) -> jax.Array:
-    """Causal attention of ragged new tokens over their paged KV; see the module docstring."""
+                             interpret: bool = False,
+                             lookback: jax.Array | None = None) -> jax.Array:
+    """Causal attention of ragged new tokens over their paged KV; see the module docstring
+    (``lookback`` [T] int32: token-tree bits, None for plain causal)."""
     config = config or PrefillConfig()
     (kh, num_pages, page_size, d, T, N), pt, kv_lens, query_start = c.check_ragged(
         q, k_cache, v_cache, query_start, kv_lens, page_tables)
@@ -188,8 +210,14 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     kernel = functools.partial(
         _prefill_kernel, block_q=bq, block_k=bk, page_size=page_size,
         num_slots=num_pages * page_size, num_tokens=t_pad, scale_log2=float(scale) * c.LOG2E,
-        heavy_first=config.heavy_first)
+        heavy_first=config.heavy_first, tree=lookback is not None)
     vec = pl.BlockSpec((nb,), lambda i, h: (0,))
+    tree_in, tree_spec = [], []
+    if lookback is not None:
+        if lookback.shape != (T,):
+            raise ValueError(f"lookback must have shape ({T},), got {lookback.shape}")
+        tree_in = [jnp.pad(lookback.astype(jnp.int32), (0, t_pad - T), constant_values=-1)]
+        tree_spec = [pl.BlockSpec((t_pad,), lambda i, h: (0,))]
     out = pl.pallas_call(
         kernel,
         grid=(nb, kh),
@@ -198,7 +226,7 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
             pl.BlockSpec((None, num_pages * page_size, d), lambda i, h: (h, 0, 0)),
             pl.BlockSpec((None, num_pages * page_size, d), lambda i, h: (h, 0, 0)),
             pl.BlockSpec(pt.shape, lambda i, h: (0, 0)),
-            vec, vec, vec, vec, vec,
+            vec, vec, vec, vec, vec, *tree_spec,
         ],
         out_specs=pl.BlockSpec((t_pad, None, gp, d), lambda i, h: (0, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((t_pad, kh, gp, d), q.dtype),
@@ -206,7 +234,7 @@ def ragged_prefill_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
         interpret=interpret,
         name=f"ragged_prefill_bq{bq}_bk{bk}",
     )(q4, c.flat_slots(k_cache), c.flat_slots(v_cache), pt, sched.q_start, sched.num_rows, sched.seq,
-      sched.first_pos, sched.kv_stop)
+      sched.first_pos, sched.kv_stop, *tree_in)
     return out[:T, :, :g, :].reshape(T, N, d)
 
 

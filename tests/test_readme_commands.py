@@ -1,5 +1,5 @@
 """Commands in README.md work as written: every ``arctic-jax`` command parses, and the speculative
-``arctic-jax generate`` examples (n-gram, suffix) run."""
+``arctic-jax generate`` examples (n-gram, suffix path and tree) run."""
 from __future__ import annotations
 
 import os
@@ -40,11 +40,15 @@ def test_every_readme_command_parses():
         parser.parse_args(argv)     # exits (failing the test) on an unknown flag or a bad value
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def _kind(config: SpeculativeConfig) -> str:
+    return config.method + ("-tree" if config.suffix_use_tree_spec else "")
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "suffix-tree"])
 def test_readme_speculative_generate_runs(capsys, method):
     parser = cli.build_parser()
     found = [argv for argv in speculative_generate_commands()
-             if parser.parse_args(argv).speculative_config.method == method]
+             if _kind(parser.parse_args(argv).speculative_config) == method]
     assert len(found) == 1, f"expected one {method} generate command in README.md, got {found}"
     argv = found[0]
     args = parser.parse_args(argv)

@@ -236,10 +236,13 @@ def test_acceptance_counts_by_hand(tiny_weights):
     assert 'arctic_spec_decode_num_accepted_tokens_per_pos_total{position="3"} 1.0' in text
 
 
-def test_no_compilation_while_serving_with_speculation(tiny_weights):
-    """Warm-up compiles the verify shapes too (R = S x (1 + k) rows), then serving with n-gram
-    drafts, several requests verifying at once, compiles nothing."""
-    engine = tiny_engine(tiny_weights, NGRAM, num_pages=71)   # a cache shape of its own
+@pytest.mark.parametrize("method", ["ngram", "suffix_tree"])
+def test_no_compilation_while_serving_with_speculation(tiny_weights, method):
+    """Warm-up compiles the verify shapes too (R = S x (1 + k) rows; tree-attention batches),
+    then serving with n-gram drafts or suffix draft trees, several requests verifying at once,
+    compiles nothing."""
+    speculative = NGRAM if method == "ngram" else dict(SUFFIX_TREE, num_speculative_tokens=4)
+    engine = tiny_engine(tiny_weights, speculative, num_pages=71)   # a cache shape of its own
     counter = CompileCounter()
     try:
         engine.runner.warmup(progress=False)
@@ -356,11 +359,13 @@ def _exact_distributions(weights, prompt):
     return probs[0], probs[1:1 + V], probs[1 + V:].reshape(V, V, V)
 
 
-def test_sampled_output_with_speculation_is_distribution_exact():
+@pytest.mark.parametrize("drafts", ["path", "tree"])
+def test_sampled_output_with_speculation_is_distribution_exact(drafts):
     """Temperature 1 with random one-hot drafts (mostly wrong; rejection sampling on the device):
     the first three tokens of 6,000 seeded requests follow the model's exact distribution (the
     joint of the first two, and the third given the first two), as without speculation; the
-    same test rejects a wrong distribution. Seeded requests repeat exactly in another batch."""
+    same test rejects a wrong distribution. Seeded requests repeat exactly in another batch.
+    "tree": random draft trees of 3 tokens walked on the host (one row per tree node)."""
     weights = LLAMA.random_weights(SMALL, jax.random.PRNGKey(5), scale=0.25)
     prompt = [3, 7, 1, 12, 5]
     p1, p2, p3 = _exact_distributions(weights, prompt)
@@ -374,11 +379,12 @@ def test_sampled_output_with_speculation_is_distribution_exact():
                   attention_impl="reference", speculative_config=speculative)
         engine = LLMEngine(LLAMA, SMALL, weights, CharTokenizer(), EngineConfig.from_flags(**kw))
         if speculative:
-            engine.proposer = RandomDraftProposer()
+            engine.proposer = RandomDraftProposer() if drafts == "path" else RandomTreeProposer()
         outs = run(engine, [prompt] * len(order), [params[i] for i in order])
         return np.array([o[0] for o in outs]), engine.spec_stats
 
-    spec_cfg = {"method": "ngram", "num_speculative_tokens": 2}
+    spec_cfg = ({"method": "ngram", "num_speculative_tokens": 2} if drafts == "path" else
+                {"method": "suffix", "num_speculative_tokens": 3, "suffix_use_tree_spec": True})
     tokens, stats = sampled(spec_cfg, list(range(n)))
     assert stats.num_draft_steps > 0.9 * n and 0.02 < stats.acceptance_rate < 0.5
     first2 = tokens[:, 0] * SMALL.vocab_size + tokens[:, 1]
@@ -387,8 +393,131 @@ def test_sampled_output_with_speculation_is_distribution_exact():
     assert chi2_pvalue(third, joint12[:, :, None] * p3) > 1e-4
     # the test has power: a near-miss (the first two tokens' joint with p2 of the wrong context)
     assert chi2_pvalue(first2, p1[:, None] * p2[np.roll(np.arange(SMALL.vocab_size), 1)]) < 1e-4
-    plain, _ = sampled(None, list(range(n)))
-    assert chi2_pvalue(plain[:, 0] * SMALL.vocab_size + plain[:, 1], joint12) > 1e-4
+    if drafts == "path":
+        plain, _ = sampled(None, list(range(n)))
+        assert chi2_pvalue(plain[:, 0] * SMALL.vocab_size + plain[:, 1], joint12) > 1e-4
     # seeded: the same requests in reverse order, in other batches, repeat token for token
     again, _ = sampled(spec_cfg, list(range(n))[::-1][:256])
     assert (again[::-1] == tokens[n - 256:]).all()
+
+
+# ------------------------------------------------------------ draft trees (one step each)
+SUFFIX_TREE = dict(SUFFIX, suffix_use_tree_spec=True)
+
+
+def _branching(engine) -> int:
+    """Verified tree chunks so far that branched (recorded by a wrapper on the scheduler)."""
+    return sum(1 for parents in engine.scheduler.trees_seen if len(set(parents)) < len(parents))
+
+
+def _record_trees(engine):
+    engine.scheduler.trees_seen = []
+    original = engine.scheduler._make_chunk
+
+    def make_chunk(request, n, draft=(), parents=None):
+        if parents is not None and draft:
+            engine.scheduler.trees_seen.append(parents)
+        return original(request, n, draft, parents)
+    engine.scheduler._make_chunk = make_chunk
+    return engine
+
+
+@pytest.mark.parametrize("layout", ["one_device", "shift_sp2_tp2"])
+def test_suffix_tree_greedy_equals_plain_greedy_on_smollm2(smollm2, smol_reference, layout):
+    """Suffix decoding's tree mode: whole draft trees verified in one step through the tree
+    attention mask give the plain greedy output token for token."""
+    kw = {} if layout == "one_device" else dict(
+        parallel_mode="shift", sequence_parallel_size=2, tensor_parallel_size=2,
+        shift_parallel_threshold=16)
+    engine = _record_trees(smol_engine(smollm2, SUFFIX_TREE, **kw))
+    params = [SamplingParams(max_tokens=48, temperature=0)] * len(smollm2[2])
+    outs = run(engine, smollm2[2], params)
+    for (want, want_text, want_reason, _), (got, text, reason, _) in zip(smol_reference, outs, strict=True):
+        assert got == want and text == want_text and reason == want_reason
+    assert _branching(engine) > 0, "no draft tree branched: the tree path was not exercised"
+    assert engine.spec_stats.num_draft_steps > 0 and engine.spec_stats.mean_tokens_per_step > 1.3
+    allocator = engine.scheduler.allocator
+    assert allocator.num_free() == allocator.num_allocatable
+
+
+class ScriptedTreeProposer:
+    """Draft trees (``propose_drafts``) holding the true continuation on a chosen branch: script
+    entries are ("chain", n) -- the truth's next n tokens as the first-child chain -- or
+    ("branch", n) -- a wrong first child (with a wrong child of its own), then the truth's
+    next n tokens hanging off the root as its second child, ending in a wrong leaf."""
+
+    def __init__(self, truth: dict[str, list[int]], script: list[tuple[str, int]]):
+        self.truth, self.script, self.calls = truth, list(script), 0
+
+    def propose_drafts(self, requests, k):
+        from arctic_jax.speculative.suffix_tree import Draft
+        out = []
+        for r in requests:
+            kind, n = self.script[self.calls] if self.calls < len(self.script) else ("chain", 0)
+            self.calls += 1
+            rest = self.truth[r.request_id][len(r.output_ids):]
+            wrong = [(t + 1) % CFG.vocab_size for t in rest]
+            if kind == "chain":
+                tokens, parents = rest[:n] + wrong[n:n + 1], list(range(-1, n))
+            else:
+                tokens = wrong[:2] + rest[:n] + wrong[n:n + 1]
+                parents = [-1, 0, -1] + list(range(2, n + 2))
+            out.append(Draft(token_ids=tuple(tokens[:k]), parents=tuple(parents[:k])))
+        return out
+
+    def on_tokens(self, request, new_tokens):
+        pass
+
+    def on_finish(self, request):
+        pass
+
+
+def test_tree_acceptance_off_the_first_chain_recomputes_exactly(tiny_weights):
+    """A tree accepted along a second branch: its tokens are output at once, and their KV (written
+    in the branch's slots at the branch's positions) is recomputed by the next chunk, so the
+    output equals plain greedy; along the first chain the KV stays in place. k = 6."""
+    rng = np.random.default_rng(4)
+    prompt = [int(t) for t in rng.integers(0, CFG.vocab_size, 11)]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    (truth, *_), = run(tiny_engine(tiny_weights), [prompt], [params])
+    engine = _record_trees(tiny_engine(tiny_weights, dict(SUFFIX_TREE, num_speculative_tokens=6)))
+    engine.proposer = ScriptedTreeProposer({"req-1": truth},
+                                           [("branch", 3), ("chain", 2), ("branch", 2), ("chain", 5)])
+    computed = []
+    original = engine.scheduler.update
+
+    def update(step, *args, **kw):
+        out = original(step, *args, **kw)
+        computed.extend((c.draft_parents is not None, c.request.num_computed, c.request.num_known)
+                        for c in step.chunks if c.draft)
+        return out
+    engine.scheduler.update = update
+    (got, _, reason, runs), = run(engine, [prompt], [params])
+    assert got == truth and reason == "length"
+    # prefill 1 | branch: 3 accepted + 1 | recompute chunk + chain 2: 3 | branch 2: 3 | chain 5: 6
+    assert runs[:5] == [1, 4, 3, 3, 6]
+    # after a branch acceptance only the last token's KV is final (3 and 2 tokens to recompute)
+    assert [known - num for _, num, known in computed[:4]] == [4, 1, 3, 1]
+    s = engine.spec_stats
+    assert s.num_accepted >= 3 + 2 + 2 + 5 and _branching(engine) == 2
+
+
+class RandomTreeProposer:
+    """Random draft trees of k tokens (random parents, skewed often-wrong tokens), drawn from the
+    request's seed and length (the same tree whatever shares the batch)."""
+
+    def propose_drafts(self, requests, k):
+        from arctic_jax.speculative.suffix_tree import Draft
+        out = []
+        for r in requests:
+            rng = np.random.default_rng((r.seed, len(r.output_ids)))
+            parents = [-1] + [int(rng.integers(-1, i)) for i in range(1, k)]
+            tokens = rng.choice(SMALL.vocab_size, k, p=_SKEW)
+            out.append(Draft(token_ids=tuple(int(t) for t in tokens), parents=tuple(parents)))
+        return out
+
+    def on_tokens(self, request, new_tokens):
+        pass
+
+    def on_finish(self, request):
+        pass

@@ -46,6 +46,11 @@ The prefill share runs on one of two kernels (``prefill_backend``):
   Mosaic GPU's (each short block costs a whole program with ~190 KiB of shared
   memory). Mixed steps of 2,048+ tokens are not timed end to end yet.
 
+A batch with token trees (``batch.lookback``, speculative tree verification) runs in
+"mixed" mode with the Triton prefill kernel, which applies the lookback bits: every
+multi-token chunk goes through it, and one-token chunks (never trees) through the
+decode kernel. Mosaic GPU and the decode kernel take no tree mask.
+
 Tokens at or past query_start[S] (padding) get output 0, where the reference
 returns an arbitrary finite value.
 """
@@ -119,6 +124,10 @@ def paged_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     T = q.shape[0]
     S = batch.page_tables.shape[0]
     mode = select_mode(T, S, mode)
+    tree = batch.lookback is not None
+    if tree:   # only the Triton prefill kernel applies lookback bits
+        mode = "prefill" if mode == "prefill" else "mixed"
+        prefill_backend = "triton"
     backend = select_prefill_backend(q.dtype, k_cache.dtype, q.shape[-1], k_cache.shape[2],
                                      interpret, prefill_backend, mosaic_config, num_tokens=T)
     if backend == "mosaic":
@@ -129,7 +138,8 @@ def paged_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     else:
         prefill = functools.partial(ragged_prefill_attention, q, k_cache, v_cache,
                                     batch.query_start, page_tables=batch.page_tables, scale=scale,
-                                    config=prefill_config, interpret=interpret)
+                                    config=prefill_config, interpret=interpret,
+                                    lookback=batch.lookback)
     if mode == "prefill":
         return prefill(batch.kv_lens)
     live = jnp.arange(T, dtype=jnp.int32) < batch.query_start[S]

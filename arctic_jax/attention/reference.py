@@ -1,7 +1,9 @@
 """Pure-jnp attention over the paged KV cache (the reference implementation).
 
 Token t of sequence s = seq_ids[t] attends to cache positions 0..positions[t]
-of s, read through s's page table. Two equivalent formulations are provided;
+of s, read through s's page table. A batch with ``lookback`` bits (token trees)
+masks by cache slot instead: token t sits in slot ``query_slots(batch)[t]`` and sees
+the slots before it that its bits allow (``tree_visible``). Two equivalent formulations are provided;
 ``reference_attention`` picks, from the static shapes alone, the one that moves
 fewer bytes:
 
@@ -17,9 +19,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from arctic_jax.batch import StepBatch
+from arctic_jax.batch import LOOKBACK, StepBatch
 
 _MASKED = -1e30  # finite, so a fully masked padding row stays finite
+
+
+def query_slots(batch: StepBatch) -> jax.Array:
+    """[T] the cache slot (index in its sequence) of each token: its chunk's tokens take the
+    last slots before ``kv_lens``. Arbitrary for padding tokens."""
+    qs = batch.query_start
+    seq = batch.seq_ids
+    t = jnp.arange(seq.shape[0], dtype=jnp.int32)
+    return batch.kv_lens[seq] - (qs[seq + 1] - qs[seq]) + (t - qs[seq])
+
+
+def tree_visible(distance: jax.Array, lookback: jax.Array) -> jax.Array:
+    """Whether a query sees the key ``distance`` slots before it (any broadcastable shapes;
+    ``lookback`` the query's bits). Itself and keys more than LOOKBACK back: always."""
+    d = jnp.clip(distance - 1, 0, LOOKBACK - 1)
+    bit = jnp.right_shift(lookback, d) & 1
+    return (distance <= 0) | (distance > LOOKBACK) | (bit == 1)
+
+
+def _key_mask(key_pos: jax.Array, batch: StepBatch) -> jax.Array:
+    """[T, L] whether token t sees the key at position/slot key_pos[l] of its sequence
+    (key_pos [L], or [T, L])."""
+    if batch.lookback is None:
+        return key_pos <= batch.positions[:, None]
+    q = query_slots(batch)[:, None]
+    return (key_pos <= q) & tree_visible(q - key_pos, batch.lookback[:, None])
 
 
 def _softmax_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -41,7 +69,7 @@ def per_token(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepB
     k = k_cache[:, pages].reshape(K, T, L, D)
     v = v_cache[:, pages].reshape(K, T, L, D)
     qg = q.reshape(T, K, N // K, D)
-    mask = (jnp.arange(L)[None, :] <= batch.positions[:, None])[:, None, None, :]
+    mask = _key_mask(jnp.arange(L)[None, :], batch)[:, None, None, :]
     out = _softmax_attend(qg, k, v, mask, "tkgd,ktld->tkgl", "tkgl,ktld->tkgd", scale)
     return out.reshape(T, N, D)
 
@@ -58,7 +86,7 @@ def per_batch(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepB
     key_seq = jnp.repeat(jnp.arange(S), L)
     key_pos = jnp.tile(jnp.arange(L), S)
     mask = ((key_seq[None, :] == batch.seq_ids[:, None])
-            & (key_pos[None, :] <= batch.positions[:, None]))[:, None, None, :]
+            & _key_mask(key_pos[None, :], batch))[:, None, None, :]
     out = _softmax_attend(qg, k, v, mask, "tkgd,knd->tkgn", "tkgn,knd->tkgd", scale)
     return out.reshape(T, N, D)
 

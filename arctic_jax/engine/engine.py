@@ -33,6 +33,7 @@ from arctic_jax.pytree import tree_nbytes
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.speculative.factory import make_proposer
 from arctic_jax.speculative.stats import SpeculationStats
+from arctic_jax.speculative.verify import preorder
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class LLMEngine:
         attention_impl = config.attention_impl or default_attention_impl()
         spec_cfg = config.speculative_config
         self.proposer = make_proposer(spec_cfg) if spec_cfg is not None else None
+        self._tree_drafts = bool(spec_cfg is not None and spec_cfg.suffix_use_tree_spec)
         rows_per_seq = 1 + spec_cfg.num_speculative_tokens if spec_cfg is not None else 1
         self.runner = ModelRunner(spec, cfg, weights, self.sched_config, dtype=kv_dtype,
                                   attention_impl=attention_impl,
@@ -72,7 +74,8 @@ class LLMEngine:
                                   contiguous_prefill_min_tokens=resolve_contiguous_prefill(
                                       config, attention_impl, dtype, cfg.head_dim),
                                   max_logits_rows=self.sched_config.max_num_seqs * rows_per_seq,
-                                  speculative=spec_cfg is not None)
+                                  speculative=spec_cfg is not None,
+                                  tree_attention=self._tree_drafts)
         self.metrics = EngineMetrics()
         self.spec_stats = SpeculationStats()
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -140,11 +143,13 @@ class LLMEngine:
         Steps overlap: step n+1 is launched before step n's tokens are read. A request that
         may speculate needs its last token on the host to propose drafts, and a verify step
         decides the next positions, so when the step in flight samples for such a request
-        it is read first (see ``_read_first``).
+        its tokens are read first (see ``_read_first``); detokenization and the outputs
+        still run after the next launch, while the device computes.
         """
         outputs: list[RequestOutput] = []
+        read = None
         if self._inflight is not None and self._read_first(self._inflight[0]):
-            outputs = self._finish_step(*self._inflight)
+            read = self._read_step(*self._inflight)   # tokens only; the rest after the launch
             self._inflight = None
         self._propose()
         step = self.scheduler.schedule()
@@ -152,8 +157,10 @@ class LLMEngine:
         if step.chunks:
             packed, variant = self.runner.dispatch(step)
             launched = (step, packed, variant)
+        if read is not None:
+            outputs = self._emit(*read)
         if self._inflight is not None:
-            outputs = self._finish_step(*self._inflight)
+            outputs = self._emit(*self._read_step(*self._inflight))
         self._inflight = launched
         self.metrics.on_step(self.scheduler)
         return outputs
@@ -185,20 +192,35 @@ class LLMEngine:
 
     def _propose(self) -> None:
         """Ask the proposer for drafts (at most k each) for the requests allowed to draft whose
-        next chunk is a decode with its last token known on the host."""
-        ready = [r for r in self._drafters() if not r.pending and r.num_computed == r.num_tokens - 1]
+        next chunk reaches their last token, known on the host (a decode, or the tokens a
+        draft tree accepted past its first-child chain). Tree mode keeps whole trees, in
+        depth-first order (``preorder``)."""
+        ready = [r for r in self._drafters()
+                 if not r.pending and len(r.prompt_ids) <= r.num_computed < r.num_tokens]
         if not ready:
             return
         k = self.config.speculative_config.num_speculative_tokens
+        if self._tree_drafts:
+            for request, d in zip(ready, self.proposer.propose_drafts(ready, k), strict=True):
+                request.spec_tokens, request.spec_parents = preorder(d.token_ids[:k], d.parents[:k])
+            return
         for request, draft in zip(ready, self.proposer.propose(ready, k), strict=True):
             request.spec_tokens = list(draft)[:k]
 
-    def _finish_step(self, step: ScheduledStep, packed: Any, variant: str) -> list[RequestOutput]:
+    def _read_step(self, step: ScheduledStep, packed: Any,
+                   variant: str) -> tuple[ScheduledStep, StepUpdate, str, float]:
+        """Wait for a step's result and apply its tokens to the scheduler."""
         verify = any(c.draft for c in step.chunks)
         result = self.runner.fetch(packed, step.num_logits, verify)
         now = time.monotonic()
         update = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs,
                                        result.accepted)
+        return step, update, variant, now
+
+    def _emit(self, step: ScheduledStep, update: StepUpdate, variant: str,
+              now: float) -> list[RequestOutput]:
+        """Detokenize a read step's new tokens (a stop string may end a request here) and build
+        its outputs and metrics."""
         outputs = []
         num_generated = 0
         kept: dict[int, int] = {}   # id(request) -> tokens returned this step

@@ -62,7 +62,7 @@ class ModelRunner:
                  page_buckets: tuple[int, ...] | None = None,
                  parallel: ParallelConfig | None = None,
                  contiguous_prefill_min_tokens: int = 0, max_logits_rows: int | None = None,
-                 speculative: bool = False):
+                 speculative: bool = False, tree_attention: bool = False):
         self.sched = sched
         self.num_top_logprobs = num_top_logprobs
         self.parallel = parallel
@@ -98,7 +98,8 @@ class ModelRunner:
                                           "page_buckets",
                                           "pages per sequence (max_model_len / page_size)"),
                           max_logits_rows=max_logits_rows)
-        self.inputs = StepInputBuilder(buckets, sched.page_size, contiguous_prefill_min_tokens)
+        self.inputs = StepInputBuilder(buckets, sched.page_size, contiguous_prefill_min_tokens,
+                                       tree=tree_attention)
         self.token_buffer = jax.device_put(jnp.zeros((sched.max_num_seqs,), jnp.int32),
                                            dep.replicated)
         self.calibration: list[calibration.Row] = []

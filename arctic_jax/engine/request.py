@@ -48,6 +48,7 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     spec_tokens: list[int] = dataclasses.field(default_factory=list)  # drafts for the next step
+    spec_parents: list[int] | None = None   # a draft tree's parents (-1: the last token); None: a path
 
     @property
     def all_ids(self) -> list[int]:

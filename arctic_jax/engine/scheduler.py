@@ -21,6 +21,12 @@ rejected drafts; their KV slots are simply overwritten later. Only verified
 tokens are ever registered in the prefix cache. While a verify step is in
 flight its request has nothing to schedule (``num_computed`` is ahead of the
 known tokens), so it is skipped until the result is read.
+
+Draft trees (``request.spec_parents``): the drafts follow the last token in depth-first
+order (``speculative.verify.preorder``) and are verified by walking the tree
+(``tree_accept``). Only the KV of an accepted run along the first-child chain sits in
+its final slots; accepted tokens after a branch are kept as output and recomputed by
+the next chunk (``num_computed`` rolls back to the end of the chain).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from collections.abc import Iterable, Sequence
 
 from arctic_jax.engine.page_allocator import OutOfPagesError, PageAllocator
 from arctic_jax.engine.request import FinishReason, Request, RequestStatus
-from arctic_jax.speculative.verify import greedy_accept
+from arctic_jax.speculative.verify import chain_prefix, greedy_accept, tree_accept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,7 @@ class ScheduledChunk:
     from_slot: bool                # the last token is read from the device token buffer
     sample: bool                   # this chunk reaches the end: sample the next token
     draft: tuple[int, ...] = ()    # draft tokens appended after the last token (verify them)
+    draft_parents: tuple[int, ...] | None = None   # a draft tree's parents (-1: the last token)
 
     @property
     def num_logits(self) -> int:
@@ -166,15 +173,16 @@ class Scheduler:
                 continue
             # drafts leave one token of budget to each running request after this one, and take
             # only pages that are free (they never preempt another request)
-            draft = self._draft_for(request, n, budget - (len(self.running) - i - 1))
+            draft, parents = self._draft_for(request, n, budget - (len(self.running) - i - 1))
             if draft:
                 spare = ((len(request.pages) + self.allocator.num_free()) * self.config.page_size
                          - request.num_computed - n)
                 draft = draft[:max(spare, 0)]
+                parents = None if parents is None else parents[:len(draft)]
             end = request.num_computed + n + len(draft)
             if not self._reserve_pages(request, end, preempted, scheduled_ids):
                 continue  # request itself was preempted; running[i] is now the next one
-            chunks.append(self._make_chunk(request, n, draft))
+            chunks.append(self._make_chunk(request, n, draft, parents))
             scheduled_ids.add(request.request_id)
             budget -= n + len(draft)
             i += 1
@@ -192,17 +200,20 @@ class Scheduler:
             budget -= n
         return ScheduledStep(chunks=tuple(chunks), preempted=tuple(preempted))
 
-    def _draft_for(self, request: Request, n: int, budget: int) -> tuple[int, ...]:
-        """The proposed drafts this chunk can carry (consumed: a request proposes anew each
-        step). Drafts need a chunk that reaches the last token, with no token pending, and
-        are capped by the budget, ``max_tokens`` and the model length (every verified run
-        emits accepted + 1 tokens)."""
+    def _draft_for(self, request: Request, n: int,
+                   budget: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The proposed drafts this chunk can carry and their tree parents (None: a path);
+        consumed: a request proposes anew each step. Drafts need a chunk that reaches the
+        last token, with no token pending, and are capped by the budget, ``max_tokens`` and
+        the model length (every verified run emits accepted + 1 tokens); a tree keeps its
+        first drafts, which is again a tree."""
         draft, request.spec_tokens = request.spec_tokens, []
+        parents, request.spec_parents = request.spec_parents, None
         if not draft or request.pending or request.num_computed + n != request.num_tokens:
-            return ()
-        room = min(budget - n, request.params.max_tokens - request.num_generated - 1,
-                   self.config.max_model_len - request.num_tokens - 1)
-        return tuple(draft[:max(room, 0)])
+            return (), None
+        room = max(min(budget - n, request.params.max_tokens - request.num_generated - 1,
+                       self.config.max_model_len - request.num_tokens - 1), 0)
+        return tuple(draft[:room]), None if parents is None else tuple(parents[:room])
 
     def _tokens_to_compute(self, request: Request) -> int:
         if request.num_generated >= request.params.max_tokens:
@@ -263,7 +274,8 @@ class Scheduler:
         self.running.append(request)
         return True
 
-    def _make_chunk(self, request: Request, n: int, draft: tuple[int, ...] = ()) -> ScheduledChunk:
+    def _make_chunk(self, request: Request, n: int, draft: tuple[int, ...] = (),
+                    parents: tuple[int, ...] | None = None) -> ScheduledChunk:
         start = request.num_computed
         end = start + n
         known = request.num_known
@@ -277,7 +289,7 @@ class Scheduler:
             request.pending += 1
         return ScheduledChunk(request=request, start=start, num_tokens=n + len(draft),
                               host_tokens=host + draft, from_slot=from_slot, sample=sample,
-                              draft=draft)
+                              draft=draft, draft_parents=parents if draft else None)
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's pages; it is recomputed from scratch later."""
@@ -287,6 +299,7 @@ class Scheduler:
         request.num_computed = 0
         request.num_registered_pages = 0
         request.spec_tokens = []
+        request.spec_parents = None
         self._release_slot(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -309,7 +322,8 @@ class Scheduler:
         ``accepted`` (per row, from the device's rejection sampling): row i accepted draft
         d_{i+1}, and each row's token is the draft if accepted, else the token to emit
         instead; without it drafts are accepted while equal to the row's token (greedy).
-        Tokens after a stop (EOS, stop token, ``max_tokens``, model length) are dropped.
+        A draft tree is walked along the rows' tokens (``tree_accept``; its rows carry no
+        accepted flags). Tokens after a stop (EOS, stop token, ``max_tokens``, model length) are dropped.
         """
         touched, verified = [], []
         row = 0
@@ -324,17 +338,12 @@ class Scheduler:
                 continue
             request.pending -= 1  # a request preempted meanwhile keeps the tokens, recomputes later
             targets = [int(tokens[r]) for r in rows]
-            if not chunk.draft:
-                n_accepted = 0
-            elif accepted is None:
-                n_accepted = greedy_accept(chunk.draft, targets)
-            else:
-                n_accepted = next((i for i, r in enumerate(rows[:-1]) if not accepted[r]),
-                                  len(chunk.draft))
+            kept_rows, in_place = self._verify(chunk, rows, targets, accepted)
+            n_accepted = len(kept_rows) - 1
             if chunk.draft and request.status is RequestStatus.RUNNING:
-                request.num_computed -= len(chunk.draft) - n_accepted
+                request.num_computed -= len(chunk.draft) - in_place
             emitted = 0
-            for r in rows[:n_accepted + 1]:
+            for r in kept_rows:
                 token = int(tokens[r])
                 request.output_ids.append(token)
                 emitted += 1
@@ -352,6 +361,22 @@ class Scheduler:
             if not request.finished:
                 self._register_pages(request)
         return StepUpdate(touched=touched, verified=verified)
+
+    @staticmethod
+    def _verify(chunk: ScheduledChunk, rows: range, targets: list[int],
+                accepted: Sequence[bool] | None) -> tuple[list[int], int]:
+        """The rows whose tokens a chunk emits (accepted drafts, then the target's next token)
+        and how many accepted drafts keep their KV where it was written."""
+        if not chunk.draft:
+            return [rows[0]], 0
+        if chunk.draft_parents is not None:
+            path = tree_accept(chunk.draft, chunk.draft_parents, targets)
+            return [rows[0]] + [rows[1 + i] for i in path], chain_prefix(path)
+        if accepted is None:
+            n = greedy_accept(chunk.draft, targets)
+        else:
+            n = next((i for i, r in enumerate(rows[:-1]) if not accepted[r]), len(chunk.draft))
+        return list(rows[:n + 1]), n
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
+from arctic_jax.batch import ALL_VISIBLE, Buckets, SequenceChunk, StepBatch, build_step_batch
 from arctic_jax.engine.scheduler import ScheduledStep
 from arctic_jax.pytree import pytree_dataclass
 from arctic_jax.sampling import SamplingMode, SamplingTensors
@@ -62,6 +62,7 @@ class StepInputBuilder:
     buckets: Buckets
     page_size: int
     contiguous_min_tokens: int = 0   # token buckets >= this have a contiguous route; 0: none
+    tree: bool = False               # batches carry tree-attention bits (draft-tree verification)
 
     def contiguous_bucket(self, num_tokens_padded: int) -> bool:
         """Whether this token bucket has a contiguous-prefill program."""
@@ -75,13 +76,21 @@ class StepInputBuilder:
                 and step.chunks[0].start == 0 and not step.chunks[0].from_slot)
 
     def build(self, step: ScheduledStep) -> StepInputs:
-        chunks, rows = [], []   # rows: (chunk, index of the row within the chunk)
+        chunks, rows = [], []   # rows: (chunk, depth of the row's token after the last one)
         for c in step.chunks:
             first = c.num_tokens - c.num_logits
+            parents, depths = None, range(c.num_logits)
+            if c.draft_parents is not None:   # [..., last, tree]: the known tokens form a chain
+                last = c.num_tokens - len(c.draft) - 1
+                parents = list(range(-1, last)) + [last if p < 0 else last + 1 + p
+                                                   for p in c.draft_parents]
+                depths = [0]
+                for p in c.draft_parents:
+                    depths.append(depths[p + 1] + 1)
             chunks.append(SequenceChunk(tokens=c.host_tokens, start=c.start, pages=c.request.pages,
-                                        logits_at=tuple(range(first, c.num_tokens))))
-            rows.extend((c, i) for i in range(c.num_logits))
-        batch, _ = build_step_batch(chunks, self.page_size, self.buckets)
+                                        logits_at=tuple(range(first, c.num_tokens)), parents=parents))
+            rows.extend((c, d) for d in depths)
+        batch, _ = build_step_batch(chunks, self.page_size, self.buckets, tree=self.tree)
         T = batch.tokens.shape[0]
         R = batch.logits_indices.shape[0]
         token_src = np.full(T, -1, np.int32)
@@ -98,8 +107,11 @@ class StepInputBuilder:
         sampling = SamplingTensors.from_params(
             params, steps=[c.request.num_generated - 1 + i for c, i in rows],
             seeds=[c.request.seed for c, _ in rows], num_rows=R)
-        draft = np.full(R, -1, np.int32)   # row i of [last, d1..dk] verifies d_{i+1}
-        draft[:len(rows)] = [c.draft[i] if i < len(c.draft) else -1 for c, i in rows]
+        # row i of [last, d1..dk] verifies d_{i+1}; a tree's rows verify nothing on the device
+        # (the host walks the tree along the rows' ordinary tokens)
+        draft = np.full(R, -1, np.int32)
+        draft[:len(rows)] = [c.draft[i] if i < len(c.draft) and c.draft_parents is None else -1
+                             for c, i in rows]
         return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
                           sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling,
                                                 draft=draft),
@@ -116,7 +128,8 @@ class StepInputBuilder:
                           slot_mapping=np.full(T, -1, np.int32), seq_ids=np.zeros(T, np.int32),
                           page_tables=np.zeros((S, MP), np.int32),
                           query_start=np.zeros(S + 1, np.int32), kv_lens=np.zeros(S, np.int32),
-                          logits_indices=np.zeros(R, np.int32))
+                          logits_indices=np.zeros(R, np.int32),
+                          lookback=np.full(T, ALL_VISIBLE, np.int32) if self.tree else None)
         sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=R)
         return StepInputs(model=ModelInputs(batch=batch, token_src=np.full(T, -1, np.int32)),
                           sampler=SamplerInputs(sample_slot=np.full(R, -1, np.int32),

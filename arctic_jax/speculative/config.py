@@ -12,7 +12,8 @@ Keys for every method: ``method``, ``num_speculative_tokens`` (k), ``disable_by_
   ``suffix_cache_max_depth`` 24, ``suffix_cache_max_requests`` 10000 (0: no global tree, -1:
   unlimited), ``suffix_max_spec_factor`` 1.0, ``suffix_max_spec_offset`` 0.0,
   ``suffix_min_token_prob`` 0.1, ``disable_by_batch_size`` 64; k defaults to the depth (at most
-  ``MAX_SPECULATIVE_TOKENS``).
+  ``MAX_SPECULATIVE_TOKENS``). ``suffix_use_tree_spec`` (false; Arctic's ``use_tree_spec``)
+  drafts a token tree of up to k tokens, verified in one step through a tree attention mask.
 
 A key of another method is refused, naming the method it belongs to. The methods in
 ``UNSUPPORTED_METHODS`` are recognised and refused with "not supported yet". Turning
@@ -32,14 +33,15 @@ COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size",
 METHOD_KEYS = {
     "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
     "suffix": ("suffix_cache_max_depth", "suffix_cache_max_requests", "suffix_max_spec_factor",
-               "suffix_max_spec_offset", "suffix_min_token_prob"),
+               "suffix_max_spec_offset", "suffix_min_token_prob", "suffix_use_tree_spec"),
 }
 ACCEPTED_KEYS = COMMON_KEYS + tuple(k for keys in METHOD_KEYS.values() for k in keys)
 MAX_SPECULATIVE_TOKENS = 32
 DEFAULT_PROMPT_LOOKUP = 5
 SUFFIX_DEFAULTS = {"suffix_cache_max_depth": 24, "suffix_cache_max_requests": 10000,
                    "suffix_max_spec_factor": 1.0, "suffix_max_spec_offset": 0.0,
-                   "suffix_min_token_prob": 0.1, "disable_by_batch_size": 64}
+                   "suffix_min_token_prob": 0.1, "suffix_use_tree_spec": False,
+                   "disable_by_batch_size": 64}
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -76,6 +78,7 @@ class SpeculativeConfig:
     suffix_max_spec_factor: float | None = None
     suffix_max_spec_offset: float | None = None
     suffix_min_token_prob: float | None = None
+    suffix_use_tree_spec: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
@@ -135,6 +138,9 @@ class SpeculativeConfig:
         _check_float("suffix_max_spec_factor", self.suffix_max_spec_factor, 0.0)
         _check_float("suffix_max_spec_offset", self.suffix_max_spec_offset, -float(2**31))
         _check_float("suffix_min_token_prob", self.suffix_min_token_prob, 0.0, 1.0)
+        if not isinstance(self.suffix_use_tree_spec, bool):
+            raise ValueError(f"speculative config: suffix_use_tree_spec must be true or false, got "
+                             f"{self.suffix_use_tree_spec!r}")
         if self.num_speculative_tokens is None:
             self._set("num_speculative_tokens", min(self.suffix_cache_max_depth,
                                                     MAX_SPECULATIVE_TOKENS))

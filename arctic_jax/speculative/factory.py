@@ -16,5 +16,6 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
                               max_cached_requests=config.suffix_cache_max_requests,
                               max_spec_factor=config.suffix_max_spec_factor,
                               max_spec_offset=config.suffix_max_spec_offset,
-                              min_token_prob=config.suffix_min_token_prob)
+                              min_token_prob=config.suffix_min_token_prob,
+                              use_tree_spec=config.suffix_use_tree_spec)
     raise ValueError(f"no proposer for speculative method {config.method!r}")
