@@ -462,7 +462,8 @@ class ScriptedTreeProposer:
             else:
                 tokens = wrong[:2] + rest[:n] + wrong[n:n + 1]
                 parents = [-1, 0, -1] + list(range(2, n + 2))
-            out.append(Draft(token_ids=tuple(tokens[:k]), parents=tuple(parents[:k])))
+            m = min(len(tokens), len(parents), k)   # near the end the truth runs short
+            out.append(Draft(token_ids=tuple(tokens[:m]), parents=tuple(parents[:m])))
         return out
 
     def on_tokens(self, request, new_tokens):
@@ -521,3 +522,40 @@ class RandomTreeProposer:
 
     def on_finish(self, request):
         pass
+
+
+def test_tree_drafts_with_preemption_prefix_cache_and_abort(tiny_weights):
+    """Draft trees accepted on and off their first chain while a small pool preempts and
+    recomputes requests (prefix cache on), and one request is aborted mid-run: the others give
+    the plain greedy tokens and every page comes back."""
+    rng = np.random.default_rng(6)
+    shared = [int(t) for t in rng.integers(0, CFG.vocab_size, 8)]
+    prompts = [shared + [int(t) for t in rng.integers(0, CFG.vocab_size, 5)] for _ in range(5)]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] * len(prompts)
+    want = run(tiny_engine(tiny_weights), prompts, params)
+    engine = _record_trees(tiny_engine(tiny_weights, dict(SUFFIX_TREE, num_speculative_tokens=6),
+                                       num_pages=26, max_model_len=64, page_buckets=(16,)))
+    truth = {f"req-{i + 1}": w[0] for i, w in enumerate(want)}
+    engine.proposer = ScriptedTreeProposer(truth, [("branch", 3), ("chain", 2), ("branch", 1)] * 200)
+    preempted = []
+    original = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda r: (preempted.append(r.request_id), original(r))[1]
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    got = {i: [] for i in ids}
+    for step in range(10_000):
+        if not engine.has_unfinished():
+            break
+        if step == 6:
+            assert engine.abort(ids[2])
+        for o in engine.step():
+            got[o.request_id].extend(o.new_token_ids)
+    assert preempted, "the pool was meant to force preemption"
+    assert _branching(engine) > 0 and engine.spec_stats.num_accepted > 0
+    for i, (w, *_) in zip(ids, want, strict=True):
+        if i == ids[2]:
+            assert got[i] == w[:len(got[i])]
+        else:
+            assert got[i] == w
+    allocator = engine.scheduler.allocator
+    allocator.check_invariants()
+    assert allocator.num_free() == allocator.num_allocatable

@@ -84,3 +84,5 @@ def test_chain_prefix_and_bad_input():
         tree_accept([1, 2], [-1, 0], [1, 2])
     with pytest.raises(ValueError, match="parents must precede"):
         preorder([1, 2], [-1, 1])
+    with pytest.raises(ValueError, match="2 drafts but 1 parents"):
+        preorder([1, 2], [-1])

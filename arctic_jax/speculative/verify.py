@@ -65,6 +65,8 @@ def preorder(drafts: Sequence[int], parents: Sequence[int]) -> tuple[list[int], 
     order, so that the chain of first children is drafts 0, 1, 2, ...: KV computed for an
     accepted run along that chain is already in the right cache slots. Returns (drafts,
     parents) in the new order; parents still precede children."""
+    if len(drafts) != len(parents):
+        raise ValueError(f"preorder: {len(drafts)} drafts but {len(parents)} parents")
     children: dict[int, list[int]] = {}
     for i, p in enumerate(parents):
         if not -1 <= int(p) < i:
