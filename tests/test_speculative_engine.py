@@ -501,6 +501,11 @@ def test_tree_acceptance_off_the_first_chain_recomputes_exactly(tiny_weights):
     assert [known - num for _, num, known in computed[:4]] == [4, 1, 3, 1]
     s = engine.spec_stats
     assert s.num_accepted >= 3 + 2 + 2 + 5 and _branching(engine) == 2
+    # by position = by depth: the scripted trees have 6, 3, 5 and 6 drafts at depths 4, 3, 3 and 6;
+    # later proposals are one wrong token
+    n = s.num_draft_steps
+    assert s.drafted_by_position == [n, 4, 4, 2, 1, 1]
+    assert s.num_drafted == 6 + 3 + 5 + 6 + (n - 4)
 
 
 class RandomTreeProposer:

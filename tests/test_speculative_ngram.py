@@ -305,6 +305,8 @@ def test_stats_reject_inconsistent_records():
         s.on_verified(2, 2, 4)
     with pytest.raises(ValueError, match="num_drafted must be a non-negative integer"):
         s.on_verified(-1, 0)
+    with pytest.raises(ValueError, match="need num_accepted <= depth <= num_drafted, got 2, 1, 3"):
+        s.on_verified(3, 2, depth=1)
     with pytest.raises(ValueError, match="num_emitted=3 exceeds num_steps=2"):
         s.on_plain_decode(2, 3)
     assert s == SpeculationStats()  # nothing half-recorded

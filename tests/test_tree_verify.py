@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arctic_jax.speculative.verify import chain_prefix, greedy_accept, preorder, tree_accept
+from arctic_jax.speculative.verify import chain_prefix, greedy_accept, preorder, tree_accept, tree_depth
 
 
 def _random_tree(rng, n, vocab):
@@ -80,6 +80,7 @@ def test_preorder_keeps_the_tree_and_puts_the_first_chain_first(seed):
 def test_chain_prefix_and_bad_input():
     assert chain_prefix([0, 1, 2]) == 3 and chain_prefix([0, 2, 3]) == 1 and chain_prefix([3]) == 0
     assert chain_prefix([]) == 0
+    assert tree_depth([]) == 0 and tree_depth([-1, 0, -1, 2, 3]) == 3 and tree_depth([-1, -1]) == 1
     with pytest.raises(ValueError, match="row tokens"):
         tree_accept([1, 2], [-1, 0], [1, 2])
     with pytest.raises(ValueError, match="parents must precede"):

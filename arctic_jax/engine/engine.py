@@ -273,8 +273,8 @@ class LLMEngine:
                     and c.start >= len(c.request.prompt_ids) and self._may_speculate(c.request))
         for v in update.verified:
             emitted = min(v.emitted, kept.get(id(v.request), v.emitted))
-            self.spec_stats.on_verified(v.drafted, v.accepted, emitted)
-            self.metrics.on_verified(v.drafted, v.accepted, emitted)
+            self.spec_stats.on_verified(v.drafted, v.accepted, emitted, v.depth)
+            self.metrics.on_verified(v.drafted, v.accepted, emitted, v.depth)
         if plain:
             self.spec_stats.on_plain_decode(plain)
             self.metrics.on_plain_decode(plain)

@@ -67,12 +67,13 @@ class EngineMetrics:
         self.steps.labels(variant).inc()
         self.step_tokens.labels(variant).inc(num_step_tokens)
 
-    def on_verified(self, drafted: int, accepted: int, emitted: int) -> None:
-        """One request-step verified ``drafted`` drafts, accepted ``accepted``, kept ``emitted``."""
+    def on_verified(self, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
+        """One request-step verified ``drafted`` drafts (offering ``depth`` positions: a tree's
+        depth, default ``drafted``), accepted ``accepted``, kept ``emitted``."""
         self.spec_drafts.inc()
         self.spec_draft_tokens.inc(drafted)
         self.spec_accepted_tokens.inc(accepted)
-        for i in range(drafted):
+        for i in range(drafted if depth is None else depth):
             self.spec_drafted_per_pos.labels(str(i)).inc()
         for i in range(accepted):
             self.spec_accepted_per_pos.labels(str(i)).inc()

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 
 from arctic_jax.engine.page_allocator import OutOfPagesError, PageAllocator
 from arctic_jax.engine.request import FinishReason, Request, RequestStatus
-from arctic_jax.speculative.verify import chain_prefix, greedy_accept, tree_accept
+from arctic_jax.speculative.verify import chain_prefix, greedy_accept, tree_accept, tree_depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +105,7 @@ class Verified:
     drafted: int
     accepted: int
     emitted: int
+    depth: int     # draft positions offered: len(draft) for a path, the depth of a tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +358,9 @@ class Scheduler:
                     break
             touched.append(request)
             if chunk.draft:
-                verified.append(Verified(request, len(chunk.draft), n_accepted, emitted))
+                depth = (len(chunk.draft) if chunk.draft_parents is None
+                         else tree_depth(chunk.draft_parents))
+                verified.append(Verified(request, len(chunk.draft), n_accepted, emitted, depth))
             if not request.finished:
                 self._register_pages(request)
         return StepUpdate(touched=touched, verified=verified)

@@ -8,7 +8,7 @@ One record per (request, step) that decoded:
   speculating, so ``mean_tokens_per_step`` compares like with like.
 
 Draft position i (0-based) counts as drafted in a request-step with more than i
-drafts, and as accepted when more than i drafts were accepted.
+drafts (a draft tree: deeper than i), and as accepted when more than i drafts were accepted.
 ``acceptance_rate_by_position[i]`` is accepted / drafted at that position.
 Ratios with a zero denominator are 0.0.
 """
@@ -38,11 +38,13 @@ class SpeculationStats:
     drafted_by_position: list[int] = dataclasses.field(default_factory=list)
     accepted_by_position: list[int] = dataclasses.field(default_factory=list)
 
-    def on_verified(self, num_drafted: int, num_accepted: int, num_emitted: int | None = None) -> None:
+    def on_verified(self, num_drafted: int, num_accepted: int, num_emitted: int | None = None,
+                    depth: int | None = None) -> None:
         """Record one request-step verified against ``num_drafted`` drafts.
 
         ``num_emitted`` defaults to ``num_accepted + 1``; pass fewer when a stop
-        string, EOS or ``max_tokens`` cut the accepted run.
+        string, EOS or ``max_tokens`` cut the accepted run. ``depth``: the draft positions
+        offered (a draft tree's depth; default ``num_drafted``, a path).
         """
         _check_count("num_drafted", num_drafted)
         _check_count("num_accepted", num_accepted)
@@ -55,11 +57,17 @@ class SpeculationStats:
         if num_emitted > num_accepted + 1:
             raise ValueError(f"SpeculationStats: num_emitted={num_emitted} exceeds "
                              f"num_accepted + 1 = {num_accepted + 1}")
+        if depth is None:
+            depth = num_drafted
+        _check_count("depth", depth)
+        if not num_accepted <= depth <= num_drafted:
+            raise ValueError(f"SpeculationStats: need num_accepted <= depth <= num_drafted, got "
+                             f"{num_accepted}, {depth}, {num_drafted}")
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
         self.num_steps += 1
         self.num_emitted += num_emitted
-        _add_prefix(self.drafted_by_position, num_drafted)
+        _add_prefix(self.drafted_by_position, depth)
         _add_prefix(self.accepted_by_position, num_accepted)
 
     def on_plain_decode(self, num_steps: int = 1, num_emitted: int | None = None) -> None:

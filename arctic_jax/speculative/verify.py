@@ -89,3 +89,11 @@ def chain_prefix(path: Sequence[int]) -> int:
     while m < len(path) and path[m] == m:
         m += 1
     return m
+
+
+def tree_depth(parents: Sequence[int]) -> int:
+    """The number of drafts on the longest root path of a draft tree (0 for no drafts)."""
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return max(depth, default=0)
