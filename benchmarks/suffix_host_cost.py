@@ -1,4 +1,4 @@
-"""Host cost of suffix decoding per generated token: our pure-Python ``SuffixProposer``
+"""Host cost of suffix decoding per generated token: our ``SuffixProposer`` (Python and native trees)
 against Arctic Inference's C++ suffix tree, replaying one real trace with the same calls.
 
 The trace (``benchmarks/data/humaneval_trace.json``): HumanEval "rewrite with type hints"
@@ -60,6 +60,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from arctic_jax.speculative.native_tree import native_suffix_tree_class
 from arctic_jax.speculative.suffix_proposer import SuffixProposer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,11 +167,11 @@ class _Req:
 class OursDriver:
     """arctic_jax ``SuffixProposer`` through its ``Proposer`` protocol (as the engine drives it)."""
 
-    name = "arctic-jax (Python)"
+    names = {"python": "arctic-jax (Python)", "native": "arctic-jax (native)"}
 
     def __init__(self, depth: int, max_cached: int, k: int, factor: float, offset: float,
-                 min_prob: float, tree: bool) -> None:
-        self.p = SuffixProposer(depth, max_cached, factor, offset, min_prob, tree)
+                 min_prob: float, tree: bool, backend: str = "python") -> None:
+        self.p = SuffixProposer(depth, max_cached, factor, offset, min_prob, tree, backend=backend)
         self.k = k
         self.reqs: dict[int, _Req] = {}
 
@@ -483,6 +484,10 @@ def main() -> int:
              args.max_spec_offset, args.min_token_prob, args.tree)
     ext = load_arctic(args.arctic_build_dir)
     makers = {"ours": lambda: OursDriver(*knobs)}
+    if native_suffix_tree_class() is not None:
+        makers["native"] = lambda: OursDriver(*knobs, backend="native")
+    else:
+        print("NOTE: arctic_jax_native is not installed (pip install ./native): Python trees only.")
     if ext is not None:
         makers["arctic"] = lambda: ArcticDriver(ext, *knobs)
     else:
@@ -529,7 +534,8 @@ def main() -> int:
                 ratio = f"{(u + s) / ((a['update_ns'] + a['spec_ns']) / 1e3 / n_tok):.1f}x"
             else:
                 ratio = "-"
-            label = OursDriver.name if name == "ours" else ArcticDriver.name
+            label = {"ours": OursDriver.names["python"], "native": OursDriver.names["native"],
+                     "arctic": ArcticDriver.name}[name]
             lines.append(f"| {c} | {label} | {u:.2f} | {s:.2f} | {u + s:.2f} | {ratio} | "
                          f"{r['tokens_per_step']:.3f} | {r['drafted_per_step']:.2f} |")
     table = "\n".join(lines)

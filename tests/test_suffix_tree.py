@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import random
 from collections import Counter
 
@@ -20,21 +22,30 @@ class Oracle:
     def __init__(self, max_depth: int) -> None:
         self.D = max_depth
         self.seqs: dict = {}
+        self._occ: Counter | None = None      # occurrences of the current sequences
+        self._kids: dict = {}                 # p -> [(token, count(p + token))] grouped from _occ
 
     def extend(self, sid, toks) -> None:
         self.seqs.setdefault(sid, []).extend(toks)
+        self._occ = None
 
     def remove(self, sid) -> None:
         del self.seqs[sid]
+        self._occ = None
 
     def occurrences(self) -> Counter:
         """count(p) for every stored p with 1 <= len(p) <= D: occurrences of p in the sequences."""
-        c = Counter()
-        for s in self.seqs.values():
-            for i in range(len(s)):
-                for n in range(1, min(self.D, len(s) - i) + 1):
-                    c[tuple(s[i:i + n])] += 1
-        return c
+        if self._occ is None:
+            c = Counter()
+            for s in self.seqs.values():
+                for i in range(len(s)):
+                    for n in range(1, min(self.D, len(s) - i) + 1):
+                        c[tuple(s[i:i + n])] += 1
+            kids: dict = {}
+            for q, n in c.items():
+                kids.setdefault(q[:-1], []).append((q[-1], n))
+            self._occ, self._kids = c, kids
+        return self._occ
 
     def count(self, occ: Counter, p: tuple) -> int:
         if not p:
@@ -42,10 +53,11 @@ class Oracle:
         return occ.get(p, 0) if len(p) <= self.D else 0
 
     def children(self, occ: Counter, p: tuple) -> list[tuple[int, int]]:
+        """(t, count(p + t)) for the stored p + t, by count then token id (occ: occurrences())."""
+        assert occ is self._occ
         if len(p) >= self.D:
             return []
-        toks = {q[-1] for q in occ if len(q) == len(p) + 1 and q[:-1] == p}
-        return sorted(((t, occ[p + (t,)]) for t in toks), key=lambda tc: (-tc[1], tc[0]))
+        return sorted(self._kids.get(p, ()), key=lambda tc: (-tc[1], tc[0]))
 
     def speculate(self, context, max_spec, factor=1.0, offset=0.0, min_prob=0.1, tree=False):
         occ = self.occurrences()
@@ -102,6 +114,18 @@ class Oracle:
                 push(q, prob, len(toks) - 1)
         return toks, parents, probs
 
+
+
+@pytest.fixture(params=["python", "native"])
+def proposer_backend(request, monkeypatch):
+    """Runs a proposer test with each tree backend (``SuffixProposer(backend="auto")`` picks it)."""
+    import arctic_jax.speculative.suffix_proposer as module
+    from arctic_jax.speculative.native_tree import native_suffix_tree_class
+    if request.param == "python":
+        monkeypatch.setattr(module, "native_suffix_tree_class", lambda: None)
+    elif native_suffix_tree_class() is None:
+        pytest.skip("arctic_jax_native is not installed (pip install ./native)")
+    return request.param
 
 def as_tuple(d: Draft):
     return (d.token_ids, d.parents, d.probs, d.score, d.match_len)
@@ -179,6 +203,79 @@ def test_tree_matches_oracle_random(seed):
         tree.remove(sid)
     assert tree.num_nodes == 1 and tree.num_tokens == 0 and len(tree) == 0
     assert as_tuple(tree.speculate([0, 1, 0], 4)) == as_tuple(Draft())
+
+
+def repetitive(rng: random.Random, n: int, alphabet: int, source: list[int]) -> list[int]:
+    """n tokens: short random stretches mixed with copies of stretches of source (as edited code repeats)."""
+    out: list[int] = []
+    while len(out) < n:
+        if source and rng.random() < 0.6:
+            i = rng.randrange(len(source))
+            out += source[i:i + rng.randint(2, 30)]
+        else:
+            out += [rng.randrange(alphabet) for _ in range(rng.randint(1, 6))]
+    return out[:n]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tree_matches_oracle_long_repetitive_sequences(seed):
+    """Long sequences grown a few tokens at a time side by side, copying stretches of each other
+    (suffixes entering, walking along and leaving each other's runs), with removals; drafts from
+    the tails of the stored sequences and from random contexts, path and tree mode."""
+    rng = random.Random(100 + seed)
+    D = (3, 8, 24)[seed % 3]
+    alphabet = rng.randint(3, 8)
+    tree, oracle = SuffixTree(D), Oracle(D)
+    plans: dict[int, list[int]] = {}     # sequence -> tokens it still gets
+    next_id = 0
+    for step in range(40):
+        if len(plans) < 3 or rng.random() < 0.1:
+            source = rng.choice(list(oracle.seqs.values())) if oracle.seqs else []
+            plans[next_id] = repetitive(rng, rng.randint(20, 90), alphabet, source)
+            next_id += 1
+        if len(oracle.seqs) > 4 and rng.random() < 0.15:
+            sid = rng.choice(list(oracle.seqs))
+            tree.remove(sid)
+            oracle.remove(sid)
+            plans.pop(sid, None)
+        for sid in list(plans):
+            n = rng.randint(0, 4)
+            toks, plans[sid] = plans[sid][:n], plans[sid][n:]
+            tree.extend(sid, toks)
+            oracle.extend(sid, toks)
+            if not plans[sid]:
+                del plans[sid]
+        for _ in range(6):
+            if rng.random() < 0.8:
+                ctx = rng.choice(list(oracle.seqs.values()))[-(D + rng.randint(-2, 2)):]
+                ctx = ctx + [rng.randrange(alphabet)] * (rng.random() < 0.2)
+            else:
+                ctx = [rng.randrange(alphabet) for _ in range(rng.randint(0, D))]
+            k = rng.randint(0, 24)
+            factor, offset = rng.choice([(1.0, 0.0), (0.5, 1.0), (2.0, -1.0)])
+            min_prob = rng.choice([0.1, 0.0, 0.3])
+            for tree_mode in (False, True):
+                assert_same_draft(tree.speculate(ctx, k, factor, offset, min_prob, tree_mode),
+                                  oracle.speculate(ctx, k, factor, offset, min_prob, tree_mode))
+        if step % 13 == 12:
+            check_structure(tree, oracle)
+    check_structure(tree, oracle)
+
+
+def test_leaf_left_to_one_suffix_after_a_removal_grows_again():
+    """A leaf grown by one sequence, entered by another (count 2), then left to the first again
+    by removing the second, keeps growing with the first."""
+    tree, oracle = SuffixTree(2), Oracle(2)
+    for sid, toks in (("a", [0]), ("b", [0, 2, 2])):
+        tree.extend(sid, toks)
+        oracle.extend(sid, toks)
+    tree.remove("b")
+    oracle.remove("b")
+    tree.extend("a", [2, 1])
+    oracle.extend("a", [2, 1])
+    assert tree.children([0]) == [(2, 1)] and tree.count([2, 1]) == 1
+    check_structure(tree, oracle)
+    assert_same_draft(tree.speculate([0, 2], 3), oracle.speculate([0, 2], 3))
 
 
 def test_path_compression_keeps_nodes_linear_in_tokens():
@@ -312,6 +409,7 @@ def proposer_oracle(prompt_output: list[int], responses: list[list[int]], k: int
     return b if b[3] > a[3] else a
 
 
+@pytest.mark.usefixtures("proposer_backend")
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("tree_mode", [False, True])
 def test_proposer_matches_oracle_and_feeds_global_with_responses(tree_mode, seed):
@@ -351,6 +449,7 @@ def test_proposer_matches_oracle_and_feeds_global_with_responses(tree_mode, seed
         assert prop.num_tracked == len(live) and prop.num_cached_responses == len(cached)
 
 
+@pytest.mark.usefixtures("proposer_backend")
 def test_finished_response_drafts_for_a_new_request_and_local_wins_ties():
     prop = SuffixProposer(max_depth=8)
     a = Req("a", [50, 51], [1, 2, 3, 4, 5])
@@ -377,6 +476,7 @@ def test_finished_response_drafts_for_a_new_request_and_local_wins_ties():
     assert prop.propose([c2], 4) == [[]]
 
 
+@pytest.mark.usefixtures("proposer_backend")
 def test_fifo_eviction_and_disabled_or_unlimited_global():
     prop = SuffixProposer(max_depth=4, max_cached_requests=2)
     reqs = [Req(f"q{i}", [90], [i, i + 10]) for i in range(3)]
@@ -397,6 +497,7 @@ def test_fifo_eviction_and_disabled_or_unlimited_global():
     assert unlimited.num_cached_responses == 30
 
 
+@pytest.mark.usefixtures("proposer_backend")
 def test_resync_after_missed_tokens_preemption_and_reused_id():
     D = 6
     rng = random.Random(11)
@@ -439,6 +540,7 @@ def test_resync_after_missed_tokens_preemption_and_reused_id():
     assert small.num_tracked == 1 and [sg.sequence(s) for s in sg.seq_ids()] == [[7]]
 
 
+@pytest.mark.usefixtures("proposer_backend")
 def test_proposer_bad_input():
     with pytest.raises(ValueError, match="max_cached_requests"):
         SuffixProposer(max_cached_requests=-2)
@@ -448,3 +550,82 @@ def test_proposer_bad_input():
         SuffixProposer(use_tree_spec=1)
     with pytest.raises(ValueError, match="k must"):
         SuffixProposer().propose([Req("a", [1, 2])], -1)
+
+
+def replay_against_oracle(prop: SuffixProposer, prompts: list[list[int]], outputs: list[list[int]],
+                          concurrency: int, k: int, max_cached: int, rng: random.Random, **kw) -> int:
+    """Closed-loop replay as the engine drives the proposer: each step a request accepts the longest
+    draft path matching its true output plus one token (on_tokens sometimes missed), and every
+    draft is checked against the oracles. The global oracle holds the outputs so far of the last
+    max_cached requests started. Returns the number of drafted tokens (to show it is not vacuous)."""
+    pending, live, started = list(range(len(prompts))), [], []
+    reqs: dict[int, Req] = {}
+    drafted = 0
+    while pending or live:
+        while pending and len(live) < concurrency:
+            i = pending.pop(0)
+            reqs[i] = Req(f"q{i}", list(prompts[i]), [outputs[i][0]])
+            live.append(i)
+            started.append(i)
+        drafts = prop.propose_drafts([reqs[i] for i in live], k)
+        glob = Oracle(prop.max_depth)
+        for i in started[-max_cached:]:
+            glob.extend(i, reqs[i].output_ids)
+        for i, d in zip(list(live), drafts, strict=True):
+            r = reqs[i]
+            local = Oracle(prop.max_depth)
+            local.extend(0, r.prompt_ids + r.output_ids)
+            ctx = (r.prompt_ids + r.output_ids)[-prop.max_depth:]
+            a = local.speculate(ctx, k, **kw)
+            b = glob.speculate(ctx, k, **kw)
+            assert_same_draft(d, b if b[3] > a[3] else a)
+            drafted += len(d)
+            truth, pos = outputs[i], len(r.output_ids)
+            n, cur = 0, -1        # the longest path of the draft tree matching the truth
+            while pos + n < len(truth):
+                nxt = [j for j in range(len(d)) if d.parents[j] == cur and d.token_ids[j] == truth[pos + n]]
+                if not nxt:
+                    break
+                n, cur = n + 1, nxt[0]
+            new = truth[pos:pos + n + 1]
+            r.output_ids.extend(new)
+            if rng.random() < 0.9:
+                prop.on_tokens(r, new)
+            if len(r.output_ids) >= len(truth):
+                prop.on_finish(r)
+                live.remove(i)
+    assert prop.num_tracked == 0
+    return drafted
+
+
+@pytest.mark.usefixtures("proposer_backend")
+@pytest.mark.parametrize("tree_mode", [False, True])
+def test_proposer_matches_oracle_long_repetitive_requests(tree_mode):
+    """Requests whose prompts and outputs copy stretches of earlier ones, with FIFO eviction."""
+    rng = random.Random(21 + tree_mode)
+    D, alphabet, k = 8, 5, 10
+    prompts: list[list[int]] = []
+    outputs: list[list[int]] = []
+    for _ in range(9):
+        earlier = rng.choice(outputs) if outputs else []
+        prompts.append(repetitive(rng, rng.randint(5, 40), alphabet, earlier))
+        outputs.append(repetitive(rng, rng.randint(20, 70), alphabet, prompts[-1] + earlier))
+    prop = SuffixProposer(max_depth=D, max_cached_requests=3, min_token_prob=0.1, use_tree_spec=tree_mode)
+    drafted = replay_against_oracle(prop, prompts, outputs, 3, k, 3, rng, min_prob=0.1, tree=tree_mode)
+    assert drafted > 100
+
+
+TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "data",
+                     "humaneval_trace.json")
+
+
+@pytest.mark.usefixtures("proposer_backend")
+@pytest.mark.parametrize("tree_mode", [False, True])
+def test_proposer_matches_oracle_on_real_trace(tree_mode):
+    """A slice of benchmarks/data/humaneval_trace.json (HumanEval prompts, SmolLM2's answers)."""
+    with open(TRACE) as f:
+        data = json.load(f)
+    prompts, outputs = data["prompts"][:5], [o[:50] for o in data["outputs"][:5]]
+    prop = SuffixProposer(max_depth=16, max_cached_requests=2, use_tree_spec=tree_mode)
+    drafted = replay_against_oracle(prop, prompts, outputs, 2, 12, 2, random.Random(3), tree=tree_mode)
+    assert drafted > 50

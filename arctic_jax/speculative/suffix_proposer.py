@@ -16,6 +16,13 @@ of truth: before each use the stored state is topped up from ``output_ids`` when
 is behind and rebuilt when it disagrees (a cheap check of the stored length and last
 max_depth tokens), so missed ``on_tokens`` calls, tokens reported twice after a
 preemption, or a reused request id never desynchronise it. Drafts only affect speed.
+Speculation reads the match positions of the context's suffixes from the trees' active
+suffixes (``SuffixTree.speculate_stored``); the global tree is only searched for a draft
+that beats the per-request one.
+
+``backend``: "native" runs both trees in the compiled ``arctic_jax_native`` extension
+(``native_tree.NativeSuffixTree``; the same drafts at a fraction of the host cost), "python"
+in ``suffix_tree.SuffixTree``, "auto" (default) the compiled one when it is installed.
 """
 from __future__ import annotations
 
@@ -24,19 +31,22 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from arctic_jax.speculative.suffix_tree import Draft, SuffixTree, check_int, check_real
+from arctic_jax.speculative.native_tree import NativeSuffixTree, native_suffix_tree_class
+from arctic_jax.speculative.suffix_tree import Draft, SuffixTree, as_draft, check_int, check_real
 
 if TYPE_CHECKING:
     from arctic_jax.speculative.proposer import ProposerRequest
 
 _LOCAL = 0   # the one sequence id of a per-request tree
+BACKENDS = ("auto", "native", "python")   # auto: the compiled tree when installed
 
 
 class _RequestState:
-    __slots__ = ("tree", "prompt_len", "global_key")
+    __slots__ = ("tree", "tokens", "prompt_len", "global_key")
 
     def __init__(self, tree: SuffixTree, prompt_len: int, global_key: int | None) -> None:
         self.tree = tree
+        self.tokens = tree.tokens_view(_LOCAL)   # its stored prompt + output (no copy)
         self.prompt_len = prompt_len
         self.global_key = global_key   # its response's sequence in the global tree (None = not cached)
 
@@ -49,10 +59,18 @@ def _concat_from(prompt: Sequence[int], output: Sequence[int], start: int) -> li
     return list(prompt[start:]) + list(output)
 
 
-def _tail_agrees(stored_tail: list[int], full: Sequence[int], stored_len: int) -> bool:
-    """Whether stored_tail equals full[stored_len - len(stored_tail) : stored_len]."""
-    n = len(stored_tail)
-    return list(full[stored_len - n:stored_len]) == stored_tail
+def _as_list(tokens: Sequence[int]) -> list:
+    return tokens if type(tokens) is list else list(tokens)
+
+
+def _agrees(prompt: Sequence[int], output: Sequence[int], stored: list[int], lo: int) -> bool:
+    """Whether stored[lo:] equals (prompt + output)[lo : len(stored)] (len(stored) <= the total)."""
+    n, hi = len(prompt), len(stored)
+    if lo >= n:
+        return _as_list(output[lo - n:hi - n]) == stored[lo:]
+    if hi <= n:
+        return _as_list(prompt[lo:hi]) == stored[lo:]
+    return _as_list(prompt[lo:]) == stored[lo:n] and _as_list(output[:hi - n]) == stored[n:]
 
 
 class SuffixProposer:
@@ -60,7 +78,8 @@ class SuffixProposer:
 
     def __init__(self, max_depth: int = 24, max_cached_requests: int | None = 10000,
                  max_spec_factor: float = 1.0, max_spec_offset: float = 0.0,
-                 min_token_prob: float = 0.1, use_tree_spec: bool = False) -> None:
+                 min_token_prob: float = 0.1, use_tree_spec: bool = False,
+                 backend: str = "auto") -> None:
         self.max_depth = check_int("SuffixProposer: max_depth", max_depth, 1)
         if max_cached_requests is None:
             max_cached_requests = -1
@@ -72,8 +91,16 @@ class SuffixProposer:
         if not isinstance(use_tree_spec, bool):
             raise ValueError(f"SuffixProposer: use_tree_spec must be a bool, got {use_tree_spec!r}")
         self.use_tree_spec = use_tree_spec
+        if backend not in BACKENDS:
+            raise ValueError(f"SuffixProposer: backend must be one of {BACKENDS}, got {backend!r}")
+        native = native_suffix_tree_class() is not None
+        if backend == "native" and not native:
+            raise ValueError("SuffixProposer: backend 'native' needs the compiled suffix tree "
+                             "(pip install ./native)")
+        self.backend = "native" if backend == "native" or (backend == "auto" and native) else "python"
+        self._tree_class = NativeSuffixTree if self.backend == "native" else SuffixTree
         self._requests: dict[str, _RequestState] = {}
-        self._global = SuffixTree(self.max_depth) if self.max_cached_requests != 0 else None
+        self._global = self._tree_class(self.max_depth) if self.max_cached_requests != 0 else None
         self._fifo: OrderedDict[int, str | None] = OrderedDict()   # global key -> live request id
         self._keys = itertools.count()
 
@@ -106,15 +133,21 @@ class SuffixProposer:
         """One ``Draft`` (at most k tokens) per request, in order."""
         k = check_int("SuffixProposer.propose: k", k, 0)
         states = [self._sync(req) for req in requests]   # all first: the global tree sees every response
+        glob = self._global if self._global is not None and len(self._global) else None
+        args = (k, self.max_spec_factor, self.max_spec_offset, self.min_token_prob, self.use_tree_spec)
+        depth = self.max_depth
         out = []
         for state in states:
-            ctx = state.tree.seq_tail(_LOCAL, self.max_depth)
-            draft = self._speculate(state.tree, ctx, k)
-            if self._global is not None and len(self._global):
-                other = self._speculate(self._global, ctx, k)
-                if other.score > draft.score:
-                    draft = other
-            out.append(draft)
+            # the context is the last max_depth stored tokens: the local tree's active suffixes
+            tokens = state.tokens
+            n = min(len(tokens), depth)
+            best = state.tree.speculate_stored(tokens, n, _LOCAL, *args, -1.0)
+            if glob is not None:   # the global draft only when it scores higher (ties to local)
+                other = glob.speculate_stored(tokens, n, state.global_key, *args,
+                                              0.0 if best is None else best[3])
+                if other is not None:
+                    best = other
+            out.append(Draft() if best is None else as_draft(best))
         return out
 
     def on_tokens(self, request: ProposerRequest, new_tokens: Sequence[int]) -> None:
@@ -131,26 +164,20 @@ class SuffixProposer:
             self._fifo[state.global_key] = None   # no longer live
 
     # ---- internals --------------------------------------------------------------------------
-    def _speculate(self, tree: SuffixTree, ctx: list[int], k: int) -> Draft:
-        return tree.speculate(ctx, k, self.max_spec_factor, self.max_spec_offset,
-                              self.min_token_prob, self.use_tree_spec)
-
     def _sync(self, req: ProposerRequest) -> _RequestState:
         rid, prompt, output = req.request_id, req.prompt_ids, req.output_ids
         n_prompt, expected = len(prompt), len(prompt) + len(output)
         state = self._requests.get(rid)
         if state is not None:
-            have = state.tree.seq_len(_LOCAL)
-            tail = state.tree.seq_tail(_LOCAL, self.max_depth)
-            if state.prompt_len == n_prompt and have <= expected:
-                known = _concat_from(prompt, output, have - len(tail))
-                if known[:len(tail)] == tail:
-                    if have < expected:
-                        state.tree.extend(_LOCAL, known[len(tail):])
-                    self._sync_global(state, output)
-                    return state
+            have = len(state.tokens)
+            if (state.prompt_len == n_prompt and have <= expected
+                    and _agrees(prompt, output, state.tokens, max(0, have - self.max_depth))):
+                if have < expected:
+                    state.tree.extend(_LOCAL, _concat_from(prompt, output, have))
+                self._sync_global(state, output)
+                return state
             self._drop_global(state)
-        tree = SuffixTree(self.max_depth)
+        tree = self._tree_class(self.max_depth)
         tree.extend(_LOCAL, _concat_from(prompt, output, 0))
         state = self._requests[rid] = _RequestState(tree, n_prompt, self._add_global(rid, output))
         return state
@@ -159,9 +186,9 @@ class SuffixProposer:
         key = state.global_key
         if key is None or self._global is None:
             return
-        have = self._global.seq_len(key)
-        tail = self._global.seq_tail(key, self.max_depth)
-        if have <= len(output) and _tail_agrees(tail, output, have):
+        stored = self._global.tokens_view(key)
+        have = len(stored)
+        if have <= len(output) and _agrees((), output, stored, max(0, have - self.max_depth)):
             if have < len(output):
                 self._global.extend(key, output[have:])
             return

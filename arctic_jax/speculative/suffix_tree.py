@@ -21,22 +21,27 @@ Definitions (wave2-facts B.1-B.2):
     candidate pushed first**); a popped candidate emits its token, then pushes its
     children in order while prob * (c.count / n.count) >= min_prob; stop after
     budget tokens or when no candidates are left.
-  score = sum(probs); a draft replaces the best so far when its score >= the best
-  score, so among equal scores the longest match wins.
+  score = sum(probs); the draft of highest score wins, among equal scores the longest match.
 
 Storage: a node holds a run of tree positions with equal counts (path compression).
-A suffix seen once grows its leaf run in place, and a run is cut only where a second
-suffix enters it, so a stored token costs about one node (not max_depth); runs are
+A suffix seen once ends in a leaf that grows with its sequence without being touched
+(an *open* leaf: its run ends where the sequence ends, or at max_depth), and a run is
+cut only where a second suffix enters it, so a stored token costs about one node (not
+max_depth) and appending a token visits only the suffixes seen more than once; runs are
 never merged back after removals. Pure Python; not thread-safe.
+
+Cost (all exact, the drafts are those of the definitions): a sequence's active suffixes
+give the match positions of its own tail, so ``speculate_stored`` walks from the root only
+for match lengths longer than the stored sequence; match lengths are visited longest first
+and skipped when their bound min(budget, max_depth - m) cannot beat the best score.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
-import itertools
 import math
 import numbers
-from collections import deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
@@ -71,24 +76,42 @@ class Draft:
 
 
 _NO_CHILDREN: Mapping = MappingProxyType({})   # shared by all leaves (saves a dict per node)
+_SLACK = 1.0 + 1e-9   # room for rounding in the score bounds of speculate_stored
 
 
 class _Node:
-    """A run of ``length`` tree positions, all with the same count, the tokens
-    ``seq[start : start + length]`` (``seq`` is a stored token list; it is append-only, so a
-    removed sequence's list stays valid for nodes still pointing into it). Children
-    hang off the run's last position; a suffix only ever ends at a run's last position."""
+    """A run of tree positions, all with the same count, the tokens ``seq[start : start + len]``
+    (``seq`` is a stored token list; it is append-only, so a removed sequence's list stays valid
+    for nodes still pointing into it). Children hang off the run's last position; a suffix only
+    ever ends at a run's last position.
 
-    __slots__ = ("token", "count", "children", "best", "seq", "start", "length")
+    A closed node's run has ``length`` positions (``cap`` = -1). An open leaf (``cap`` >= 0,
+    always count 1) belongs to the one suffix through it and grows with its sequence: its run
+    ends at min(len(seq), cap), cap being where that suffix reaches max_depth; ``length`` is
+    unused. ``ordered`` caches the children in sibling order (None = not computed or stale).
+    """
 
-    def __init__(self, seq: list[int], start: int, length: int, count: int) -> None:
+    __slots__ = ("token", "count", "children", "best", "ordered", "seq", "start", "length", "cap")
+
+    def __init__(self, seq: list[int], start: int, length: int, count: int, cap: int = -1) -> None:
         self.token = seq[start] if length else -1
         self.count = count
         self.children: Mapping[int, _Node] = _NO_CHILDREN   # a dict once it has a child
         self.best: _Node | None = None   # cached best child; None = no children or stale
+        self.ordered: list[_Node] | None = None
         self.seq = seq
         self.start = start
         self.length = length
+        self.cap = cap
+
+
+def _run_length(node: _Node) -> int:
+    """Positions in node's run."""
+    cap = node.cap
+    if cap < 0:
+        return node.length
+    n = len(node.seq)
+    return (n if n < cap else cap) - node.start
 
 
 def _better(a: _Node, b: _Node) -> bool:
@@ -107,7 +130,10 @@ def _best_child(node: _Node) -> _Node | None:
 
 
 def _ordered_children(node: _Node) -> list[_Node]:
-    return sorted(node.children.values(), key=lambda c: (-c.count, c.token))
+    ordered = node.ordered
+    if ordered is None:
+        ordered = node.ordered = sorted(node.children.values(), key=lambda c: (-c.count, c.token))
+    return ordered
 
 
 def check_int(name: str, v: object, lo: int) -> int:
@@ -137,17 +163,19 @@ def _as_tokens(name: str, tokens: Iterable[int]) -> list[int]:
 class SuffixTree:
     """Depth-bounded, path-compressed suffix tree of token sequences keyed by a hashable seq id.
 
-    A tree position (node, off) with 1 <= off <= node.length stands for the token string
-    path(node)[:depth(node) - node.length + off]; the module docstring's per-string
-    definitions apply to positions. Each sequence keeps up to max_depth active nodes:
-    its suffixes still growing, each ending at the last position of its node.
+    A tree position (node, off) with 1 <= off <= run length stands for the token string
+    path(node)[:depth(node) - run length + off]; the module docstring's per-string
+    definitions apply to positions. Each sequence keeps up to max_depth active nodes, longest
+    suffix first: its suffixes still growing, each ending at the last position of its node.
+    The leading ones seen only once are open leaves (their number is kept per sequence).
     """
 
     def __init__(self, max_depth: int) -> None:
         self.max_depth = check_int("SuffixTree: max_depth", max_depth, 1)
         self._root = _Node([], 0, 0, 0)
         self._seqs: dict[Hashable, list[int]] = {}
-        self._active: dict[Hashable, deque[_Node]] = {}
+        self._active: dict[Hashable, list[_Node]] = {}
+        self._open: dict[Hashable, int] = {}   # leading active nodes known to be open leaves
         self._num_nodes = 1
 
     # ---- inspection -------------------------------------------------------------------------
@@ -174,6 +202,10 @@ class SuffixTree:
         """A copy of the stored tokens of seq_id."""
         return list(self._seqs[seq_id])
 
+    def tokens_view(self, seq_id: Hashable) -> list[int]:
+        """The stored token list of seq_id itself, no copy (read only; KeyError when absent)."""
+        return self._seqs[seq_id]
+
     def seq_len(self, seq_id: Hashable) -> int:
         """Stored length of seq_id (0 when absent)."""
         seq = self._seqs.get(seq_id)
@@ -194,7 +226,7 @@ class SuffixTree:
         node, off = self._locate(path)
         if node is None:
             return []
-        if off < node.length:
+        if off < _run_length(node):
             return [(node.seq[node.start + off], node.count)]
         return [(c.token, c.count) for c in _ordered_children(node)]
 
@@ -205,9 +237,9 @@ class SuffixTree:
 
     def _locate(self, path: Sequence[int]) -> tuple[_Node | None, int]:
         """The position (node, off) of path, or (None, -1) when it is not stored."""
-        node, off = self._root, 0
+        node, off, length = self._root, 0, 0
         for t in path:
-            if off < node.length:
+            if off < length:
                 if node.seq[node.start + off] != t:
                     return None, -1
                 off += 1
@@ -215,48 +247,87 @@ class SuffixTree:
                 node = node.children.get(t)
                 if node is None:
                     return None, -1
-                off = 1
+                off, length = 1, _run_length(node)
         return node, off
+
+    def _open_prefix(self, seq_id: Hashable) -> int:
+        """How many leading active nodes of seq_id are open leaves. Other sequences may have
+        closed some since (a suffix entering one also enters every shorter active suffix of it, so
+        the closed ones among them are the last)."""
+        n_open, active = self._open[seq_id], self._active[seq_id]
+        while n_open and active[n_open - 1].cap < 0:
+            n_open -= 1
+        self._open[seq_id] = n_open
+        return n_open
 
     # ---- updates ----------------------------------------------------------------------------
     def extend(self, seq_id: Hashable, tokens: Iterable[int]) -> None:
         """Append tokens to sequence seq_id (created when new), adding their suffixes."""
         toks = _as_tokens("SuffixTree.extend", tokens)
-        seq = self._seqs.get(seq_id)
-        if seq is None:
-            seq = self._seqs[seq_id] = []
-            self._active[seq_id] = deque()
-        active = self._active[seq_id]
+        if seq_id not in self._seqs:
+            self._seqs[seq_id], self._active[seq_id], self._open[seq_id] = [], [], 0
+        if toks:
+            self._extend(seq_id, toks)
+
+    def _extend(self, seq_id: Hashable, toks: list[int]) -> None:
+        seq, active = self._seqs[seq_id], self._active[seq_id]
+        n_open = self._open_prefix(seq_id)
         root, depth = self._root, self.max_depth
         for tok in toks:
             pos = len(seq)
-            seq.append(tok)
+            seq.append(tok)            # the open leaves among the active nodes grow with it
             active.append(root)
             if len(active) > depth:
-                active.popleft()       # its suffix has reached max_depth tokens
-            for i, node in enumerate(active):
-                if node.count == 1 and node is not root:
-                    # only this suffix reaches node, a leaf: lengthen its run in place
-                    if node.seq is not seq or node.start + node.length != pos:
-                        node.seq, node.start = seq, pos - node.length
-                    node.length += 1
+                del active[0]          # its suffix has reached max_depth tokens
+                if n_open:
+                    n_open -= 1
+            n_active = len(active)
+            first_cap = pos + 1 + depth - n_active   # where active[0]'s suffix reaches max_depth
+            for i in range(n_open, n_active):
+                node = active[i]
+                count = node.count
+                if count == 1 and node is not root:
+                    # only this suffix reaches node (removals left it a leaf): open it at seq's end
+                    node.seq, node.start, node.cap = seq, pos - node.length, first_cap + i
                     continue
-                child = node.children.get(tok)
+                children = node.children
+                child = children.get(tok)
                 if child is None:
-                    if node.children is _NO_CHILDREN:
-                        node.children = {}
-                    child = node.children[tok] = _Node(seq, pos, 1, 0)
+                    if children is _NO_CHILDREN:
+                        children = node.children = {}
+                    child = children[tok] = _Node(seq, pos, 1, 1, first_cap + i)
                     self._num_nodes += 1
-                elif child.length > 1:
-                    child = self._split(node, child)
-                child.count += 1
+                else:
+                    cap = child.cap
+                    if (child.length if cap < 0 else _run_length(child)) > 1:
+                        if count == child.count + 1 and len(children) == 1 and node is not root:
+                            # only this suffix ends at node, and child's first position would get
+                            # node's count: move that position from child's run to the end of node's
+                            node.seq, node.start = child.seq, child.start - node.length
+                            node.length += 1
+                            child.start += 1
+                            if cap < 0:
+                                child.length -= 1
+                            child.token = child.seq[child.start]
+                            node.children = {child.token: child}
+                            continue
+                        child = self._split(node, child)
+                    elif cap >= 0:   # an open leaf of one position: a second suffix enters it
+                        child.length, child.cap = 1, -1
+                    child.count += 1
                 best = node.best
-                if best is not None and best is not child and _better(child, best):
-                    node.best = child
-                elif best is None and len(node.children) == 1:
-                    node.best = child
+                if best is not child:    # (an increment of the best child keeps the order)
+                    if best is None:
+                        if len(children) == 1:
+                            node.best = child
+                    elif child.count > best.count or (child.count == best.count and child.token < best.token):
+                        node.best = child
+                    node.ordered = None
                 active[i] = child
+            while n_open < len(active) and active[n_open].cap >= 0:
+                n_open += 1
             root.count += 1
+        self._open[seq_id] = n_open
 
     def _split(self, parent: _Node, child: _Node) -> _Node:
         """Cut child's first position into a new node between parent and child; return it.
@@ -266,11 +337,13 @@ class SuffixTree:
         head.children = {child.seq[child.start + 1]: child}
         head.best = child
         child.start += 1
-        child.length -= 1
+        if child.cap < 0:
+            child.length -= 1
         child.token = child.seq[child.start]
         parent.children[head.token] = head
         if parent.best is child:
             parent.best = head
+        parent.ordered = None
         self._num_nodes += 1
         return head
 
@@ -279,7 +352,7 @@ class SuffixTree:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise ValueError(f"SuffixTree.remove: unknown sequence id {seq_id!r}")
-        del self._active[seq_id]
+        del self._active[seq_id], self._open[seq_id]
         root, depth = self._root, self.max_depth
         for start in range(len(seq)):
             end = min(start + depth, len(seq))
@@ -287,6 +360,7 @@ class SuffixTree:
             while i < end:    # the suffix's runs: it ends at a run's last position
                 child = node.children[seq[i]]
                 child.count -= 1
+                node.ordered = None
                 if node.best is child:
                     node.best = None       # stale: rescanned on the next lookup
                 if child.count == 0:
@@ -294,7 +368,7 @@ class SuffixTree:
                     del node.children[seq[i]]
                     self._num_nodes -= self._subtree_size(child)
                     break
-                i += child.length
+                i += child.length          # count >= 1 left: it was >= 2, so not an open leaf
                 node = child
         root.count -= len(seq)
 
@@ -317,68 +391,194 @@ class SuffixTree:
         offset = check_real("SuffixTree.speculate: max_spec_offset", max_spec_offset)
         min_prob = check_real("SuffixTree.speculate: min_token_prob", min_token_prob)
         ctx = _as_tokens("SuffixTree.speculate", context[-self.max_depth:])
-        draft_fn = self._draft_tree if use_tree_spec else self._draft_path
-        best = Draft()
-        n = len(ctx)
-        for m in range(1, n):
-            node, off = self._locate(ctx[n - m:])
+        best = self.speculate_stored(ctx, len(ctx), None, max_spec, factor, offset, min_prob,
+                                     bool(use_tree_spec), -1.0)
+        return Draft() if best is None else as_draft(best)
+
+    def speculate_stored(self, tokens: list[int], n: int, seq_id: Hashable | None, max_spec: int,
+                         factor: float, offset: float, min_prob: float, use_tree: bool,
+                         floor: float) -> tuple | None:
+        """``speculate`` without argument checks, for callers that hold validated values.
+
+        The context is tokens[-n:] (a list of ints, n <= max_depth). seq_id is None or a stored
+        sequence that ends with the context's last min(n, its length) tokens: the positions of
+        those suffixes of the context are its active nodes (only longer ones are walked from the
+        root). Returns the best draft as (token_ids, parents or None = a path, probs, score,
+        match_len) when its score > floor (-1.0: whenever some suffix matches), else None.
+        """
+        if n < 2:
+            return None
+        depth, end = self.max_depth, len(tokens)
+        if seq_id is None:
+            active, n_active, n_open = (), 0, 0
+        else:
+            active = self._active[seq_id]
+            n_active, n_open = len(active), self._open_prefix(seq_id)
+        known = min(n_active, n - 1)       # m <= known: ctx[-m:] ends at active[n_active - m]
+        longest = known
+        walked: list[tuple[_Node, int]] = []
+        while longest < n - 1:              # longer matches: walk from the root
+            node, off = self._locate(tokens[end - longest - 1:])
             if node is None:
                 break
-            budget = max(0, min(max_spec, math.floor(m * factor + offset + 1e-6)))
-            tokens, parents, probs = draft_fn(node, off, budget, min_prob)
+            walked.append((node, off))
+            longest += 1
+        if longest == 0:
+            return None
+        leaves_above = n_active - n_open   # m in (leaves_above, known]: an open leaf, no draft
+        # the best is the highest (score, m): a floor is beaten by a higher score only
+        best, best_score, best_m = None, floor, n
+        if leaves_above < known and best_score < 0.0:   # (score sum([]) = 0, as drafting gives)
+            best, best_score, best_m = ([], None, [], 0, known), 0, known
+        budgets, caps, order = _budget_table(max_spec, factor, offset, depth)
+        for m in order:          # by cap = min(budget, depth - m) (>= the score), highest first
+            cap = caps[m]
+            if cap < best_score:
+                break
+            if m > longest or leaves_above < m <= known or (cap <= best_score and m < best_m):
+                continue
+            if m <= known:
+                node = active[n_active - m]
+                off = _run_length(node)
+                at_end = True
+            else:
+                node, off = walked[m - known - 1]
+                at_end = off == _run_length(node)
+            budget = budgets[m]
+            if at_end:
+                # every prob is <= the first step's, and a level's probs sum to <= the children's
+                # share of the count: tighter bounds
+                child = node.best or _best_child(node)
+                p1 = 0.0 if child is None else child.count / node.count
+                bound = cap * p1 if not use_tree else min(budget * p1, depth - m) * _SLACK
+                if bound < best_score or (bound <= best_score and m < best_m):
+                    continue
+                children = node.children
+                if use_tree and len(children) < 8:
+                    share = sum(c.count for c in children.values()) / node.count
+                    bound = min(bound, (depth - m) * share * _SLACK)
+                    if bound < best_score or (bound <= best_score and m < best_m):
+                        continue
+            if use_tree:
+                toks, parents, probs = _draft_tree(node, off, budget, min_prob)
+            else:
+                toks, probs = _draft_path(node, off, budget, min_prob)
+                parents = None
             score = sum(probs)
-            if score >= best.score:
-                best = Draft(tuple(tokens), tuple(parents), tuple(probs), score, m)
+            if score > best_score or (score == best_score and m > best_m):
+                best, best_score, best_m = (toks, parents, probs, score, m), score, m
         return best
 
-    @staticmethod
-    def _draft_path(node: _Node, off: int, budget: int, min_prob: float):
-        tokens: list[int] = []
-        probs: list[float] = []
-        prob = 1.0
-        while len(tokens) < budget:
-            if off < node.length:        # inside a run: the one child has the same count
-                tok = node.seq[node.start + off]
-                off += 1
-            else:
-                child = _best_child(node)
-                if child is None:
-                    break
-                prob = prob * (child.count / node.count)
-                node, off, tok = child, 1, child.token
-            if prob < min_prob:
+
+@functools.lru_cache(maxsize=64)
+def _budget_table(max_spec: int, factor: float, offset: float,
+                  depth: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Per match length m < depth: the budget, cap = min(budget, depth - m) (with room for
+    rounding: no draft from m scores more), and the m's by decreasing cap (then decreasing m)."""
+    budgets = tuple(max(0, min(max_spec, math.floor(m * factor + offset + 1e-6))) for m in range(depth))
+    caps = tuple(min(b, depth - m) * _SLACK for m, b in enumerate(budgets))
+    order = tuple(sorted(range(1, depth), key=lambda m: (-caps[m], -m)))
+    return budgets, caps, order
+
+
+def as_draft(best: tuple) -> Draft:
+    """A ``Draft`` from ``speculate_stored``'s (token_ids, parents, probs, score, match_len)."""
+    toks, parents, probs, score, m = best
+    if parents is None:
+        parents = range(-1, len(toks) - 1)
+    return Draft(tuple(toks), tuple(parents), tuple(probs), score, m)
+
+
+def _draft_path(node: _Node, off: int, budget: int, min_prob: float) -> tuple[list[int], list[float]]:
+    """Path draft from position (node, off): tokens and probs (parents are -1, 0, 1, ...)."""
+    tokens: list[int] = []
+    probs: list[float] = []
+    prob = 1.0
+    if budget <= 0 or prob < min_prob:
+        return tokens, probs
+    room = budget
+    while True:
+        length = _run_length(node)
+        if off < length:                 # inside a run: the one child has the same count
+            take = min(length - off, room)
+            s = node.start + off
+            tokens += node.seq[s:s + take]
+            probs += [prob] * take
+            room -= take
+            if not room:
                 break
-            tokens.append(tok)
-            probs.append(prob)
-        return tokens, list(range(-1, len(tokens) - 1)), probs
+        child = node.best
+        if child is None:
+            child = _best_child(node)
+            if child is None:
+                break
+        prob = prob * (child.count / node.count)
+        if prob < min_prob:
+            break
+        node, off = child, 0
+    return tokens, probs
 
-    @staticmethod
-    def _draft_tree(node: _Node, off: int, budget: int, min_prob: float):
-        tokens: list[int] = []
-        parents: list[int] = []
-        probs: list[float] = []
-        order = itertools.count()
-        # entries (-prob, push order, node, off, parent): the candidate is position (node, off + 1)
-        heap: list[tuple[float, int, _Node, int, int]] = []
 
-        def push_children(n: _Node, o: int, prob: float, parent: int) -> None:
-            if o < n.length:
-                if prob >= min_prob:
-                    heapq.heappush(heap, (-prob, next(order), n, o, parent))
-                return
+def _draft_tree(node: _Node, off: int, budget: int,
+                min_prob: float) -> tuple[list[int], list[int], list[float]]:
+    """Tree draft from position (node, off): tokens, parents and probs in drafting order.
+
+    A candidate that the heap would hand back at once (its prob above every queued one) is
+    taken without queueing it; queued entries keep their push order, so the result is the same."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    probs: list[float] = []
+    if budget <= 0:
+        return tokens, parents, probs
+    heappush, heappop = heapq.heappush, heapq.heappop
+    # entries (-prob, push order, node, off, parent): the candidate is position (node, off + 1)
+    heap: list[tuple[float, int, _Node, int, int]] = []
+    order = 0
+    n, o, prob, parent = node, off, 1.0, -1
+    while True:
+        # the successors of position (n, o), drafted with prob, as children of parent
+        length = _run_length(n)
+        take = None
+        if o < length:
+            if prob >= min_prob:
+                if not heap or heap[0][0] > -prob:
+                    take = n
+                else:
+                    heappush(heap, (-prob, order, n, o, parent))
+                    order += 1
+        elif n.children:
+            count = n.count
             for child in _ordered_children(n):
-                p = prob * (child.count / n.count)
+                p = prob * (child.count / count)
                 if p < min_prob:
                     break
-                heapq.heappush(heap, (-p, next(order), child, 0, parent))
-
-        if budget > 0:
-            push_children(node, off, 1.0, -1)
-        while heap and len(tokens) < budget:
-            neg_p, _, n, o, parent = heapq.heappop(heap)
-            tokens.append(n.seq[n.start + o])
-            parents.append(parent)
-            probs.append(-neg_p)
-            if len(tokens) < budget:
-                push_children(n, o + 1, -neg_p, len(tokens) - 1)
-        return tokens, parents, probs
+                if take is None and (not heap or heap[0][0] > -p):
+                    take, take_p = child, p     # the first (highest) child, ahead of the queue
+                else:
+                    heappush(heap, (-p, order, child, 0, parent))
+                order += 1
+            if take is not None:
+                prob, o = take_p, 0
+        if take is None:
+            if not heap:
+                break
+            neg_p, _, n, o, parent = heappop(heap)
+            prob = -neg_p
+        else:
+            n = take
+        seq, start = n.seq, n.start
+        tokens.append(seq[start + o])
+        parents.append(parent)
+        probs.append(prob)
+        # the rest of the run comes next while no queued candidate has as high a prob
+        length = _run_length(n)
+        while o + 1 < length and len(tokens) < budget and (not heap or heap[0][0] > -prob):
+            o += 1
+            parents.append(len(tokens) - 1)
+            tokens.append(seq[start + o])
+            probs.append(prob)
+        if len(tokens) >= budget:
+            break
+        o += 1
+        parent = len(tokens) - 1
+    return tokens, parents, probs

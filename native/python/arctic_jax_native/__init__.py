@@ -1,0 +1,9 @@
+"""Compiled helpers for arctic-jax.
+
+``SuffixTree``: the suffix tree of ``arctic_jax.speculative.suffix_tree`` in C++ (same drafts),
+with int64 sequence ids and int32 token ids; ``speculate`` returns the tuple
+``(token_ids, parents, probs, score, match_len)``, the fields of ``suffix_tree.Draft`` in order.
+"""
+from arctic_jax_native._suffix_tree import SuffixTree
+
+__all__ = ["SuffixTree"]
