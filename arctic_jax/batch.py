@@ -131,24 +131,27 @@ def tree_layout(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     or holds one of its ancestors; a tree whose token would have to hide a slot more than
     LOOKBACK back is refused."""
     n = len(parents)
+    full = (1 << LOOKBACK) - 1
     depth = np.zeros(n, np.int64)
-    ancestors: list[set[int]] = []
     bits = np.zeros(n, np.int64)
+    anc = [0] * n   # ancestors of each token, as a bit mask over chunk indices
     for i, p in enumerate(parents):
         p = int(p)
         if not -1 <= p < i:
             raise ValueError(f"tree token {i} has parent {p}; parents must precede their children "
                              f"(-1: the cached context)")
-        anc = set() if p < 0 else ancestors[p] | {p}
-        ancestors.append(anc)
-        depth[i] = 0 if p < 0 else depth[p] + 1
-        hidden = [j for j in range(i) if j not in anc]
-        if hidden and i - hidden[0] > LOOKBACK:
-            raise ValueError(f"tree token {i} must not see token {hidden[0]}, {i - hidden[0]} slots "
+        if p < 0:   # sees everything before the chunk: distances d > i
+            bits[i] = (full >> i) << i if i < LOOKBACK else 0
+        else:       # the parent, then what the parent sees, e = i - p slots further back
+            bits[i] = ((1 << (i - p - 1)) | (int(bits[p]) << (i - p))) & full
+            depth[i] = depth[p] + 1
+            anc[i] = anc[p] | (1 << p)
+        far = (1 << max(i - LOOKBACK, 0)) - 1    # slots more than LOOKBACK back: always seen
+        hidden = far & ~anc[i]
+        if hidden:
+            j = (hidden & -hidden).bit_length() - 1
+            raise ValueError(f"tree token {i} must not see token {j}, {i - j} slots "
                              f"back; lookback bits cover {LOOKBACK}")
-        for d in range(1, LOOKBACK + 1):
-            if i - d < 0 or (i - d) in anc:
-                bits[i] |= 1 << (d - 1)
     return depth, bits.astype(np.uint32).view(np.int32)
 
 

@@ -171,7 +171,17 @@ class CharTokenizer:
         return "".join(chr(33 + int(i) % 90) for i in ids)
 
 
-class ScriptedProposer:
+class StatelessProposer:
+    """A test proposer that keeps no per-request state."""
+
+    def on_tokens(self, request, new_tokens):
+        pass
+
+    def on_finish(self, request):
+        pass
+
+
+class ScriptedProposer(StatelessProposer):
     """Proposes, per call, ``good`` true next tokens then ``bad`` wrong ones (from a script)."""
 
     def __init__(self, truth: dict[str, list[int]], script: list[tuple[int, int]]):
@@ -186,12 +196,6 @@ class ScriptedProposer:
             draft = rest[:good] + [(t + 1) % CFG.vocab_size for t in rest[good:good + bad]]
             drafts.append(draft[:k])
         return drafts
-
-    def on_tokens(self, request, new_tokens):
-        pass
-
-    def on_finish(self, request):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +264,7 @@ def test_no_compilation_while_serving_with_speculation(tiny_weights, method):
         counter.close()
 
 
-class RecordingProposer:
+class RecordingProposer(StatelessProposer):
     """Records how many requests each ``propose`` call got (with how many running), drafts nothing."""
 
     def __init__(self, engine):
@@ -269,12 +273,6 @@ class RecordingProposer:
     def propose(self, requests, k):
         self.calls.append((len(requests), len(self.engine.scheduler.running)))
         return [[] for _ in requests]
-
-    def on_tokens(self, request, new_tokens):
-        pass
-
-    def on_finish(self, request):
-        pass
 
 
 @pytest.mark.parametrize("limits, check", [
@@ -318,7 +316,7 @@ SMALL = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_lay
 _SKEW = np.random.default_rng(0).dirichlet(np.full(16, 0.3))   # drafts favour a few tokens
 
 
-class RandomDraftProposer:
+class RandomDraftProposer(StatelessProposer):
     """k random one-hot drafts (often wrong) from a skewed distribution (uniform drafts would hide
     some wrong verifiers), drawn from the request's seed and length, so a request gets the same
     drafts whatever shares its batch."""
@@ -326,12 +324,6 @@ class RandomDraftProposer:
     def propose(self, requests, k):
         return [[int(t) for t in np.random.default_rng((r.seed, len(r.output_ids)))
                  .choice(SMALL.vocab_size, k, p=_SKEW)] for r in requests]
-
-    def on_tokens(self, request, new_tokens):
-        pass
-
-    def on_finish(self, request):
-        pass
 
 
 def _exact_distributions(weights, prompt):
@@ -440,7 +432,7 @@ def test_suffix_tree_greedy_equals_plain_greedy_on_smollm2(smollm2, smol_referen
     assert allocator.num_free() == allocator.num_allocatable
 
 
-class ScriptedTreeProposer:
+class ScriptedTreeProposer(StatelessProposer):
     """Draft trees (``propose_drafts``) holding the true continuation on a chosen branch: script
     entries are ("chain", n) -- the truth's next n tokens as the first-child chain -- or
     ("branch", n) -- a wrong first child (with a wrong child of its own), then the truth's
@@ -465,12 +457,6 @@ class ScriptedTreeProposer:
             m = min(len(tokens), len(parents), k)   # near the end the truth runs short
             out.append(Draft(token_ids=tuple(tokens[:m]), parents=tuple(parents[:m])))
         return out
-
-    def on_tokens(self, request, new_tokens):
-        pass
-
-    def on_finish(self, request):
-        pass
 
 
 def test_tree_acceptance_off_the_first_chain_recomputes_exactly(tiny_weights):
@@ -508,7 +494,7 @@ def test_tree_acceptance_off_the_first_chain_recomputes_exactly(tiny_weights):
     assert s.num_drafted == 6 + 3 + 5 + 6 + (n - 4)
 
 
-class RandomTreeProposer:
+class RandomTreeProposer(StatelessProposer):
     """Random draft trees of k tokens (random parents, skewed often-wrong tokens), drawn from the
     request's seed and length (the same tree whatever shares the batch)."""
 
@@ -521,12 +507,6 @@ class RandomTreeProposer:
             tokens = rng.choice(SMALL.vocab_size, k, p=_SKEW)
             out.append(Draft(token_ids=tuple(int(t) for t in tokens), parents=tuple(parents)))
         return out
-
-    def on_tokens(self, request, new_tokens):
-        pass
-
-    def on_finish(self, request):
-        pass
 
 
 def test_tree_drafts_with_preemption_prefix_cache_and_abort(tiny_weights):

@@ -97,13 +97,15 @@ def _case(seed: int):
 
 def test_tree_positions_and_lookback_bits():
     rng = np.random.default_rng(0)
-    parents = _random_tree(rng, 20)
-    depth, bits = tree_layout(parents)
-    for i, p in enumerate(parents):
-        assert depth[i] == (0 if p < 0 else depth[p] + 1)
-        mask = _oracle_mask(parents, len(parents), 40)[i]
-        for d in range(1, 33):
-            assert bool((int(bits[i]) >> (d - 1)) & 1) == bool(mask[40 + i - d]), (i, d)
+    for n in [1, 2, 20, 33] + [int(x) for x in rng.integers(1, 34, 20)]:
+        # a forest: now and then a token hangs off the cached context (parent -1)
+        parents = [-1 if rng.random() < 0.1 else p for p in _random_tree(rng, n)]
+        depth, bits = tree_layout(parents)
+        for i, p in enumerate(parents):
+            assert depth[i] == (0 if p < 0 else depth[p] + 1)
+            mask = _oracle_mask(parents, len(parents), 40)[i]
+            for d in range(1, 33):
+                assert bool((int(bits[i]) >> (d - 1)) & 1) == bool(mask[40 + i - d]), (parents, i, d)
     chunks, batch, *_ = _case(1)
     pos = np.asarray(batch.positions)
     first = np.asarray(batch.query_start)
