@@ -76,8 +76,78 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-WORKLOAD_NAMES = ("humaneval-rewrite", "humaneval-typehints", "humaneval-docstrings", "chat", "repeated")
-METHOD_NAMES = ("none", "ngram", "suffix", "suffix-tree")
+WORKLOAD_NAMES = ("humaneval-rewrite", "humaneval-typehints", "humaneval-docstrings", "chat", "repeated",
+                  "open-chat")
+METHOD_NAMES = ("none", "ngram", "suffix", "suffix-tree", "arctic", "arctic+suffix")
+DRAFT_METHODS = ("arctic", "arctic+suffix")
+# Open chat: varied one-turn instructions that repeat nothing (none is among the speculator's
+# training instructions, arctic_jax/training/instructions.py; a test checks).
+OPEN_CHAT = (
+    "Why do cats purr, and do they only purr when they are happy?",
+    "Give me three tips for sleeping better during a heat wave.",
+    "What was the main cause of the fall of the Western Roman Empire?",
+    "Describe the taste of a ripe mango to someone who has never eaten one.",
+    "How does a refrigerator keep food cold?",
+    "Suggest a name for a bakery that only sells sourdough bread.",
+    "What should I pack for a two-day hike in the mountains in autumn?",
+    "Explain the offside rule in football in plain words.",
+    "Write a limerick about a forgetful wizard.",
+    "What is the difference between weather and climate?",
+    "How can I politely decline a wedding invitation?",
+    "Why is the ocean salty but rivers are not?",
+    "Plan a vegetarian dinner for four people on a small budget.",
+    "What does a project manager do all day?",
+    "Tell me a short bedtime story about a brave snail.",
+    "How do vaccines teach the immune system to fight a disease?",
+    "What are the pros and cons of working from home?",
+    "Explain what inflation is to a ten-year-old.",
+    "Write a thank-you note to a neighbour who watered my plants.",
+    "Why do leaves change colour in the fall?",
+    "How do I start learning to play the guitar as an adult?",
+    "What happened during the first moon landing?",
+    "Describe a busy morning market in a coastal town.",
+    "What is the best way to memorise a speech?",
+    "How does a bill become a law in a parliament?",
+    "Write a haiku about the first snow of winter.",
+    "Why is it harder to breathe at high altitude?",
+    "Give me a simple recipe for pancakes without eggs.",
+    "What are black holes and how do they form?",
+    "How should I prepare for a job interview at a small startup?",
+    "Compare trains and planes for a 500 kilometre trip.",
+    "What makes a good friend?",
+    "Explain how a rainbow forms.",
+    "Write a two-sentence horror story set in a library.",
+    "What are some fun things to do on a rainy Sunday with kids?",
+    "How do bees make honey?",
+    "Why do we dream?",
+    "Summarise the plot of Romeo and Juliet in a few sentences.",
+    "How can a small town attract more tourists?",
+    "What is the role of the mitochondria in a cell?",
+    "Give me advice on keeping a houseplant alive.",
+    "Why did the dinosaurs go extinct?",
+    "Write a short poem about an old lighthouse keeper.",
+    "How do electric cars differ from petrol cars?",
+    "What is mindfulness and how do I practise it?",
+    "Describe the rules of chess for a complete beginner.",
+    "How does the internet send a message from one computer to another?",
+    "What should I consider before adopting a dog?",
+    "Explain supply and demand with an example about ice cream.",
+    "Write a motivational message for someone running their first marathon.",
+    "Why do some people get seasick?",
+    "What are the main differences between a lake and a sea?",
+    "How can I reduce food waste at home?",
+    "Tell me about the history of the bicycle.",
+    "What is a volcano and why does it erupt?",
+    "Give me ideas for a birthday party with a space theme.",
+    "How do noise-cancelling headphones work?",
+    "What are good habits for managing personal finances?",
+    "Describe a sunset over the desert.",
+    "Why do we have time zones?",
+    "How do I write a good short story?",
+    "What is the greenhouse effect?",
+    "Suggest a weekly exercise routine for a busy office worker.",
+    "Why do onions make people cry?",
+)
 WORKLOADS_FORMAT = "arctic-jax speculative workloads v1"
 HUMANEVAL_INSTRUCTIONS = {
     "humaneval-rewrite": "Rewrite this Python function so that it is complete and easy to read, keeping "
@@ -181,6 +251,10 @@ def build_workloads(tokenizer: Any, n: int, repeats: int) -> dict[str, dict]:
     out["repeated"] = {"description": f"agent loop per HumanEval problem: the prompt resent {repeats} "
                                       f"times, header line changed: {REPEATED_HEADER.strip()!r}",
                        "chains": chains}
+    out["open-chat"] = {"description": "open chat: one request per varied instruction, nothing repeats "
+                                       "(not among the speculator's training instructions)",
+                        "chains": [[[encode_chat(tokenizer, [{"role": "user", "content": q}])]]
+                                   for q in OPEN_CHAT[:n]]}
     return out
 
 
@@ -347,12 +421,18 @@ def serve_closed_loop(engine: Any, chains: list[Chain], concurrency: int, max_to
             "tpot_ms_p50": 1e3 * tpots[len(tpots) // 2] if tpots else float("nan")}
 
 
-def method_configs(ngram_k: int) -> dict[str, dict | None]:
-    return {"none": None,
-            "ngram": {"method": "ngram", "num_speculative_tokens": ngram_k, "prompt_lookup_max": 4,
-                      "prompt_lookup_min": 1},
-            "suffix": {"method": "suffix"},
-            "suffix-tree": {"method": "suffix", "suffix_use_tree_spec": True}}
+def method_configs(ngram_k: int, draft_model: str | None = None) -> dict[str, dict | None]:
+    """Every method's speculative config; the draft-model methods only with ``draft_model``."""
+    configs = {"none": None,
+               "ngram": {"method": "ngram", "num_speculative_tokens": ngram_k, "prompt_lookup_max": 4,
+                         "prompt_lookup_min": 1},
+               "suffix": {"method": "suffix"},
+               "suffix-tree": {"method": "suffix", "suffix_use_tree_spec": True}}
+    if draft_model:
+        configs["arctic"] = {"method": "arctic", "model": draft_model}
+        configs["arctic+suffix"] = {"method": "arctic", "model": draft_model,
+                                    "enable_suffix_decoding": True}
+    return configs
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -367,7 +447,7 @@ def run_workloads(args: argparse.Namespace, model: Any, tokenizer: Any, workload
     from arctic_jax.speculative.factory import make_proposer
 
     configs = {m: (None if c is None else SpeculativeConfig.from_dict(c))
-               for m, c in method_configs(args.ngram_k).items()}
+               for m, c in method_configs(args.ngram_k, args.draft_model).items()}
     eos = frozenset(model.config.eos_token_ids) | (
         {int(tokenizer.eos_token_id)} if getattr(tokenizer, "eos_token_id", None) is not None else set())
     longest = max(max_prompt_len(w["chains"], args.max_tokens) for w in workloads.values())
@@ -391,8 +471,8 @@ def run_workloads(args: argparse.Namespace, model: Any, tokenizer: Any, workload
                   flush=True)
             for name, w in workloads.items():
                 timer = None
-                if sc is not None:
-                    timer = engine.proposer = ProposerTimer(make_proposer(sc))
+                if sc is not None and engine.proposer is not None:
+                    timer = engine.proposer = ProposerTimer(make_proposer(engine.config.speculative_config))
                 engine.spec_stats = type(engine.spec_stats)()
                 if len(w["chains"]) < c:
                     print(f"note: {name} has {len(w['chains'])} chains, fewer than concurrency {c}",
@@ -588,13 +668,13 @@ def modelled_table(modelled: list[dict], cost: dict) -> str:
 def results_header(args: argparse.Namespace, model_name: str, workloads: dict[str, dict],
                    methods: list[str]) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    configs = method_configs(args.ngram_k, args.draft_model)
     lines = [f"## Speculative decoding (issue 12), {model_name}, {jax.devices()[0].device_kind}", "",
              f"- Date: {now}; jax {jax.__version__}, Python {platform.python_version()}; "
              f"card {jax.devices()[0].device_kind}",
              f"- Model: {model_name}; greedy, at most {args.max_tokens} tokens per request, closed loop",
              "- Compared against: no speculation, same run (same engine settings and workload)",
-             "- Methods: " + "; ".join(f"{m} `{json.dumps(method_configs(args.ngram_k)[m])}`"
-                                        for m in methods if m != "none"),
+             "- Methods: " + "; ".join(f"{m} `{json.dumps(configs[m])}`" for m in methods if m != "none"),
              f"- Command: `python benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}`"]
     for name, w in workloads.items():
         n_req = sum(len(c) for c in w["chains"])
@@ -616,6 +696,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--ngram-k", type=int, default=4, help="num_speculative_tokens of the ngram method")
+    p.add_argument("--draft-model", default=None,
+                   help="draft checkpoint directory (arctic-jax train-speculator) for the methods "
+                        "arctic and arctic+suffix")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--token-buckets", default="16,128,512",
                    help="step token counts to compile (few: each engine warms every bucket)")
@@ -656,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     methods = _names(args.methods, METHOD_NAMES, "--methods")
     methods = sorted(methods, key=METHOD_NAMES.index)          # none first: the others compare with it
+    if any(m in DRAFT_METHODS for m in methods) and not args.draft_model:
+        raise SystemExit(f"--methods {','.join(m for m in methods if m in DRAFT_METHODS)} needs "
+                         "--draft-model DIR")
     selected = _names(args.select, WORKLOAD_NAMES, "--select")
     levels = [int(c) for c in args.concurrency.split(",")]
     if any(c < 1 for c in levels) or len(set(levels)) != len(levels):
@@ -668,8 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      and jax.default_backend() == "gpu" and not args.save_workloads)))
     if run_cost:
         from arctic_jax.speculative.config import SpeculativeConfig
-        ks = [SpeculativeConfig.from_dict(c).num_speculative_tokens
-              for m, c in method_configs(args.ngram_k).items() if m in methods and c is not None]
+        ks = [SpeculativeConfig.from_dict(c).num_speculative_tokens or 3
+              for m, c in method_configs(args.ngram_k, args.draft_model).items()
+              if m in methods and c is not None]
         cost = verify_cost(args.verify_model, verify_tokens(args.verify_tokens, max(ks, default=4)),
                            args.verify_context, args.verify_iters)
         if args.save_verify_cost:

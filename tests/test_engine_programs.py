@@ -65,7 +65,27 @@ def test_sampler_programs_have_no_control_flow_on_cuda(runner, mode, verify):
     flat, layout = pack(inputs.sampler)
     logits = jax.random.normal(jax.random.PRNGKey(0), (8, CFG.vocab_size), jnp.float32)
     program = jit_sampler_step(mode, runner.num_top_logprobs, verify)
-    traced = program.trace(logits, runner.token_buffer, flat, layout)
+    draft_q = jnp.zeros((16, CFG.vocab_size), jnp.float32) if verify else None  # a draft model's q
+    traced = program.trace(logits, runner.token_buffer, draft_q, flat, layout)
+    assert _control_flow(traced.lower(lowering_platforms=("cuda",)).as_text()) == {}
+
+
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("mode", list(SamplingMode))
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_draft_programs_have_no_control_flow_on_cuda(runner, mode, verify, kind):
+    """The draft model's program (Arctic's speculator), every sampling mode."""
+    from arctic_jax.engine.programs import jit_draft_program
+    from arctic_jax.speculative import draft_model as dm
+
+    cfg = dm.DraftModelConfig(kind, 3, CFG.vocab_size, CFG.hidden_size, 16, tie_weights=kind == "lstm")
+    weights = dm.random_weights(cfg, jax.random.PRNGKey(1))
+    inputs = runner.inputs.dummy(32, 16, draft_mode=mode)
+    flat, layout = pack(inputs.draft)
+    cols = 2 + 2 * runner.num_top_logprobs + verify
+    program = jit_draft_program(cfg, 3, mode, 4, cols - 1 if verify else None)
+    traced = program.trace(weights, jnp.ones((8, CFG.hidden_size)), jnp.zeros((8, cols), jnp.int32),
+                           jnp.zeros((8 * 3, CFG.vocab_size)), flat, layout)
     assert _control_flow(traced.lower(lowering_platforms=("cuda",)).as_text()) == {}
 
 

@@ -39,11 +39,15 @@ def test_known_methods_not_supported_yet(method):
 
 
 @pytest.mark.parametrize("d, message", [
+    ({"method": "ngram", "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1},
+     "unknown key\\(s\\) 'draft_tensor_parallel_size'; accepted keys: method, num_speculative_tokens, "
+     "disable_by_batch_size, hard_disable_by_batch_size, prompt_lookup_max, prompt_lookup_min, "
+     "suffix_cache_max_depth"),
     ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"},
-     "unknown key\\(s\\) 'model'; accepted keys: method, num_speculative_tokens, disable_by_batch_size, "
-     "hard_disable_by_batch_size, prompt_lookup_max, prompt_lookup_min, suffix_cache_max_depth"),
+     "model applies to method 'arctic', not 'ngram'"),
     ({"method": "telepathy", "num_speculative_tokens": 3},
-     "unknown method 'telepathy'; supported: ngram, suffix; not supported yet: arctic"),
+     "unknown method 'telepathy'; supported: ngram, suffix, arctic, mlp_speculator; not supported "
+     "yet: draft_model"),
     ({"method": "ngram", "num_speculative_tokens": 3, "suffix_cache_max_depth": 8},
      "suffix_cache_max_depth applies to method 'suffix', not 'ngram'"),
     ({"method": "suffix", "prompt_lookup_max": 3},

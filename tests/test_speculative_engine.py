@@ -406,10 +406,10 @@ def _record_trees(engine):
     engine.scheduler.trees_seen = []
     original = engine.scheduler._make_chunk
 
-    def make_chunk(request, n, draft=(), parents=None):
+    def make_chunk(request, n, draft=(), parents=None, *args):
         if parents is not None and draft:
             engine.scheduler.trees_seen.append(parents)
-        return original(request, n, draft, parents)
+        return original(request, n, draft, parents, *args)
     engine.scheduler._make_chunk = make_chunk
     return engine
 

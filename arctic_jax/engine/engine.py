@@ -6,6 +6,7 @@ detokenization run while the device computes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -31,7 +32,7 @@ from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, StepUpdate
 from arctic_jax.kv_cache import bytes_per_page
 from arctic_jax.pytree import tree_nbytes
 from arctic_jax.sampling import SamplingParams
-from arctic_jax.speculative.factory import make_proposer
+from arctic_jax.speculative.factory import load_checked_draft_model, make_proposer
 from arctic_jax.speculative.stats import SpeculationStats
 from arctic_jax.speculative.verify import preorder
 
@@ -62,9 +63,15 @@ class LLMEngine:
         self.scheduler = Scheduler(self.sched_config, eos_token_ids=eos)
         attention_impl = config.attention_impl or default_attention_impl()
         spec_cfg = config.speculative_config
+        draft_model = None
+        if spec_cfg is not None and spec_cfg.uses_draft_model:
+            draft_model = load_checked_draft_model(spec_cfg.model, cfg, dtype)
+            spec_cfg = spec_cfg.with_draft_tokens(draft_model[0].n_predict)
+            self.config = config = dataclasses.replace(config, speculative_config=spec_cfg)
+        self.speculative = spec_cfg is not None
         self.proposer = make_proposer(spec_cfg) if spec_cfg is not None else None
         self._tree_drafts = bool(spec_cfg is not None and spec_cfg.suffix_use_tree_spec)
-        rows_per_seq = 1 + spec_cfg.num_speculative_tokens if spec_cfg is not None else 1
+        rows_per_seq = 1 + spec_cfg.max_draft_tokens if spec_cfg is not None else 1
         self.runner = ModelRunner(spec, cfg, weights, self.sched_config, dtype=kv_dtype,
                                   attention_impl=attention_impl,
                                   num_top_logprobs=config.max_logprobs,
@@ -75,11 +82,14 @@ class LLMEngine:
                                       config, attention_impl, dtype, cfg.head_dim),
                                   max_logits_rows=self.sched_config.max_num_seqs * rows_per_seq,
                                   speculative=spec_cfg is not None,
-                                  tree_attention=self._tree_drafts)
+                                  tree_attention=self._tree_drafts,
+                                  draft_model=draft_model,
+                                  draft_tokens=spec_cfg.num_speculative_tokens if draft_model else 0,
+                                  max_rows_per_seq=rows_per_seq)
         self.metrics = EngineMetrics()
         self.spec_stats = SpeculationStats()
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._inflight: tuple[ScheduledStep, Any, str] | None = None
+        self._inflight: tuple[ScheduledStep, Any, str, bool] | None = None
         self._counter = 0
         log.info("KV cache: %d pages of %d tokens (%.2f GiB)", self.sched_config.num_pages,
                  self.sched_config.page_size,
@@ -155,8 +165,9 @@ class LLMEngine:
         step = self.scheduler.schedule()
         launched = None
         if step.chunks:
-            packed, variant = self.runner.dispatch(step)
-            launched = (step, packed, variant)
+            drafted = self.runner.draft_cfg is not None and bool(self._drafters())
+            packed, variant = self.runner.dispatch(step, drafted)
+            launched = (step, packed, variant, drafted)
         if read is not None:
             outputs = self._emit(*read)
         if self._inflight is not None:
@@ -166,15 +177,15 @@ class LLMEngine:
         return outputs
 
     def _may_speculate(self, request: Request) -> bool:
-        """Every request speculates when a proposer is configured: verification is exact for
+        """Every request speculates when speculation is configured: verification is exact for
         greedy and for sampled requests (rejection sampling on the device)."""
-        return self.proposer is not None
+        return self.speculative
 
     def _drafters(self) -> list[Request]:
         """The running requests allowed to draft now: all of them, none while more requests run
         than ``hard_disable_by_batch_size``, and only the first N running while more than
         ``disable_by_batch_size`` = N run."""
-        if self.proposer is None:
+        if not self.speculative:
             return []
         cfg = self.config.speculative_config
         running = self.scheduler.running
@@ -200,6 +211,9 @@ class LLMEngine:
         if not ready:
             return
         k = self.config.speculative_config.num_speculative_tokens
+        if self.runner.draft_cfg is not None:
+            self._propose_with_model(ready)
+            return
         if self._tree_drafts:
             for request, d in zip(ready, self.proposer.propose_drafts(ready, k), strict=True):
                 request.spec_tokens, request.spec_parents = preorder(d.token_ids[:k], d.parents[:k])
@@ -207,14 +221,36 @@ class LLMEngine:
         for request, draft in zip(ready, self.proposer.propose(ready, k), strict=True):
             request.spec_tokens = list(draft)[:k]
 
-    def _read_step(self, step: ScheduledStep, packed: Any,
-                   variant: str) -> tuple[ScheduledStep, StepUpdate, str, float]:
-        """Wait for a step's result and apply its tokens to the scheduler."""
+    def _propose_with_model(self, ready: list[Request]) -> None:
+        """Draft-model drafts (read back with the request's last step), or with suffix decoding
+        on the suffix draft where it scores at least ``n_predict`` (Arctic's rule)."""
+        cfg = self.config.speculative_config
+        suffix: Sequence[Any] = [None] * len(ready)
+        if self.proposer is not None:
+            suffix = self.proposer.propose_drafts(ready, cfg.suffix_speculative_tokens)
+        n_predict = self.runner.draft_cfg.n_predict
+        for request, d in zip(ready, suffix, strict=True):
+            if d is not None and d.token_ids and d.score >= n_predict:
+                request.spec_tokens = list(d.token_ids)
+            elif request.model_draft:
+                request.spec_tokens = request.model_draft[:cfg.num_speculative_tokens]
+                request.spec_from_model = True
+            request.model_draft = []
+
+    def _read_step(self, step: ScheduledStep, packed: Any, variant: str,
+                   drafted: bool) -> tuple[ScheduledStep, StepUpdate, str, float]:
+        """Wait for a step's result and apply its tokens to the scheduler (and keep the draft
+        model's proposals of requests whose next chunk starts from this step's tokens)."""
         verify = any(c.draft for c in step.chunks)
-        result = self.runner.fetch(packed, step.num_logits, verify)
+        result = self.runner.fetch(packed, step.num_logits, verify, drafted)
         now = time.monotonic()
         update = self.scheduler.update(step, result.tokens, result.logprobs, result.top_logprobs,
                                        result.accepted)
+        if self.runner.draft_cfg is not None:
+            for e, chunk in enumerate(c for c in step.chunks if c.sample):
+                request = chunk.request
+                fresh = drafted and not request.finished and request.pending == 0
+                request.model_draft = [int(t) for t in result.drafts[e]] if fresh else []
         return step, update, variant, now
 
     def _emit(self, step: ScheduledStep, update: StepUpdate, variant: str,
@@ -239,7 +275,7 @@ class LLMEngine:
             outputs.append(self._output(request, detok, len(new_ids)))
             if request.finished:
                 self._on_finish(request)
-        if self.proposer is not None:
+        if self.speculative:
             self._record_speculation(step, update, kept)
         self.metrics.on_tokens(num_generated, step.num_tokens, variant)
         return outputs

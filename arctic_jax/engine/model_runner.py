@@ -24,7 +24,7 @@ from arctic_jax.batch import Buckets
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine import calibration
 from arctic_jax.engine.packing import pack
-from arctic_jax.engine.programs import jit_model_step, jit_sampler_step
+from arctic_jax.engine.programs import jit_draft_program, jit_model_step, jit_sampler_step
 from arctic_jax.engine.scheduler import ScheduledStep, SchedulerConfig
 from arctic_jax.engine.step_inputs import StepInputBuilder, StepInputs
 from arctic_jax.engine.step_result import StepResult, fetch_result
@@ -62,7 +62,12 @@ class ModelRunner:
                  page_buckets: tuple[int, ...] | None = None,
                  parallel: ParallelConfig | None = None,
                  contiguous_prefill_min_tokens: int = 0, max_logits_rows: int | None = None,
-                 speculative: bool = False, tree_attention: bool = False):
+                 speculative: bool = False, tree_attention: bool = False,
+                 draft_model: tuple[Any, Any] | None = None, draft_tokens: int = 0,
+                 max_rows_per_seq: int = 1):
+        """``draft_model``: (``DraftModelConfig``, weights) of a draft model that proposes
+        ``draft_tokens`` tokens after every sampled chunk (its programs follow the sampler's);
+        ``max_rows_per_seq``: the most logits rows one chunk asks for."""
         self.sched = sched
         self.num_top_logprobs = num_top_logprobs
         self.parallel = parallel
@@ -81,8 +86,23 @@ class ModelRunner:
             token_buckets = tuple(sorted({-(-t // sp) * sp for t in token_buckets}))
         self.routes = {False: PagedAttention(attention_impl),
                        True: ContiguousCausalAttention(attention_impl)}
-        self._programs = {(v, c): jit_model_step(spec, dep, v, route)
+        keep_hidden = draft_model is not None
+        self._programs = {(v, c): jit_model_step(spec, dep, v, route, keep_hidden)
                           for v in self.variants for c, route in self.routes.items()}
+        self.draft_cfg = self.draft_weights = self.draft_q = None
+        self.draft_tokens = draft_tokens if draft_model is not None else 0
+        self._draft_programs = {}
+        if draft_model is not None:
+            self.draft_cfg, weights = draft_model
+            self.draft_weights = jax.device_put(weights, dep.replicated)
+            self.draft_q = jax.device_put(
+                jnp.zeros((sched.max_num_seqs * draft_tokens, self.draft_cfg.vocab_size),
+                          jnp.float32), dep.replicated)
+            result_cols = 2 + 2 * num_top_logprobs
+            self._draft_programs = {
+                (m, v): jit_draft_program(self.draft_cfg, draft_tokens, m, max_rows_per_seq,
+                                          result_cols if v else None)
+                for m in SamplingMode for v in (False, True)}
         # Sampler programs by (mode, verify); the verify variants only with speculation on.
         self.speculative = speculative
         self._samplers = {(m, v): jit_sampler_step(m, num_top_logprobs, v)
@@ -99,7 +119,7 @@ class ModelRunner:
                                           "pages per sequence (max_model_len / page_size)"),
                           max_logits_rows=max_logits_rows)
         self.inputs = StepInputBuilder(buckets, sched.page_size, contiguous_prefill_min_tokens,
-                                       tree=tree_attention)
+                                       tree=tree_attention, draft_k=self.draft_tokens)
         self.token_buffer = jax.device_put(jnp.zeros((sched.max_num_seqs,), jnp.int32),
                                            dep.replicated)
         self.calibration: list[calibration.Row] = []
@@ -133,23 +153,31 @@ class ModelRunner:
         """
         flat, layout = pack(inputs.model)
         program = self._programs[variant, inputs.contiguous]
-        self.cache, logits = program(self.weights[variant], self.cache, self.token_buffer, flat,
-                                     layout)
+        out = program(self.weights[variant], self.cache, self.token_buffer, flat, layout)
+        self.cache, logits = out[:2]
         self.num_contiguous_steps += inputs.contiguous
         flat, layout = pack(inputs.sampler)
         self.token_buffer, packed = self._samplers[inputs.mode, inputs.verify](
-            logits, self.token_buffer, flat, layout)
+            logits, self.token_buffer, self.draft_q, flat, layout)
+        if inputs.draft is not None:
+            flat, layout = pack(inputs.draft)
+            self.draft_q, packed = self._draft_programs[inputs.draft_mode, inputs.verify](
+                self.draft_weights, out[2], packed, self.draft_q, flat, layout)
         return packed
 
-    def dispatch(self, step: ScheduledStep) -> tuple[jax.Array, str]:
-        """Launch a step asynchronously; returns the packed device result and the variant."""
+    def dispatch(self, step: ScheduledStep, draft: bool = False) -> tuple[jax.Array, str]:
+        """Launch a step asynchronously (``draft``: and the draft program after it); returns the
+        packed device result and the variant."""
         variant = self.variant_for(step.num_tokens)
-        return self._run(variant, self.inputs.build(step)), variant
+        return self._run(variant, self.inputs.build(step, draft and self.draft_cfg is not None)), variant
 
-    def fetch(self, packed: jax.Array, num_rows: int, verify: bool = False) -> StepResult:
+    def fetch(self, packed: jax.Array, num_rows: int, verify: bool = False,
+              drafted: bool = False) -> StepResult:
         """Wait for a dispatched step and copy its first ``num_rows`` result rows to the host
-        (``verify``: the step verified drafts, its result carries the accepted flags)."""
-        return fetch_result(packed, num_rows, self.num_top_logprobs, verify)
+        (``verify``: the step verified drafts, its result carries the accepted flags;
+        ``drafted``: the draft program ran, the result carries its proposals)."""
+        return fetch_result(packed, num_rows, self.num_top_logprobs, verify,
+                            self.draft_tokens if drafted else 0)
 
     # ----------------------------------------------------------------- warm-up
     def warmup(self, progress: bool = True) -> float:
@@ -172,9 +200,10 @@ class ModelRunner:
         for variant in self.variants:  # every sampler mode after each variant's logits
             for R in rows:
                 T = next(t for t in self.buckets.tokens if R in self.buckets.rows_for(t))
-                for mode, verify in self._samplers:
-                    packed = self._run(variant, self.inputs.dummy(T, self.buckets.pages[0], R,
-                                                                  mode=mode, verify=verify))
+                for mode, verify in self._samplers:   # each draft program after its sampler
+                    packed = self._run(variant, self.inputs.dummy(
+                        T, self.buckets.pages[0], R, mode=mode, verify=verify,
+                        draft_mode=mode if self.draft_cfg is not None else None))
         if packed is not None:
             packed.block_until_ready()
         if self.needs_calibration:

@@ -49,6 +49,8 @@ class Request:
     first_token_time: float | None = None
     spec_tokens: list[int] = dataclasses.field(default_factory=list)  # drafts for the next step
     spec_parents: list[int] | None = None   # a draft tree's parents (-1: the last token); None: a path
+    spec_from_model: bool = False  # spec_tokens came from the draft model (verified against its q)
+    model_draft: list[int] = dataclasses.field(default_factory=list)  # the draft model's last proposal
 
     @property
     def all_ids(self) -> list[int]:

@@ -75,6 +75,7 @@ class ScheduledChunk:
     sample: bool                   # this chunk reaches the end: sample the next token
     draft: tuple[int, ...] = ()    # draft tokens appended after the last token (verify them)
     draft_parents: tuple[int, ...] | None = None   # a draft tree's parents (-1: the last token)
+    draft_from_model: bool = False  # the drafts came from the draft model (its q verifies them)
 
     @property
     def num_logits(self) -> int:
@@ -170,10 +171,12 @@ class Scheduler:
             n = min(self._tokens_to_compute(request), budget)
             if n <= 0:
                 request.spec_tokens = []
+                request.spec_from_model = False
                 i += 1
                 continue
             # drafts leave one token of budget to each running request after this one, and take
             # only pages that are free (they never preempt another request)
+            from_model = request.spec_from_model
             draft, parents = self._draft_for(request, n, budget - (len(self.running) - i - 1))
             if draft:
                 spare = ((len(request.pages) + self.allocator.num_free()) * self.config.page_size
@@ -183,7 +186,7 @@ class Scheduler:
             end = request.num_computed + n + len(draft)
             if not self._reserve_pages(request, end, preempted, scheduled_ids):
                 continue  # request itself was preempted; running[i] is now the next one
-            chunks.append(self._make_chunk(request, n, draft, parents))
+            chunks.append(self._make_chunk(request, n, draft, parents, from_model))
             scheduled_ids.add(request.request_id)
             budget -= n + len(draft)
             i += 1
@@ -210,6 +213,7 @@ class Scheduler:
         first drafts, which is again a tree."""
         draft, request.spec_tokens = request.spec_tokens, []
         parents, request.spec_parents = request.spec_parents, None
+        request.spec_from_model = False
         if not draft or request.pending or request.num_computed + n != request.num_tokens:
             return (), None
         room = max(min(budget - n, request.params.max_tokens - request.num_generated - 1,
@@ -276,7 +280,8 @@ class Scheduler:
         return True
 
     def _make_chunk(self, request: Request, n: int, draft: tuple[int, ...] = (),
-                    parents: tuple[int, ...] | None = None) -> ScheduledChunk:
+                    parents: tuple[int, ...] | None = None,
+                    from_model: bool = False) -> ScheduledChunk:
         start = request.num_computed
         end = start + n
         known = request.num_known
@@ -290,7 +295,8 @@ class Scheduler:
             request.pending += 1
         return ScheduledChunk(request=request, start=start, num_tokens=n + len(draft),
                               host_tokens=host + draft, from_slot=from_slot, sample=sample,
-                              draft=draft, draft_parents=parents if draft else None)
+                              draft=draft, draft_parents=parents if draft else None,
+                              draft_from_model=from_model and bool(draft))
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's pages; it is recomputed from scratch later."""
@@ -301,6 +307,8 @@ class Scheduler:
         request.num_registered_pages = 0
         request.spec_tokens = []
         request.spec_parents = None
+        request.spec_from_model = False
+        request.model_draft = []
         self._release_slot(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1

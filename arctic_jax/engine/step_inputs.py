@@ -33,6 +33,18 @@ class SamplerInputs:
     sample_slot: jax.Array     # [R] int32 token-buffer row that receives the sampled token, or -1
     sampling: SamplingTensors  # [R] rows
     draft: jax.Array           # [R] int32 the draft token row r verifies, or -1 (none)
+    q_row: jax.Array           # [R] int32 draft-q buffer row of the draft's distribution, or -1
+
+
+@pytree_dataclass
+class DraftInputs:
+    """Per-step inputs of the draft program: E = min(R, max_num_seqs) entries, one per sampled
+    chunk, in order (padding entries after them)."""
+
+    first_row: jax.Array       # [E] int32 the chunk's first logits row
+    num_rows: jax.Array        # [E] int32 its logits rows (1 + drafts verified); 0: padding
+    q_slot: jax.Array          # [E] int32 first draft-q row for its drafts, or -1 (padding)
+    sampling: SamplingTensors  # [E] the request's sampling, step = its first draft's step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +57,8 @@ class StepInputs:
     mode: SamplingMode
     contiguous: bool = False
     verify: bool = False       # some row verifies a draft: the sampler's rejection-sampling variant
+    draft: DraftInputs | None = None   # run the draft program after the sampler
+    draft_mode: SamplingMode = SamplingMode.GREEDY
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +77,7 @@ class StepInputBuilder:
     page_size: int
     contiguous_min_tokens: int = 0   # token buckets >= this have a contiguous route; 0: none
     tree: bool = False               # batches carry tree-attention bits (draft-tree verification)
+    draft_k: int = 0                 # a draft model's tokens per step (0: no draft model)
 
     def contiguous_bucket(self, num_tokens_padded: int) -> bool:
         """Whether this token bucket has a contiguous-prefill program."""
@@ -75,7 +90,8 @@ class StepInputBuilder:
         return (self.contiguous_bucket(num_tokens_padded) and len(step.chunks) == 1
                 and step.chunks[0].start == 0 and not step.chunks[0].from_slot)
 
-    def build(self, step: ScheduledStep) -> StepInputs:
+    def build(self, step: ScheduledStep, draft: bool = False) -> StepInputs:
+        """The step's inputs; ``draft``: run the draft program for its sampled chunks."""
         chunks, rows = [], []   # rows: (chunk, depth of the row's token after the last one)
         for c in step.chunks:
             first = c.num_tokens - c.num_logits
@@ -109,18 +125,54 @@ class StepInputBuilder:
             seeds=[c.request.seed for c, _ in rows], num_rows=R)
         # row i of [last, d1..dk] verifies d_{i+1}; a tree's rows verify nothing on the device
         # (the host walks the tree along the rows' ordinary tokens)
-        draft = np.full(R, -1, np.int32)
-        draft[:len(rows)] = [c.draft[i] if i < len(c.draft) and c.draft_parents is None else -1
-                             for c, i in rows]
+        drafts = np.full(R, -1, np.int32)
+        drafts[:len(rows)] = [c.draft[i] if i < len(c.draft) and c.draft_parents is None else -1
+                              for c, i in rows]
+        q_row = np.full(R, -1, np.int32)
+        q_row[:len(rows)] = [c.request.token_slot * self.draft_k + i
+                             if i < len(c.draft) and c.draft_from_model else -1 for c, i in rows]
+        draft_inputs, draft_mode = (self._draft_inputs(step, self.num_entries(R)) if draft
+                                    else (None, SamplingMode.GREEDY))
         return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
                           sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling,
-                                                draft=draft),
+                                                draft=drafts, q_row=q_row),
                           mode=SamplingMode.for_params(params),
                           contiguous=self.uses_contiguous(step, T),
-                          verify=any(c.draft for c in step.chunks))
+                          verify=any(c.draft for c in step.chunks),
+                          draft=draft_inputs, draft_mode=draft_mode)
+
+    def num_entries(self, R: int) -> int:
+        """Draft entries of a step with R logits rows: at most one per sequence."""
+        return min(R, self.buckets.seqs[0])
+
+    def _draft_inputs(self, step: ScheduledStep, R: int) -> tuple[DraftInputs, SamplingMode]:
+        """One draft entry per sampled chunk: its rows, q-buffer rows and sampling, with the step
+        of the token after the chunk's first sampled one (the draft program adds the accepted
+        count)."""
+        sampled, first = [], []
+        row = 0
+        for c in step.chunks:
+            if c.sample:
+                sampled.append(c)
+                first.append(row)
+            row += c.num_logits
+        n = len(sampled)
+        first_row = np.zeros(R, np.int32)
+        num_rows = np.zeros(R, np.int32)
+        q_slot = np.full(R, -1, np.int32)
+        first_row[:n] = first
+        num_rows[:n] = [c.num_logits for c in sampled]
+        q_slot[:n] = [c.request.token_slot * self.draft_k for c in sampled]
+        params = [c.request.params for c in sampled]
+        sampling = SamplingTensors.from_params(
+            params, steps=[c.request.num_generated for c in sampled],
+            seeds=[c.request.seed for c in sampled], num_rows=R)
+        return (DraftInputs(first_row=first_row, num_rows=num_rows, q_slot=q_slot, sampling=sampling),
+                SamplingMode.for_params(params))
 
     def dummy(self, T: int, MP: int, R: int | None = None, mode: SamplingMode = SamplingMode.GREEDY,
-              contiguous: bool = False, verify: bool = False) -> StepInputs:
+              contiguous: bool = False, verify: bool = False,
+              draft_mode: SamplingMode | None = None) -> StepInputs:
         """All-padding inputs of one bucket shape (they write no KV slot and no buffer row)."""
         S = self.buckets.seqs[0]
         R = S if R is None else R
@@ -131,10 +183,18 @@ class StepInputBuilder:
                           logits_indices=np.zeros(R, np.int32),
                           lookback=np.full(T, ALL_VISIBLE, np.int32) if self.tree else None)
         sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=R)
+        none = np.full(R, -1, np.int32)
+        draft = None
+        if draft_mode is not None:
+            E = self.num_entries(R)
+            draft = DraftInputs(first_row=np.zeros(E, np.int32), num_rows=np.zeros(E, np.int32),
+                                q_slot=none[:E], sampling=SamplingTensors.from_params(
+                                    [], steps=[], seeds=[], num_rows=E))
         return StepInputs(model=ModelInputs(batch=batch, token_src=np.full(T, -1, np.int32)),
-                          sampler=SamplerInputs(sample_slot=np.full(R, -1, np.int32),
-                                                sampling=sampling, draft=np.full(R, -1, np.int32)),
-                          mode=mode, contiguous=contiguous, verify=verify)
+                          sampler=SamplerInputs(sample_slot=none, sampling=sampling, draft=none,
+                                                q_row=none),
+                          mode=mode, contiguous=contiguous, verify=verify, draft=draft,
+                          draft_mode=draft_mode or SamplingMode.GREEDY)
 
     def shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every (T, MP, R, contiguous) model-program shape a run may use."""

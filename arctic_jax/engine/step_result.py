@@ -15,12 +15,14 @@ class StepResult:
     logprobs: np.ndarray              # [n] float32
     top_logprobs: list[list[tuple[int, float]]] | None
     accepted: np.ndarray | None = None   # [n] bool: the row accepted its draft (verify steps)
+    drafts: np.ndarray | None = None     # [n, k] int32: row e holds sampled chunk e's model draft
 
 
 def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int,
-                 verify: bool = False) -> StepResult:
+                 verify: bool = False, num_drafts: int = 0) -> StepResult:
     """Wait for a step's packed int32 result [R, 2 + 2 * num_top (+ 1 accepted flag when
-    ``verify``)] and copy its first ``num_rows`` rows to the host (one transfer)."""
+    ``verify``) (+ ``num_drafts`` draft-model tokens)] and copy its first ``num_rows`` rows to
+    the host (one transfer)."""
     host = np.asarray(jax.device_get(packed))[:num_rows]
     tokens = host[:, 0].copy()
     logprobs = host[:, 1].view(np.float32).copy()
@@ -31,4 +33,6 @@ def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int,
         lps = host[:, 2 + n:2 + 2 * n].view(np.float32)
         top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r], strict=True)] for r in range(num_rows)]
     accepted = host[:, 2 + 2 * n].astype(bool) if verify else None
-    return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top, accepted=accepted)
+    drafts = host[:, host.shape[1] - num_drafts:].copy() if num_drafts else None
+    return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top, accepted=accepted,
+                      drafts=drafts)

@@ -8,6 +8,10 @@ is p(d), and the residual norm(max(0, p - q)) is p with d removed, renormalised.
 Emitting d when accepted and a residual sample otherwise gives a token distributed
 exactly as p: P(x) = p(d) 1[x = d] + (1 - p(d)) p(x) 1[x != d] / (1 - p(d)) = p(x).
 
+A draft model's draft is not one-hot: its token d was drawn from the model's q (shaped
+like p), so the test is min(1, p(d) / q(d)) and the residual norm(max(0, p - q));
+``verify_rows`` takes each such row's log q in ``draft_logq``.
+
 ``verify_rows`` does one step's rows on the device; ``accept_run`` walks one
 request's chunk on the host. p is the sampler's shaped distribution
 (``arctic_jax.sampling.shaped_logits``: temperature, top-k, top-p, min-p); greedy
@@ -50,7 +54,8 @@ def _uniform_rows(seed: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def verify_rows(logits: jax.Array, t: SamplingTensors, draft: jax.Array,
-                mode: SamplingMode = SamplingMode.FILTERED) -> tuple[jax.Array, jax.Array]:
+                mode: SamplingMode = SamplingMode.FILTERED, draft_logq: jax.Array | None = None,
+                has_q: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Verify one one-hot draft token per row; returns (tokens [R] int32, accepted [R] bool).
 
     ``logits`` [R, V] f32, ``t`` the rows' sampling tensors (R rows, ``t.step[r]``
@@ -63,6 +68,9 @@ def verify_rows(logits: jax.Array, t: SamplingTensors, draft: jax.Array,
     - greedy row with a draft: accepted iff d == argmax; ``tokens`` is the argmax;
     - row without a draft: ``tokens`` is an ordinary draw from p (the same token
       ``sampling.sample`` gives the row), accepted False.
+    ``draft_logq`` [R, V] f32 with ``has_q`` [R] bool: the sampled rows where ``has_q`` holds
+    verify a draft drawn from q = exp(draft_logq) (accepted iff u * q(d) < p(d); otherwise
+    ``tokens`` is a draw from max(0, p - q), or from p where that has no mass).
     Draft values must lie in [-1, V); this cannot be checked on traced values.
     """
     r, v = check_logits_rows("verify_rows", logits, t)
@@ -82,10 +90,21 @@ def verify_rows(logits: jax.Array, t: SamplingTensors, draft: jax.Array,
     greedy = t.temperature < GREEDY_TEMPERATURE
     masked = shaped_logits(logits, t, greedy, filtered=mode is SamplingMode.FILTERED)
     d = jnp.where(has_draft, draft, 0)
-    p_d = jnp.take_along_axis(jax.nn.softmax(masked, axis=-1), d[:, None], axis=-1)[:, 0]
-    accepted = has_draft & (_uniform_rows(t.seed, t.step) < p_d)
+    p = jax.nn.softmax(masked, axis=-1)
+    p_d = jnp.take_along_axis(p, d[:, None], axis=-1)[:, 0]
+    u = _uniform_rows(t.seed, t.step)
+    accepted = has_draft & (u < p_d)
     is_d = has_draft[:, None] & (jnp.arange(v, dtype=jnp.int32)[None, :] == d[:, None])
     residual = jnp.where(is_d, -jnp.inf, masked)
+    if draft_logq is not None:
+        with_q = has_draft & has_q
+        q = jnp.exp(draft_logq.astype(jnp.float32))
+        q_d = jnp.take_along_axis(q, d[:, None], axis=-1)[:, 0]
+        accepted = jnp.where(with_q, u * q_d < p_d, accepted)
+        excess = jnp.maximum(p - q, 0.0)
+        has_mass = jnp.sum(excess, axis=-1, keepdims=True) > 0
+        q_residual = jnp.where(has_mass, jnp.where(excess > 0, jnp.log(excess), -jnp.inf), masked)
+        residual = jnp.where(with_q[:, None], q_residual, residual)
     drawn = jnp.argmax(residual + gumbel_rows(t.seed, t.step, v), axis=-1).astype(jnp.int32)
     return jnp.where(greedy, top, drawn), jnp.where(greedy, greedy_accept, accepted)
 
