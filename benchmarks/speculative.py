@@ -689,8 +689,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default=None, help="token ids written by --save-workloads")
     p.add_argument("--save-workloads", default=None, help="tokenize every workload to this file and exit")
     p.add_argument("--select", default=",".join(WORKLOAD_NAMES), help="workloads to run, comma-separated")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES),
-                   help="comma-separated: " + ", ".join(METHOD_NAMES))
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: " + ", ".join(METHOD_NAMES) + " (default: all; arctic and "
+                        "arctic+suffix only with --draft-model)")
     p.add_argument("--num-prompts", type=int, default=32, help="HumanEval problems (chains) per workload")
     p.add_argument("--repeats", type=int, default=4, help="iterations per agent loop (repeated workload)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -737,7 +738,8 @@ def _names(text: str, allowed: Sequence[str], flag: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    methods = _names(args.methods, METHOD_NAMES, "--methods")
+    default_methods = [m for m in METHOD_NAMES if args.draft_model or m not in DRAFT_METHODS]
+    methods = _names(args.methods or ",".join(default_methods), METHOD_NAMES, "--methods")
     methods = sorted(methods, key=METHOD_NAMES.index)          # none first: the others compare with it
     if any(m in DRAFT_METHODS for m in methods) and not args.draft_model:
         raise SystemExit(f"--methods {','.join(m for m in methods if m in DRAFT_METHODS)} needs "
