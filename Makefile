@@ -32,7 +32,7 @@ lint: setup-test
 	$(VENV)/bin/lint-imports
 
 test: setup-test lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV)

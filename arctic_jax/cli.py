@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from arctic_jax import generate_command
 from arctic_jax.bench import cli_commands as bench_command
 from arctic_jax.serving import cli_commands as serve_command
+from arctic_jax.training import cli_command as train_command
 
 # Each command module registers its subcommand; none imports jax, FastAPI or uvicorn until it runs.
-COMMANDS = (generate_command, serve_command, bench_command)
+COMMANDS = (generate_command, serve_command, bench_command, train_command)
 
 
 def _setup(args: argparse.Namespace) -> None:

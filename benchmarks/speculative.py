@@ -81,18 +81,18 @@ WORKLOAD_NAMES = ("humaneval-rewrite", "humaneval-typehints", "humaneval-docstri
 METHOD_NAMES = ("none", "ngram", "suffix", "suffix-tree", "arctic", "arctic+suffix")
 DRAFT_METHODS = ("arctic", "arctic+suffix")
 # Open chat: varied one-turn instructions that repeat nothing (none is among the speculator's
-# training instructions, arctic_jax/training/instructions.py; a test checks).
+# training instructions, arctic_jax/training/prompts.py; a test checks).
 OPEN_CHAT = (
     "Why do cats purr, and do they only purr when they are happy?",
     "Give me three tips for sleeping better during a heat wave.",
     "What was the main cause of the fall of the Western Roman Empire?",
     "Describe the taste of a ripe mango to someone who has never eaten one.",
-    "How does a refrigerator keep food cold?",
+    "Why does bread go stale faster in the fridge?",
     "Suggest a name for a bakery that only sells sourdough bread.",
     "What should I pack for a two-day hike in the mountains in autumn?",
     "Explain the offside rule in football in plain words.",
     "Write a limerick about a forgetful wizard.",
-    "What is the difference between weather and climate?",
+    "How do submarines dive and come back up?",
     "How can I politely decline a wedding invitation?",
     "Why is the ocean salty but rivers are not?",
     "Plan a vegetarian dinner for four people on a small budget.",

@@ -271,3 +271,18 @@ def test_arctic_config_errors(tiny_weights, tmp_path):
         tiny_engine(tiny_weights, {"method": "arctic", "model": bad})
     with pytest.raises(FileNotFoundError):
         tiny_engine(tiny_weights, {"method": "arctic", "model": str(tmp_path / "missing")})
+
+
+def test_open_chat_benchmark_prompts_are_not_training_prompts():
+    """The benchmark's open-chat workload measures drafts on instructions the speculator never saw."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from arctic_jax.training.prompts import instruction_prompts
+    from benchmarks.speculative import OPEN_CHAT
+
+    training = {p.strip().lower() for p in instruction_prompts()}
+    assert len(OPEN_CHAT) == 64 and len(set(OPEN_CHAT)) == 64
+    assert not [q for q in OPEN_CHAT if q.strip().lower() in training]
+    assert not [q for q in OPEN_CHAT if any(q.lower() in t for t in training)]

@@ -30,7 +30,7 @@ for name in {BLOCKED!r}:
 from arctic_jax import cli
 parser = cli.build_parser()
 sub = next(a for a in parser._actions if a.dest == "command")
-assert list(sub.choices) == ["generate", "serve", "bench"], list(sub.choices)
+assert list(sub.choices) == ["generate", "serve", "bench", "train-speculator"], list(sub.choices)
 args = parser.parse_args(["generate", "--prompt", "hi", "--token-buckets", "8,16"])
 assert args.func.__name__ == "cmd_generate" and args.token_buckets == (8, 16)
 args = parser.parse_args(["bench", "--random-weights", "tiny", "--concurrency", "1,4"])
@@ -61,7 +61,7 @@ def _imported_modules(path: str) -> set[str]:
 
 def test_cli_imports_its_commands_statically_and_they_do_not_import_it_back():
     commands = ["arctic_jax/generate_command.py", "arctic_jax/serving/cli_commands.py",
-                "arctic_jax/bench/cli_commands.py"]
+                "arctic_jax/bench/cli_commands.py", "arctic_jax/training/cli_command.py"]
     for path in commands:
         assert "arctic_jax.cli" not in _imported_modules(os.path.join(REPO_ROOT, path)), path
     cli_imports = _imported_modules(os.path.join(REPO_ROOT, "arctic_jax/cli.py"))

@@ -28,3 +28,10 @@ def test_speculative_decoding_notebook_runs():
     outputs = _run_notebook("speculative_decoding.ipynb")
     assert "speculative decoding: greedy outputs identical" in outputs
     assert outputs.count("identical with and without speculation") == 2
+
+
+def test_draft_model_speculation_notebook_runs():
+    """Trains a tiny speculator, then greedy output with it (alone and with suffix decoding) equals
+    the output without it (the notebook asserts; the lines print only after the assertions)."""
+    outputs = _run_notebook("draft_model_speculation.ipynb")
+    assert "arctic: identical output" in outputs and "arctic + suffix: identical output" in outputs

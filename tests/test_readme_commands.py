@@ -1,5 +1,6 @@
 """Commands in README.md work as written: every ``arctic-jax`` command parses, and the speculative
-``arctic-jax generate`` examples (n-gram, suffix path and tree) run."""
+``arctic-jax generate`` examples (n-gram, suffix path and tree) run, as does the quick
+``train-speculator`` command followed by the draft-model examples (arctic, arctic + suffix)."""
 from __future__ import annotations
 
 import os
@@ -34,14 +35,15 @@ def speculative_generate_commands() -> list[list[str]]:
 
 def test_every_readme_command_parses():
     commands = readme_commands()
-    assert {argv[0] for argv in commands} == {"generate", "serve", "bench"}, commands
+    assert {argv[0] for argv in commands} == {"generate", "serve", "bench", "train-speculator"}, commands
     parser = cli.build_parser()
     for argv in commands:
         parser.parse_args(argv)     # exits (failing the test) on an unknown flag or a bad value
 
 
 def _kind(config: SpeculativeConfig) -> str:
-    return config.method + ("-tree" if config.suffix_use_tree_spec else "")
+    return (config.method + ("-tree" if config.suffix_use_tree_spec else "")
+            + ("+suffix" if config.enable_suffix_decoding else ""))
 
 
 @pytest.mark.parametrize("method", ["ngram", "suffix", "suffix-tree"])
@@ -57,3 +59,26 @@ def test_readme_speculative_generate_runs(capsys, method):
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"
+
+
+def test_readme_train_speculator_then_arctic_generate_runs(capsys, tmp_path, monkeypatch):
+    """The quick ``train-speculator`` command writes the checkpoint the two draft-model ``generate``
+    examples read (run from a scratch directory, as a user would from theirs)."""
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    train = [argv for argv in readme_commands() if argv[0] == "train-speculator"]
+    assert len(train) == 1, train
+    assert cli.main(train[0]) == 0, capsys.readouterr().err[-2000:]
+    out, _ = capsys.readouterr()
+    assert "tokens per step" in out
+    found = {}
+    for argv in speculative_generate_commands():
+        kind = _kind(parser.parse_args(argv).speculative_config)
+        if kind.startswith("arctic"):
+            found[kind] = argv
+    assert set(found) == {"arctic", "arctic+suffix"}, found
+    for argv in found.values():
+        rc = cli.main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 0, err[-2000:]
+        assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"

@@ -73,8 +73,8 @@ def record_variants(engine):
     """Wrap the runner's dispatch to log (scheduled tokens, variant) of every step."""
     used, dispatch = [], engine.runner.dispatch
 
-    def logged(step):
-        packed, variant = dispatch(step)
+    def logged(step, *args):
+        packed, variant = dispatch(step, *args)
         used.append((step.num_tokens, variant))
         return packed, variant
 
