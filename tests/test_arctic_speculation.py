@@ -197,7 +197,8 @@ def test_no_compilation_while_serving_arctic(tiny_weights, tmp_path):
     path = write_draft(tmp_path, "d", cfg, dm.random_weights(cfg, jax.random.key(9), scale=0.3))
     spec = {"method": "arctic", "model": path, "enable_suffix_decoding": True,
             "suffix_speculative_tokens": 4}
-    engine = tiny_engine(tiny_weights, spec, num_pages=73)   # a cache shape of its own
+    engine = tiny_engine(tiny_weights, spec, num_pages=73,   # a cache shape of its own
+                         token_buckets=(8, 32))
     counter = CompileCounter()
     try:
         engine.runner.warmup(progress=False)
