@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from arctic_jax.config import ModelConfig
-from arctic_jax.engine.compile_counter import CompileCounter
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.packing import pack
 from arctic_jax.engine.programs import draft_program
@@ -23,7 +22,7 @@ from arctic_jax.speculative import draft_model as dm
 from arctic_jax.speculative.config import SpeculativeConfig
 from arctic_jax.speculative.draft_checkpoint import save_draft_model
 from oracles import chi2_pvalue
-from test_speculative_engine import CharTokenizer, run
+from test_speculative_engine import CharTokenizer, run, serve_warmed_without_compiling
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=512)
@@ -199,19 +198,10 @@ def test_no_compilation_while_serving_arctic(tiny_weights, tmp_path):
             "suffix_speculative_tokens": 4}
     engine = tiny_engine(tiny_weights, spec, num_pages=73,   # a cache shape of its own
                          token_buckets=(8, 32))
-    counter = CompileCounter()
-    try:
-        engine.runner.warmup(progress=False)
-        assert counter.count > 0
-        counter.count = 0
-        rng = np.random.default_rng(8)
-        prompts = _repetitive_prompts(rng, 6)
-        kinds = [dict(temperature=0.0), dict(temperature=0.8, seed=2), dict(temperature=0.7, top_p=0.9)]
-        run(engine, prompts, [SamplingParams(max_tokens=24, **kinds[i % 3]) for i in range(6)])
-        assert engine.spec_stats.num_draft_steps > 0
-        assert counter.count == 0
-    finally:
-        counter.close()
+    prompts = _repetitive_prompts(np.random.default_rng(8), 6)
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, seed=2), dict(temperature=0.7, top_p=0.9)]
+    serve_warmed_without_compiling(engine, prompts, [SamplingParams(max_tokens=24, **kinds[i % 3])
+                                                     for i in range(6)])
 
 
 # ------------------------------------------------------------------ sampled: exact with real q

@@ -247,16 +247,22 @@ def test_no_compilation_while_serving_with_speculation(tiny_weights, method):
     compiles nothing."""
     speculative = NGRAM if method == "ngram" else dict(SUFFIX_TREE, num_speculative_tokens=4)
     engine = tiny_engine(tiny_weights, speculative, num_pages=71)   # a cache shape of its own
+    rng = np.random.default_rng(8)
+    motif = [int(t) for t in rng.integers(0, CFG.vocab_size, 5)]
+    prompts = [motif * 4 + [int(t) for t in rng.integers(0, CFG.vocab_size, 3)] for _ in range(6)]
+    kinds = [dict(temperature=0.0), dict(temperature=0.0), dict(temperature=0.8, seed=2)]
+    serve_warmed_without_compiling(engine, prompts, [SamplingParams(max_tokens=24, **kinds[i % 3])
+                                                     for i in range(6)])
+
+
+def serve_warmed_without_compiling(engine, prompts, params):
+    """Warm the engine up (which must compile), then serve ``prompts``: drafts are verified and
+    nothing compiles."""
     counter = CompileCounter()
     try:
         engine.runner.warmup(progress=False)
         assert counter.count > 0
         counter.count = 0
-        rng = np.random.default_rng(8)
-        motif = [int(t) for t in rng.integers(0, CFG.vocab_size, 5)]
-        prompts = [motif * 4 + [int(t) for t in rng.integers(0, CFG.vocab_size, 3)] for _ in range(6)]
-        kinds = [dict(temperature=0.0), dict(temperature=0.0), dict(temperature=0.8, seed=2)]
-        params = [SamplingParams(max_tokens=24, **kinds[i % 3]) for i in range(6)]
         run(engine, prompts, params)
         assert engine.spec_stats.num_draft_steps > 0
         assert counter.count == 0
