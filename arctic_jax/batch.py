@@ -28,6 +28,10 @@ class StepBatch:
     # [T] int32 tree attention (None: plain causal). Bit d - 1 says whether token t sees the key
     # d = 1..LOOKBACK slots before its own; keys further back, and itself, are always seen.
     lookback: jax.Array | None = None
+    # [S + 1] int32 offsets of each sequence's rows in logits_indices (rows past the last
+    # offset are padding). None in batches built by hand; models that run layers on the logits
+    # rows alone (SwiftKV) need it.
+    logits_start: jax.Array | None = None
 
 
 LOOKBACK = 32        # slots a tree token's lookback bits cover
@@ -208,8 +212,10 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     kv_lens = np.zeros(S, np.int32)
     kv_lens[:len(chunks)] = ends
     logits_indices = np.zeros(R, np.int32)
+    logits_start = np.full(S + 1, num_logits, np.int32)
     r = 0
     for s, c in enumerate(chunks):
+        logits_start[s] = r
         for i in c.wanted():
             if not 0 <= i < lens[s]:
                 raise ValueError(f"logits index {i} outside the chunk of {lens[s]} tokens")
@@ -229,5 +235,6 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
         raise ValueError("a token-tree chunk needs build_step_batch(..., tree=True)")
     batch = StepBatch(tokens=tokens, positions=positions, slot_mapping=slots, seq_ids=seq_ids,
                       page_tables=page_tables, query_start=query_start, kv_lens=kv_lens,
-                      logits_indices=logits_indices, lookback=lookback)
+                      logits_indices=logits_indices, lookback=lookback,
+                      logits_start=logits_start)
     return batch, num_logits

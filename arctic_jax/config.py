@@ -69,6 +69,12 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def num_cache_layers(self) -> int:
+        """Layers of K/V the paged cache holds (one per decoder layer here; models whose
+        layers share K/V, such as SwiftKV's AcrossKV, hold fewer)."""
+        return self.num_layers
+
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Build from the dict of an HF ``config.json`` (transformers 4 or 5).

@@ -31,16 +31,16 @@ class KVCache:
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,
                  num_kv_heads: int | None = None) -> KVCache:
-        """A cache of ``num_pages`` pages per layer, filled with zeros."""
+        """A cache of ``num_pages`` pages per cache layer, filled with zeros."""
         shape = (num_kv_heads or cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_cache_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_cache_layers)),
                    page_size=page_size)
 
 
 def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
-    """Device bytes of one page across all layers, K and V."""
-    return (2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim
+    """Device bytes of one page across all cache layers, K and V."""
+    return (2 * cfg.num_cache_layers * cfg.num_kv_heads * page_size * cfg.head_dim
             * jnp.dtype(dtype).itemsize)
 
 

@@ -65,11 +65,12 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+def config_from_dict(d: dict[str, Any], config_class: type[ModelConfig] = ModelConfig
+                     ) -> ModelConfig:
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_token_ids"] = tuple(d["eos_token_ids"])
-    return ModelConfig(**d)
+    return config_class(**d)
 
 
 def abstract_weights(spec: ModelSpec, cfg: ModelConfig, dtype: Any) -> Any:
@@ -126,7 +127,7 @@ def restore_entry(entry: str, spec: ModelSpec, dtype: Any) -> tuple[ModelConfig,
     if meta != _entry_meta(spec, dtype):
         raise ValueError(f"entry metadata {meta} does not match {_entry_meta(spec, dtype)}")
     with open(os.path.join(entry, CONFIG_FILE), encoding="utf-8") as f:
-        cfg = config_from_dict(json.load(f))
+        cfg = config_from_dict(json.load(f), spec.config_class)
     with ocp.StandardCheckpointer() as ckpt:
         weights = ckpt.restore(os.path.abspath(os.path.join(entry, WEIGHTS_DIR)),
                                abstract_weights(spec, cfg, dtype))

@@ -6,6 +6,7 @@ them into the model's weights pytree. Nothing here knows a model family.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -16,6 +17,8 @@ from tqdm import tqdm
 from arctic_jax.config import ModelConfig
 from arctic_jax.models.registry import CheckpointLayout
 from checkpoints.errors import CheckpointError, tensor_mismatch_error
+
+log = logging.getLogger(__name__)
 
 Reader = Callable[[str], Any]
 """Reads one tensor by HF name, in torch layout (numpy or jax array)."""
@@ -32,14 +35,20 @@ def check_tensors(layout: CheckpointLayout, found: Mapping[str, tuple[int, ...]]
     for name, same_as in layout.tied_tensors(cfg).items():
         if name in found:
             expected[name] = expected[same_as]  # checked equal in convert_weights
+    unused = layout.unused_tensors(cfg)
+    allowed = {**unused, **expected}
     present = {n: tuple(s) for n, s in found.items() if not layout.is_ignored(n)}
     missing = [label(n) for n in expected if n not in present]
-    unexpected = [label(n) for n in present if n not in expected]
-    misshaped = [(label(n), expected[n], s) for n, s in present.items()
-                 if n in expected and s != expected[n]]
+    unexpected = [label(n) for n in present if n not in allowed]
+    misshaped = [(label(n), allowed[n], s) for n, s in present.items()
+                 if n in allowed and s != allowed[n]]
     err = tensor_mismatch_error(where, missing=missing, unexpected=unexpected, misshaped=misshaped)
     if err is not None:
         raise err
+    skipped = [label(n) for n in present if n in unused]
+    if skipped:
+        log.info("%s: skipping %d tensors the model does not use: %s", where, len(skipped),
+                 ", ".join(skipped))
 
 
 def convert_weights(layout: CheckpointLayout, read: Reader, names: Collection[str],

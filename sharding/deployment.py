@@ -126,7 +126,7 @@ class Deployment:
                        num_layers: int | None = None) -> KVCache:
         """A zeroed cache (per layer K/V [K', P, PS, D]) created directly in its sharded layout."""
         shape = (self.cfg.num_kv_heads, num_pages, page_size, self.cfg.head_dim)
-        layers = self.cfg.num_layers if num_layers is None else num_layers
+        layers = self.cfg.num_cache_layers if num_layers is None else num_layers
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding)
         return KVCache(k=tuple(make() for _ in range(layers)),
                        v=tuple(make() for _ in range(layers)), page_size=page_size)

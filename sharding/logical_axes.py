@@ -17,6 +17,7 @@ HEAD_DIM = "head_dim"
 MLP = "mlp"                # intermediate size
 KV_PAIR = "kv_pair"        # the stacked (k, v) axis of a fused projection
 GATE_UP = "gate_up"        # the stacked (gate, up) axis
+KV_GROUPS = "kv_groups"    # the stacked per-group axis of SwiftKV's K/V projection
 
 # Activations.
 TOKENS = "tokens"              # the flat, ragged token axis of a step, outside attention

@@ -28,7 +28,7 @@ _COMMON: dict[str, MeshAxes] = {
     ax.ATTN_TOKENS: None,
     ax.ATTN_HEADS: ALL_DEVICES,
     ax.CACHE_HEADS: ALL_DEVICES,
-    ax.EMBED: None, ax.HEAD_DIM: None, ax.KV_PAIR: None, ax.GATE_UP: None,
+    ax.EMBED: None, ax.HEAD_DIM: None, ax.KV_PAIR: None, ax.GATE_UP: None, ax.KV_GROUPS: None,
     ax.PAGES: None, ax.PAGE_SLOTS: None, ax.LOGITS_ROWS: None,
 }
 

@@ -126,3 +126,48 @@ def chi2_pvalue(samples, probs) -> float:
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     return float(stats.chi2.sf(float(((obs - exp) ** 2 / exp).sum()), obs.size - 1))
+
+
+def swiftkv_forward_hf(tensors, cfg, tokens) -> np.ndarray:
+    """Logits [T, V] float64 of a SwiftKV Llama from its HF-named, torch-layout tensors
+    (Snowflake's names), whole sequence at positions 0..T-1, no cache.
+
+    Layers [0, Lkv) are Llama's; x = norm_swiftkv(residual entering layer Lkv) gives layer j's
+    k, v through the ``*_proj_swiftkv`` of layer Lkv + (j - Lkv) // g * g; layers >= Lkv take
+    their queries from ``q_proj_swiftkv``. Every token runs every layer here.
+    """
+    t = {n: _f64(a) for n, a in tensors.items()}
+    tokens = np.asarray(tokens, dtype=np.int64)
+    T = tokens.shape[0]
+    pos = np.arange(T)
+    inv_freq = np.asarray(inverse_frequencies(cfg), dtype=np.float64)
+    eps, N, K, D = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    L, Lkv, g = cfg.num_layers, cfg.num_key_value_layers, cfg.key_value_group_size
+
+    def linear(h, name):
+        out = h @ t[name + ".weight"].T
+        return out + t[name + ".bias"] if name + ".bias" in t else out
+
+    x = t["model.embed_tokens.weight"][tokens]
+    swift = None
+    for i in range(L):
+        p = f"model.layers.{i}."
+        if i == Lkv:
+            swift = _rms_norm(x, t["model.norm_swiftkv.weight"], eps)
+        h = _rms_norm(x, t[p + "input_layernorm.weight"], eps)
+        if i < Lkv:
+            q, k, v = (linear(h, p + f"self_attn.{n}_proj") for n in "qkv")
+        else:
+            src = f"model.layers.{Lkv + (i - Lkv) // g * g}.self_attn."
+            q = linear(h, p + "self_attn.q_proj_swiftkv")
+            k, v = linear(swift, src + "k_proj_swiftkv"), linear(swift, src + "v_proj_swiftkv")
+        q = _rotate(q.reshape(T, N, D), pos, inv_freq)
+        k = _rotate(k.reshape(T, K, D), pos, inv_freq)
+        attn = dense_causal_attention(q, k, v.reshape(T, K, D), pos, scale=D ** -0.5)
+        x = x + linear(attn.reshape(T, N * D), p + "self_attn.o_proj")
+        h = _rms_norm(x, t[p + "post_attention_layernorm.weight"], eps)
+        gate, up = linear(h, p + "mlp.gate_proj"), linear(h, p + "mlp.up_proj")
+        x = x + linear(gate / (1.0 + np.exp(-gate)) * up, p + "mlp.down_proj")
+    h = _rms_norm(x, t["model.norm.weight"], eps)
+    head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
+    return h @ head.T

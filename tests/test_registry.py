@@ -15,6 +15,7 @@ from arctic_jax.kv_cache import KVCache
 from arctic_jax.models import llama, registry
 from arctic_jax.models.registry import (
     LLAMA,
+    SWIFTKV,
     register,
     registered_specs,
     spec_by_name,
@@ -60,7 +61,7 @@ def test_model_type_contradicting_architecture_is_rejected():
 
 
 def test_unknown_name():
-    with pytest.raises(ConfigError, match="unknown model 'nope'; registered: llama"):
+    with pytest.raises(ConfigError, match="unknown model 'nope'; registered: llama, llama_swiftkv"):
         spec_by_name("nope")
 
 
@@ -74,11 +75,11 @@ def test_register_and_unregister():
         assert spec_for_hf_config({"model_type": "llama"}) is LLAMA
         with pytest.raises(ValueError, match="ToyForCausalLM already registered by model 'toy'"):
             register(dataclasses.replace(toy, name="toy2", model_types=("toy2",)))
-        with pytest.raises(ConfigError, match="LlamaForCausalLM, ToyForCausalLM"):
+        with pytest.raises(ConfigError, match="LlamaForCausalLM, LlamaSwiftKVForCausalLM, ToyForCausalLM"):
             spec_for_hf_config({"architectures": ["GPT2LMHeadModel"]})
     finally:
         unregister("toy")
-    assert registered_specs() == (LLAMA,)
+    assert registered_specs() == (LLAMA, SWIFTKV)
     with pytest.raises(ConfigError, match="ToyForCausalLM"):
         spec_for_hf_config({"architectures": ["ToyForCausalLM"]})
 
@@ -226,4 +227,4 @@ def test_place_weights_is_generic_over_declared_axes():
 
 def test_registry_module_is_explicit():
     """The table is a plain module attribute a test can inspect (no hidden state)."""
-    assert registry._SPECS == {"llama": LLAMA}
+    assert registry._SPECS == {"llama": LLAMA, "llama_swiftkv": SWIFTKV}

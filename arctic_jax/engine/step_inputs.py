@@ -181,7 +181,8 @@ class StepInputBuilder:
                           page_tables=np.zeros((S, MP), np.int32),
                           query_start=np.zeros(S + 1, np.int32), kv_lens=np.zeros(S, np.int32),
                           logits_indices=np.zeros(R, np.int32),
-                          lookback=np.full(T, ALL_VISIBLE, np.int32) if self.tree else None)
+                          lookback=np.full(T, ALL_VISIBLE, np.int32) if self.tree else None,
+                          logits_start=np.zeros(S + 1, np.int32))
         sampling = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=R)
         none = np.full(R, -1, np.int32)
         draft = None

@@ -34,7 +34,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (xf * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def _maybe_add(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
     return x if bias is None else x + bias.astype(x.dtype)
 
 
@@ -45,8 +45,8 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     """x [T, H] -> attention output [T, H] (before the residual), updated cache."""
     sh = opts.sharding
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-    q = _maybe_add(jnp.einsum("th,hnd->tnd", h, layer.q_proj), layer.q_bias)
-    kv = _maybe_add(jnp.einsum("th,hckd->tckd", h, layer.kv_proj), layer.kv_bias)
+    q = add_bias(jnp.einsum("th,hnd->tnd", h, layer.q_proj), layer.q_bias)
+    kv = add_bias(jnp.einsum("th,hckd->tckd", h, layer.kv_proj), layer.kv_bias)
     # Project the local tokens first, then move to the attention layout: all tokens,
     # heads split over every device (an all-to-all under SP).
     q = constrain(sh, q, ax.HEADS_OUT_AXES)
@@ -59,16 +59,16 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     attn = opts.attention(q, k, kv[:, 1], cache_k, cache_v, batch, scale=cfg.head_dim ** -0.5,
                           sharding=sh)
     attn = constrain(sh, attn, ax.HEADS_OUT_AXES)  # back to the token layout
-    out = _maybe_add(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
+    out = add_bias(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
     return constrain(sh, out, ax.HIDDEN_AXES), cache_k, cache_v
 
 
 def mlp_block(cfg: ModelConfig, layer: LayerWeights, x: jax.Array) -> jax.Array:
     """x [T, H] -> SwiGLU MLP output [T, H] (before the residual)."""
     h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-    gu = _maybe_add(jnp.einsum("th,hci->tci", h, layer.gate_up), layer.gate_up_bias)
+    gu = add_bias(jnp.einsum("th,hci->tci", h, layer.gate_up), layer.gate_up_bias)
     act = jax.nn.silu(gu[:, 0]) * gu[:, 1]
-    return _maybe_add(act @ layer.down, layer.down_bias)
+    return add_bias(act @ layer.down, layer.down_bias)
 
 
 def embed(weights: LlamaWeights, tokens: jax.Array, sh: ActivationSharding | None) -> jax.Array:

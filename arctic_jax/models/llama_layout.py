@@ -37,6 +37,7 @@ from arctic_jax.models.rope import inverse_frequencies
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+Q_PROJ = "self_attn.q_proj"
 
 # Buffers some HF checkpoints carry that hold no weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -89,42 +90,21 @@ class LlamaLayout:
 
     def tensor_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint for ``cfg`` must hold, in torch layout."""
-        H, N, K, D, I, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                            cfg.intermediate_size, cfg.vocab_size)
+        H, V = cfg.hidden_size, cfg.vocab_size
         shapes: dict[str, tuple[int, ...]] = {EMBED: (V, H), FINAL_NORM: (H,)}
         if not cfg.tie_word_embeddings:
             shapes[LM_HEAD] = (V, H)
         for i in range(cfg.num_layers):
-            p = layer_prefix(i)
-            shapes.update({
-                p + "input_layernorm.weight": (H,),
-                p + "post_attention_layernorm.weight": (H,),
-                p + "self_attn.q_proj.weight": (N * D, H),
-                p + "self_attn.k_proj.weight": (K * D, H),
-                p + "self_attn.v_proj.weight": (K * D, H),
-                p + "self_attn.o_proj.weight": (H, N * D),
-                p + "mlp.gate_proj.weight": (I, H),
-                p + "mlp.up_proj.weight": (I, H),
-                p + "mlp.down_proj.weight": (H, I),
-            })
-            if cfg.attention_bias:
-                shapes.update({
-                    p + "self_attn.q_proj.bias": (N * D,),
-                    p + "self_attn.k_proj.bias": (K * D,),
-                    p + "self_attn.v_proj.bias": (K * D,),
-                    p + "self_attn.o_proj.bias": (H,),
-                })
-            if cfg.mlp_bias:
-                shapes.update({
-                    p + "mlp.gate_proj.bias": (I,),
-                    p + "mlp.up_proj.bias": (I,),
-                    p + "mlp.down_proj.bias": (H,),
-                })
+            shapes.update(layer_tensor_shapes(cfg, i))
         return shapes
 
     def tied_tensors(self, cfg: ModelConfig) -> dict[str, str]:
         """Tensors a checkpoint may also hold, each of which must equal the tensor it maps to."""
         return {LM_HEAD: EMBED} if cfg.tie_word_embeddings else {}
+
+    def unused_tensors(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Tensors a checkpoint may hold that the model does not use (none for Llama)."""
+        return {}
 
     def is_ignored(self, name: str) -> bool:
         return name.endswith(IGNORED_SUFFIXES)
@@ -134,7 +114,8 @@ class LlamaLayout:
         embed = _on_device(read(EMBED), dtype)
         lm_head = None if cfg.tie_word_embeddings else _on_device(read(LM_HEAD), dtype).T
         final_norm = _on_device(read(FINAL_NORM), dtype)
-        layers = tuple(_convert_layer(read, cfg, i, dtype) for i in range(cfg.num_layers))
+        layers = tuple(LayerWeights(**layer_fields(read, cfg, i, dtype))
+                       for i in range(cfg.num_layers))
         return LlamaWeights(embed=embed, final_norm=final_norm, layers=layers, lm_head=lm_head)
 
     # GGUF (llama.cpp) files.
@@ -197,9 +178,63 @@ def _on_device(x: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(x).astype(dtype)
 
 
-def _convert_layer(read: TensorReader, cfg: ModelConfig, i: int, dtype: Any) -> LayerWeights:
-    """Read layer ``i``'s tensors and convert them to a LayerWeights in ``dtype``."""
-    H, N, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+def layer_tensor_shapes(cfg: ModelConfig, i: int, *, q_proj: str = Q_PROJ, with_kv: bool = True
+                        ) -> dict[str, tuple[int, ...]]:
+    """Torch-layout shapes of layer ``i``'s tensors; ``q_proj`` names its query projection,
+    ``with_kv`` False leaves out its k/v projections."""
+    H, N, K, D, I = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+    p = layer_prefix(i)
+    shapes = {
+        p + "input_layernorm.weight": (H,),
+        p + "post_attention_layernorm.weight": (H,),
+        p + q_proj + ".weight": (N * D, H),
+        p + "self_attn.o_proj.weight": (H, N * D),
+        p + "mlp.gate_proj.weight": (I, H),
+        p + "mlp.up_proj.weight": (I, H),
+        p + "mlp.down_proj.weight": (H, I),
+    }
+    if with_kv:
+        shapes.update({p + "self_attn.k_proj.weight": (K * D, H),
+                       p + "self_attn.v_proj.weight": (K * D, H)})
+    if cfg.attention_bias:
+        shapes.update({p + q_proj + ".bias": (N * D,), p + "self_attn.o_proj.bias": (H,)})
+        if with_kv:
+            shapes.update({p + "self_attn.k_proj.bias": (K * D,),
+                           p + "self_attn.v_proj.bias": (K * D,)})
+    if cfg.mlp_bias:
+        shapes.update({
+            p + "mlp.gate_proj.bias": (I,),
+            p + "mlp.up_proj.bias": (I,),
+            p + "mlp.down_proj.bias": (H,),
+        })
+    return shapes
+
+
+def kv_projection(read: TensorReader, cfg: ModelConfig, prefix: str, dtype: Any
+                  ) -> tuple[jax.Array, jax.Array | None]:
+    """A k and a v projection stacked: weight [H, 2, K, D], bias [2, K, D] (None without
+    ``attention_bias``). ``prefix`` is the tensors' name with ``{}`` for ``k`` / ``v``
+    (``model.layers.3.self_attn.{}_proj``)."""
+    H, K, D = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+
+    def get(name: str) -> jax.Array:
+        return _on_device(read(name), dtype)
+
+    weight = jnp.stack([get(prefix.format("k") + ".weight").T.reshape(H, K, D),
+                        get(prefix.format("v") + ".weight").T.reshape(H, K, D)], axis=1)
+    bias = None
+    if cfg.attention_bias:
+        bias = jnp.stack([get(prefix.format("k") + ".bias").reshape(K, D),
+                          get(prefix.format("v") + ".bias").reshape(K, D)], axis=0)
+    return weight, bias
+
+
+def layer_fields(read: TensorReader, cfg: ModelConfig, i: int, dtype: Any, *, q_proj: str = Q_PROJ,
+                 with_kv: bool = True) -> dict[str, Any]:
+    """Layer ``i``'s tensors converted to ``LayerWeights`` fields in ``dtype`` (the k/v fields
+    only ``with_kv``; the query projection read from ``q_proj``)."""
+    H, N, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     p = layer_prefix(i)
 
     def get(name: str) -> jax.Array:
@@ -208,20 +243,20 @@ def _convert_layer(read: TensorReader, cfg: ModelConfig, i: int, dtype: Any) -> 
     fields: dict[str, Any] = {
         "input_norm": get("input_layernorm.weight"),
         "post_norm": get("post_attention_layernorm.weight"),
-        "q_proj": get("self_attn.q_proj.weight").T.reshape(H, N, D),
-        "kv_proj": jnp.stack([get("self_attn.k_proj.weight").T.reshape(H, K, D),
-                              get("self_attn.v_proj.weight").T.reshape(H, K, D)], axis=1),
+        "q_proj": get(q_proj + ".weight").T.reshape(H, N, D),
         "o_proj": get("self_attn.o_proj.weight").T.reshape(N, D, H),
         "gate_up": jnp.stack([get("mlp.gate_proj.weight").T, get("mlp.up_proj.weight").T], axis=1),
         "down": get("mlp.down_proj.weight").T,
     }
+    if with_kv:
+        fields["kv_proj"], kv_bias = kv_projection(read, cfg, p + "self_attn.{}_proj", dtype)
+        if kv_bias is not None:
+            fields["kv_bias"] = kv_bias
     if cfg.attention_bias:
-        fields["q_bias"] = get("self_attn.q_proj.bias").reshape(N, D)
-        fields["kv_bias"] = jnp.stack([get("self_attn.k_proj.bias").reshape(K, D),
-                                       get("self_attn.v_proj.bias").reshape(K, D)], axis=0)
+        fields["q_bias"] = get(q_proj + ".bias").reshape(N, D)
         fields["o_bias"] = get("self_attn.o_proj.bias")
     if cfg.mlp_bias:
         fields["gate_up_bias"] = jnp.stack([get("mlp.gate_proj.bias"), get("mlp.up_proj.bias")],
                                            axis=0)
         fields["down_bias"] = get("mlp.down_proj.bias")
-    return LayerWeights(**fields)
+    return fields

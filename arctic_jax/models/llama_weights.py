@@ -25,36 +25,36 @@ from arctic_jax.pytree import pytree_dataclass
 from sharding import logical_axes as ax
 
 
-def _w(*axes: str | None) -> Any:
+def weight_field(*axes: str | None) -> Any:
     return dataclasses.field(metadata={"axes": tuple(axes)})
 
 
-def _opt(*axes: str | None) -> Any:
+def optional_weight_field(*axes: str | None) -> Any:
     return dataclasses.field(default=None, metadata={"axes": tuple(axes)})
 
 
 @pytree_dataclass
 class LayerWeights:
-    input_norm: jax.Array = _w(ax.EMBED)
-    q_proj: jax.Array = _w(ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM)
-    kv_proj: jax.Array = _w(ax.EMBED, ax.KV_PAIR, ax.KV_HEADS, ax.HEAD_DIM)
-    o_proj: jax.Array = _w(ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED)
-    post_norm: jax.Array = _w(ax.EMBED)
-    gate_up: jax.Array = _w(ax.EMBED, ax.GATE_UP, ax.MLP)
-    down: jax.Array = _w(ax.MLP, ax.EMBED)
-    q_bias: jax.Array | None = _opt(ax.Q_HEADS, ax.HEAD_DIM)
-    kv_bias: jax.Array | None = _opt(ax.KV_PAIR, ax.KV_HEADS, ax.HEAD_DIM)
-    o_bias: jax.Array | None = _opt(ax.EMBED)
-    gate_up_bias: jax.Array | None = _opt(ax.GATE_UP, ax.MLP)
-    down_bias: jax.Array | None = _opt(ax.EMBED)
+    input_norm: jax.Array = weight_field(ax.EMBED)
+    q_proj: jax.Array = weight_field(ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM)
+    kv_proj: jax.Array = weight_field(ax.EMBED, ax.KV_PAIR, ax.KV_HEADS, ax.HEAD_DIM)
+    o_proj: jax.Array = weight_field(ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED)
+    post_norm: jax.Array = weight_field(ax.EMBED)
+    gate_up: jax.Array = weight_field(ax.EMBED, ax.GATE_UP, ax.MLP)
+    down: jax.Array = weight_field(ax.MLP, ax.EMBED)
+    q_bias: jax.Array | None = optional_weight_field(ax.Q_HEADS, ax.HEAD_DIM)
+    kv_bias: jax.Array | None = optional_weight_field(ax.KV_PAIR, ax.KV_HEADS, ax.HEAD_DIM)
+    o_bias: jax.Array | None = optional_weight_field(ax.EMBED)
+    gate_up_bias: jax.Array | None = optional_weight_field(ax.GATE_UP, ax.MLP)
+    down_bias: jax.Array | None = optional_weight_field(ax.EMBED)
 
 
 @pytree_dataclass
 class LlamaWeights:
-    embed: jax.Array = _w(ax.VOCAB, ax.EMBED)
-    final_norm: jax.Array = _w(ax.EMBED)
+    embed: jax.Array = weight_field(ax.VOCAB, ax.EMBED)
+    final_norm: jax.Array = weight_field(ax.EMBED)
     layers: tuple[LayerWeights, ...] = dataclasses.field(default=())
-    lm_head: jax.Array | None = _opt(ax.EMBED, ax.VOCAB)
+    lm_head: jax.Array | None = optional_weight_field(ax.EMBED, ax.VOCAB)
 
 
 def expected_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
@@ -80,26 +80,28 @@ def expected_model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]
     }
 
 
+def check_shape(problems: list[str], name: str, value: Any, shape: tuple[int, ...] | None) -> None:
+    """Append to ``problems`` if ``value``'s presence or shape disagrees with ``shape``
+    (None: must be absent)."""
+    if shape is None and value is not None:
+        problems.append(f"{name}: unexpected tensor of shape {tuple(value.shape)}")
+    elif shape is not None and value is None:
+        problems.append(f"{name}: missing, expected shape {shape}")
+    elif shape is not None and tuple(value.shape) != shape:
+        problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
+
+
 def validate_weights(weights: LlamaWeights, cfg: ModelConfig) -> None:
     """Raise ValueError naming any field whose presence or shape disagrees with cfg."""
-    problems = []
-
-    def check(name: str, value: Any, shape: tuple[int, ...] | None) -> None:
-        if shape is None and value is not None:
-            problems.append(f"{name}: unexpected tensor of shape {tuple(value.shape)}")
-        elif shape is not None and value is None:
-            problems.append(f"{name}: missing, expected shape {shape}")
-        elif shape is not None and tuple(value.shape) != shape:
-            problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
-
+    problems: list[str] = []
     for name, shape in expected_model_shapes(cfg).items():
-        check(name, getattr(weights, name), shape)
+        check_shape(problems, name, getattr(weights, name), shape)
     if len(weights.layers) != cfg.num_layers:
         problems.append(f"layers: {len(weights.layers)} layers, expected {cfg.num_layers}")
     layer_shapes = expected_layer_shapes(cfg)
     for i, layer in enumerate(weights.layers):
         for name, shape in layer_shapes.items():
-            check(f"layers[{i}].{name}", getattr(layer, name), shape)
+            check_shape(problems, f"layers[{i}].{name}", getattr(layer, name), shape)
     if problems:
         raise ValueError("weights do not match the config:\n  " + "\n  ".join(problems))
 
@@ -115,7 +117,7 @@ def random_weights(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
     def draw(shape: tuple[int, ...] | None, *, norm: bool = False) -> jax.Array | None:
         if shape is None:
             return None
-        return _normal(next(keys), shape, jnp.dtype(dtype), 1.0 if norm else 0.0,
+        return normal(next(keys), shape, jnp.dtype(dtype), 1.0 if norm else 0.0,
                        0.1 if norm else scale)
 
     layer_shapes = expected_layer_shapes(cfg)
@@ -133,7 +135,7 @@ def random_weights(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, mean: float,
+def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any, mean: float,
             std: float) -> jax.Array:
     return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 

@@ -2,7 +2,7 @@
 
 A ``ModelSpec`` is everything the layers above the models (checkpoints,
 sharding, engine) need to know about a model family, so that none of them
-imports a model module by name. The table is built here at import (Llama);
+imports a model module by name. The table is built here at import (Llama, SwiftKV Llama);
 ``register`` / ``unregister`` add and remove entries explicitly.
 """
 from __future__ import annotations
@@ -14,7 +14,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from arctic_jax.config import ConfigError, ModelConfig
-from arctic_jax.models import llama, llama_layout, llama_weights
+from arctic_jax.models import (
+    llama,
+    llama_layout,
+    llama_weights,
+    swiftkv,
+    swiftkv_config,
+    swiftkv_layout,
+    swiftkv_weights,
+)
 
 
 class CheckpointLayout(Protocol):
@@ -29,6 +37,11 @@ class CheckpointLayout(Protocol):
 
     def tied_tensors(self, cfg: ModelConfig) -> dict[str, str]:
         """Tensors that may also be present, each mapped to the tensor it must equal."""
+        ...
+
+    def unused_tensors(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Tensors (with their shapes) a checkpoint may also hold that the model does not read;
+        the readers check their shapes and log them as skipped."""
         ...
 
     def is_ignored(self, name: str) -> bool:
@@ -65,6 +78,7 @@ class ModelSpec:
     - ``head(weights, hidden, *, cfg, sharding=None) -> logits [R, V] float32``
     - ``random_weights(cfg, key, dtype=float32, scale=0.02) -> weights``
     - ``validate_weights(weights, cfg)``: ValueError naming any field that disagrees with cfg
+    - ``config_class``: the ModelConfig (sub)class ``parse_config`` returns
     """
 
     name: str
@@ -77,6 +91,7 @@ class ModelSpec:
     layout: CheckpointLayout
     random_weights: Callable[..., Any]
     validate_weights: Callable[[Any, ModelConfig], None]
+    config_class: type[ModelConfig] = ModelConfig
 
 
 LLAMA = ModelSpec(
@@ -92,7 +107,21 @@ LLAMA = ModelSpec(
     validate_weights=llama_weights.validate_weights,
 )
 
-_SPECS: dict[str, ModelSpec] = {LLAMA.name: LLAMA}
+SWIFTKV = ModelSpec(
+    name="llama_swiftkv",
+    architectures=("LlamaSwiftKVForCausalLM",),
+    model_types=("llama_swiftkv",),
+    parse_config=swiftkv_config.SwiftKVConfig.from_hf_dict,
+    weights_class=swiftkv_weights.SwiftKVWeights,
+    step=swiftkv.step,
+    head=llama.head,
+    layout=swiftkv_layout.LAYOUT,
+    random_weights=swiftkv_weights.random_weights,
+    validate_weights=swiftkv_weights.validate_weights,
+    config_class=swiftkv_config.SwiftKVConfig,
+)
+
+_SPECS: dict[str, ModelSpec] = {LLAMA.name: LLAMA, SWIFTKV.name: SWIFTKV}
 
 
 def registered_specs() -> tuple[ModelSpec, ...]:
