@@ -6,6 +6,10 @@ device copy bandwidth measured in the same run.
 
     python benchmarks/decode_prefill.py --model default            # SmolLM2 on CPU
     python benchmarks/decode_prefill.py --random llama-3.1-8b      # on a GPU, bf16
+
+``--swiftkv LKV[:G]`` also times the SwiftKV model of the same shape (random weights, Lkv
+layers on every token, AcrossKV groups of G) in the same run, and reports each case's
+SwiftKV / base time (prefill throughput gain; decode overhead, which should be ~1).
 """
 from __future__ import annotations
 
@@ -24,12 +28,14 @@ import numpy as np
 
 from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
-from arctic_jax.config import llama_3_1_8b
+from arctic_jax.bench.runner import RANDOM_MODEL_SHAPES
 from arctic_jax.engine.engine import resolve_kv_cache_dtype
+from arctic_jax.engine.programs import jit_forward
 from arctic_jax.kv_cache import KVCache
-from arctic_jax.models.llama import StepOptions, make_step_fn
-from arctic_jax.models.llama_weights import random_weights
+from arctic_jax.models.registry import LLAMA, SWIFTKV
+from arctic_jax.models.swiftkv_config import SwiftKVConfig
 from arctic_jax.pytree import tree_nbytes
+from sharding.deployment import SINGLE, Deployment
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -48,10 +54,16 @@ def copy_bandwidth(nbytes: int) -> float:
 def random_cache(cfg, num_pages, page_size, dtype, key):
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     draw = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype))
-    keys = jax.random.split(key, 2 * cfg.num_layers)
-    return KVCache(k=tuple(draw(keys[2 * i]) for i in range(cfg.num_layers)),
-                   v=tuple(draw(keys[2 * i + 1]) for i in range(cfg.num_layers)),
-                   page_size=page_size)
+    layers = cfg.num_cache_layers
+    keys = jax.random.split(key, 2 * layers)
+    return KVCache(k=tuple(draw(keys[2 * i]) for i in range(layers)),
+                   v=tuple(draw(keys[2 * i + 1]) for i in range(layers)), page_size=page_size)
+
+
+def make_step(spec, cfg, weights, attention):
+    """The jitted one-device ``(weights, cache, batch) -> (logits, cache)``, cache donated."""
+    dep = Deployment.create(cfg, weights)
+    return jit_forward(spec, dep, SINGLE, attention), dep.weights[SINGLE]
 
 
 def time_steps(step, weights, cache, batch, iters):
@@ -98,7 +110,7 @@ def prefill_batch(num_tokens, page_size, rng):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2)")
-    p.add_argument("--random", default=None, choices=["llama-3.1-8b"],
+    p.add_argument("--random", default=None, choices=sorted(RANDOM_MODEL_SHAPES),
                    help="random weights of a real model shape instead of a checkpoint")
     p.add_argument("--dtype", default=None)
     p.add_argument("--batches", default="1,32")
@@ -111,6 +123,8 @@ def main() -> None:
                    help="cache element type: auto (the model's), fp8, bfloat16, ... (as the engine)")
     p.add_argument("--contiguous-prefill", action="store_true",
                    help="also time prefill with StepOptions.contiguous_prefill (cuDNN on a GPU)")
+    p.add_argument("--swiftkv", default=None, metavar="LKV[:G]",
+                   help="also time the SwiftKV model of this split (same shape, random weights)")
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--note", default="")
     args = p.parse_args()
@@ -118,40 +132,53 @@ def main() -> None:
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
     if args.random:
-        cfg = llama_3_1_8b()
-        weights = random_weights(cfg, jax.random.PRNGKey(0), dtype)
+        cfg = RANDOM_MODEL_SHAPES[args.random]()
+        spec, weights = LLAMA, LLAMA.random_weights(cfg, jax.random.PRNGKey(0), dtype)
         name = f"{args.random} (random weights)"
     else:
         import checkpoints
         loaded = checkpoints.load_model(args.model, dtype=dtype)
-        cfg, weights, name = loaded.config, loaded.weights, loaded.name
+        spec, cfg, weights, name = loaded.spec, loaded.config, loaded.weights, loaded.name
+    models = {"base": (spec, cfg, weights)}
+    if args.swiftkv:
+        if spec is not LLAMA:
+            raise SystemExit("--swiftkv compares against a Llama base model")
+        skv = SwiftKVConfig.from_llama(cfg, *SwiftKVConfig.parse_split(args.swiftkv))
+        models["swiftkv"] = (SWIFTKV, skv, SWIFTKV.random_weights(skv, jax.random.PRNGKey(1), dtype))
+        name += (f"; SwiftKV Lkv {skv.num_key_value_layers} of {skv.num_layers}, group "
+                 f"{skv.key_value_group_size} (random weights)")
     wbytes = tree_nbytes(weights)
     bw = copy_bandwidth((2 << 30) if on_gpu else (256 << 20))
     floor_ms = wbytes / bw * 1e3
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
-    step = make_step_fn(cfg, StepOptions(attention=PagedAttention(args.attention_impl)))
-    rng = np.random.default_rng(0)
-    rows = []
-    for ctx in [int(c) for c in args.contexts.split(",")]:
-        for b in [int(x) for x in args.batches.split(",")]:
-            batch, pages = decode_batch(b, ctx, args.page_size, rng)
-            cache = random_cache(cfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(b + ctx))
-            sec, piped, cache = time_steps(step, weights, cache, batch, args.iters)
-            del cache
-            rows.append((f"decode batch {b}, context {ctx}", sec * 1e3, piped * 1e3, b / piped))
+    cases = [(f"decode batch {b}, context {ctx}", "decode", b, ctx)
+             for ctx in [int(c) for c in args.contexts.split(",")]
+             for b in [int(x) for x in args.batches.split(",")]]
     for n in [int(x) for x in args.prefill.split(",") if x]:
-        batch, pages = prefill_batch(n, args.page_size, rng)
-        cache = random_cache(cfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(n))
-        sec, piped, cache = time_steps(step, weights, cache, batch, max(3, args.iters // 4))
-        rows.append((f"prefill {n} tokens", sec * 1e3, piped * 1e3, n / piped))
+        cases.append((f"prefill {n} tokens", "prefill", n, 0))
         if args.contiguous_prefill:  # the engine's route for a prompt's first chunk
-            contiguous = make_step_fn(cfg, StepOptions(
-                attention=ContiguousCausalAttention(args.attention_impl)))
-            sec, piped, cache = time_steps(contiguous, weights, cache, batch,
-                                           max(3, args.iters // 4))
-            rows.append((f"prefill {n} tokens, contiguous attention", sec * 1e3, piped * 1e3,
-                         n / piped))
-        del cache
+            cases.append((f"prefill {n} tokens, contiguous attention", "contiguous", n, 0))
+    # results[model][case] = (ms synchronous, ms back-to-back, tokens/s)
+    results: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for label, (mspec, mcfg, mweights) in models.items():
+        steps = {route: make_step(mspec, mcfg, mweights, attention)
+                 for route, attention in (("paged", PagedAttention(args.attention_impl)),
+                                          ("contiguous", ContiguousCausalAttention(args.attention_impl)))}
+        out = results[label] = {}
+        rng = np.random.default_rng(0)
+        for case, kind, n, ctx in cases:
+            if kind == "decode":
+                batch, pages = decode_batch(n, ctx, args.page_size, rng)
+                iters, tokens = args.iters, n
+            else:
+                batch, pages = prefill_batch(n, args.page_size, rng)
+                iters, tokens = max(3, args.iters // 4), n
+            step, placed = steps["contiguous" if kind == "contiguous" else "paged"]
+            cache = random_cache(mcfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(n + ctx))
+            sec, piped, cache = time_steps(step, placed, cache, batch, iters)
+            del cache
+            out[case] = (sec * 1e3, piped * 1e3, tokens / piped)
+        del steps
 
     device = jax.devices()[0].device_kind
     lines = [f"### decode_prefill: {name}, {dtype.name}, KV cache {kv_dtype.name}, "
@@ -166,11 +193,22 @@ def main() -> None:
         lines.append(f"- XLA_FLAGS `{os.environ['XLA_FLAGS']}`")
     if args.note:
         lines.append(f"- {args.note}")
-    lines += ["", "| case | ms/step, synchronous | ms/step, back-to-back | tokens/s | x floor |",
-              "|---|---|---|---|---|"]
-    for label, ms, piped_ms, tps in rows:
-        ratio = f"{piped_ms / floor_ms:.2f}" if label.startswith("decode") else "-"
-        lines.append(f"| {label} | {ms:.2f} | {piped_ms:.2f} | {tps:,.0f} | {ratio} |")
+    if args.swiftkv:
+        lines += ["", "| case | base ms/step | SwiftKV ms/step | SwiftKV / base time | "
+                  "base tokens/s | SwiftKV tokens/s |", "|---|---|---|---|---|---|"]
+        for case, *_ in cases:
+            base, skv = results["base"][case], results["swiftkv"][case]
+            lines.append(f"| {case} | {base[1]:.2f} | {skv[1]:.2f} | {skv[1] / base[1]:.3f} | "
+                         f"{base[2]:,.0f} | {skv[2]:,.0f} |")
+        lines.append("")
+        lines.append("(back-to-back ms/step; prefill throughput gain = base / SwiftKV time)")
+    else:
+        lines += ["", "| case | ms/step, synchronous | ms/step, back-to-back | tokens/s | x floor |",
+                  "|---|---|---|---|---|"]
+        for case, kind, *_ in cases:
+            ms, piped_ms, tps = results["base"][case]
+            ratio = f"{piped_ms / floor_ms:.2f}" if kind == "decode" else "-"
+            lines.append(f"| {case} | {ms:.2f} | {piped_ms:.2f} | {tps:,.0f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
     if args.append_results:

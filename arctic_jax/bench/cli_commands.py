@@ -36,6 +36,10 @@ def register(sub: Any) -> None:
                      choices=["llama-3.1-8b", "smollm2-shape", "tiny"],
                      help="in-process model with random weights of this shape: llama-3.1-8b, "
                           "smollm2-shape, or tiny (harness smoke test); ignores --model")
+    src.add_argument("--swiftkv", default=None, metavar="LKV[:G]",
+                     help="with --random-weights: the SwiftKV model of that shape, Lkv layers on "
+                          "every token and AcrossKV groups of G later layers (a SwiftKV checkpoint "
+                          "given as --model is served as SwiftKV without this flag)")
     src.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                      help="in-process: N one-device engine replicas on devices 0..N-1, each "
                           "request sent to the replica with the fewest in flight")
@@ -141,6 +145,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rep.check_plotting_available()
     if args.url and args.random_weights:
         raise ValueError("--random-weights runs in-process; it cannot be combined with --url")
+    if args.swiftkv and not args.random_weights:
+        raise ValueError("--swiftkv builds a random-weight SwiftKV model: give --random-weights "
+                         "(a SwiftKV checkpoint is served as SwiftKV from --model)")
     if args.warmup_requests < 0:
         raise ValueError("--warmup-requests must be >= 0")
     if args.num_requests is not None and args.num_requests < 1:
@@ -228,7 +235,8 @@ def _build_engines(args: argparse.Namespace) -> tuple[list[Any], str, dict]:
 
     def build(kw: dict) -> tuple[Any, str]:
         if args.random_weights:
-            return runner.build_random_engine(args.random_weights, kw, dtype=dtype, seed=args.seed)
+            return runner.build_random_engine(args.random_weights, kw, dtype=dtype, seed=args.seed,
+                                              swiftkv=args.swiftkv)
         return runner.build_checkpoint_engine(args.model, kw, dtype=dtype)
 
     dp = args.data_parallel_size

@@ -177,8 +177,9 @@ RANDOM_MODEL_SHAPES: dict[str, Callable[[], Any]] = {
 
 
 def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = None,
-                        seed: int = 0) -> tuple[Any, str]:
-    """An ``LLMEngine`` with random weights of a named shape (or a ModelConfig).
+                        seed: int = 0, swiftkv: str | None = None) -> tuple[Any, str]:
+    """An ``LLMEngine`` with random weights of a named shape (or a ModelConfig); ``swiftkv``
+    ``"LKV"`` or ``"LKV:G"``: the SwiftKV model of that shape and split.
 
     Returns (engine, model description). dtype None: bfloat16 on GPU, float32 elsewhere.
     """
@@ -197,6 +198,12 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
         cfg, name = shape, "random-weights:custom"
     dtype = default_dtype() if dtype is None else dtype
     spec = spec_by_name("llama")
+    if swiftkv:
+        from arctic_jax.models.swiftkv_config import SwiftKVConfig
+
+        cfg = SwiftKVConfig.from_llama(cfg, *SwiftKVConfig.parse_split(swiftkv))
+        spec = spec_by_name("llama_swiftkv")
+        name += f" SwiftKV Lkv={cfg.num_key_value_layers} g={cfg.key_value_group_size}"
     weights = spec.random_weights(cfg, jax.random.PRNGKey(seed), dtype=dtype)
     engine = LLMEngine(spec, cfg, weights, TokenIdTokenizer(),
                        EngineConfig.from_flags(**engine_kwargs), dtype=dtype)

@@ -91,9 +91,12 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[ScheduledStep, Any, str, bool] | None = None
         self._counter = 0
-        log.info("KV cache: %d pages of %d tokens (%.2f GiB)", self.sched_config.num_pages,
-                 self.sched_config.page_size,
-                 self.sched_config.num_pages * bytes_per_page(cfg, config.page_size, kv_dtype) / 2**30)
+        sc = self.sched_config
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB; %d cache layers for %d decoder "
+                 "layers): %d sequences of max_model_len %d at once", sc.num_pages, sc.page_size,
+                 sc.num_pages * bytes_per_page(cfg, config.page_size, kv_dtype) / 2**30,
+                 cfg.num_cache_layers, cfg.num_layers, sc.num_pages // -(-sc.max_model_len // sc.page_size),
+                 sc.max_model_len)
 
     # ------------------------------------------------------------- requests
     def new_request_id(self) -> str:

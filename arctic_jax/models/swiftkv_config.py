@@ -36,6 +36,14 @@ class SwiftKVConfig(ModelConfig):
                 f"key_value_group_size {g} does not divide the {L - Lkv} layers after "
                 f"num_key_value_layers ({L} - {Lkv}); (L - Lkv) % g must be 0")
 
+    @classmethod
+    def from_llama(cls, cfg: ModelConfig, num_key_value_layers: int,
+                   key_value_group_size: int = 1) -> SwiftKVConfig:
+        """The SwiftKV split of a Llama config (ConfigError for an impossible split)."""
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
+        return cls(**fields, num_key_value_layers=num_key_value_layers,
+                   key_value_group_size=key_value_group_size)
+
     @property
     def num_late_layers(self) -> int:
         """L - Lkv: layers that run on the logits rows only."""
@@ -50,10 +58,13 @@ class SwiftKVConfig(ModelConfig):
     def num_cache_layers(self) -> int:
         return self.num_key_value_layers + self.num_kv_groups
 
+    def llama_config(self) -> ModelConfig:
+        """The plain Llama config of all L layers (the model SwiftKV was distilled from)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
     def early_layers_config(self) -> ModelConfig:
         """The plain Llama config of layers [0, Lkv)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{**fields, "num_layers": self.num_key_value_layers})
+        return dataclasses.replace(self.llama_config(), num_layers=self.num_key_value_layers)
 
     def cache_layer(self, layer: int) -> int:
         """The cache layer holding decoder layer ``layer``'s K/V."""
@@ -66,13 +77,23 @@ class SwiftKVConfig(ModelConfig):
         ``num_key_value_layers`` (None: L) and ``key_value_group_size`` (None: 1).
         ``swiftkv: false`` serves the model as the plain Llama it was distilled from."""
         base = ModelConfig.from_hf_dict(d)
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)}
         if not d.get("swiftkv", False):
-            return cls(**fields, num_key_value_layers=base.num_layers)
+            return cls.from_llama(base, base.num_layers)
         lkv = d.get("num_key_value_layers")
         g = d.get("key_value_group_size")
-        return cls(**fields, num_key_value_layers=base.num_layers if lkv is None else lkv,
-                   key_value_group_size=1 if g is None else g)
+        return cls.from_llama(base, base.num_layers if lkv is None else lkv, 1 if g is None else g)
+
+    @staticmethod
+    def parse_split(text: str) -> tuple[int, int]:
+        """``"LKV"`` or ``"LKV:G"`` (a command-line flag) -> (Lkv, g); ValueError otherwise."""
+        parts = text.split(":")
+        try:
+            if len(parts) > 2:
+                raise ValueError
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"expected LKV or LKV:G (integers), got {text!r}") from None
+        return values[0], values[1] if len(values) == 2 else 1
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The SwiftKV fields of ``config.json``."""
