@@ -26,13 +26,14 @@ setup-test: $(VENV)/.installed-test
 run: setup
 	$(VENV)/bin/arctic-jax generate --chat --prompt "$(PROMPT)" --temperature 0 --max-tokens 64
 
-# ruff's rules and the import-layer contracts are in pyproject.toml.
+# ruff's rules and the import-layer contracts are in pyproject.toml. Tests run in two worker
+# processes (pytest-xdist), each test file in one of them (module fixtures are built once).
 lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
 test: setup-test lint
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV)

@@ -14,9 +14,11 @@ from arctic_jax import generate_command
 from arctic_jax.bench import cli_commands as bench_command
 from arctic_jax.serving import cli_commands as serve_command
 from arctic_jax.training import cli_command as train_command
+from arctic_jax.training import swiftkv_cli as distill_swiftkv_command
 
 # Each command module registers its subcommand; none imports jax, FastAPI or uvicorn until it runs.
-COMMANDS = (generate_command, serve_command, bench_command, train_command)
+COMMANDS = (generate_command, serve_command, bench_command, train_command,
+            distill_swiftkv_command)
 
 
 def _setup(args: argparse.Namespace) -> None:

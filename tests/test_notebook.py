@@ -35,3 +35,9 @@ def test_draft_model_speculation_notebook_runs():
     the output without it (the notebook asserts; the lines print only after the assertions)."""
     outputs = _run_notebook("draft_model_speculation.ipynb")
     assert "arctic: identical output" in outputs and "arctic + suffix: identical output" in outputs
+
+
+def test_swiftkv_notebook_runs():
+    """Distils a quick AcrossKV SwiftKV student of SmolLM2 and serves it beside the teacher (the
+    notebook asserts the cache layers and that both answer; the line prints after the asserts)."""
+    assert "swiftkv notebook: student served with a 20-layer cache" in _run_notebook("swiftkv.ipynb")

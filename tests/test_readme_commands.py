@@ -1,6 +1,7 @@
 """Commands in README.md work as written: every ``arctic-jax`` command parses, and the speculative
 ``arctic-jax generate`` examples (n-gram, suffix path and tree) run, as does the quick
-``train-speculator`` command followed by the draft-model examples (arctic, arctic + suffix)."""
+``train-speculator`` command followed by the draft-model examples (arctic, arctic + suffix), and
+the quick ``distill-swiftkv`` command followed by ``generate`` on the student it writes."""
 from __future__ import annotations
 
 import os
@@ -35,7 +36,8 @@ def speculative_generate_commands() -> list[list[str]]:
 
 def test_every_readme_command_parses():
     commands = readme_commands()
-    assert {argv[0] for argv in commands} == {"generate", "serve", "bench", "train-speculator"}, commands
+    assert {argv[0] for argv in commands} == {"generate", "serve", "bench", "train-speculator",
+                                              "distill-swiftkv"}, commands
     parser = cli.build_parser()
     for argv in commands:
         parser.parse_args(argv)     # exits (failing the test) on an unknown flag or a bad value
@@ -82,3 +84,25 @@ def test_readme_train_speculator_then_arctic_generate_runs(capsys, tmp_path, mon
         out, err = capsys.readouterr()
         assert rc == 0, err[-2000:]
         assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"
+
+
+def test_readme_distill_swiftkv_then_generate_runs(capsys, tmp_path, monkeypatch):
+    """The quick ``distill-swiftkv`` command writes the SwiftKV checkpoint the ``generate`` example
+    after it serves (run from a scratch directory)."""
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    distill = [argv for argv in commands if argv[0] == "distill-swiftkv"]
+    assert len(distill) == 1, distill
+    output = distill[0][distill[0].index("--output") + 1]
+    serve = [argv for argv in commands if argv[0] == "generate" and "--model" in argv
+             and argv[argv.index("--model") + 1] == output]
+    assert len(serve) == 1, serve
+    assert cli.main(distill[0]) == 0, capsys.readouterr().err[-2000:]
+    out, _ = capsys.readouterr()
+    assert "top-1" in out
+    with open(os.path.join(output, "config.json"), encoding="utf-8") as f:
+        assert '"llama_swiftkv"' in f.read()
+    rc = cli.main(serve[0])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"

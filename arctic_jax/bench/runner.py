@@ -199,10 +199,9 @@ def build_random_engine(shape: str | Any, engine_kwargs: dict, *, dtype: Any = N
     dtype = default_dtype() if dtype is None else dtype
     spec = spec_by_name("llama")
     if swiftkv:
-        from arctic_jax.models.swiftkv_config import SwiftKVConfig
-
-        cfg = SwiftKVConfig.from_llama(cfg, *SwiftKVConfig.parse_split(swiftkv))
         spec = spec_by_name("llama_swiftkv")
+        split = spec.config_class.parse_split(swiftkv)
+        cfg = spec.config_class.from_llama(cfg, *split)
         name += f" SwiftKV Lkv={cfg.num_key_value_layers} g={cfg.key_value_group_size}"
     weights = spec.random_weights(cfg, jax.random.PRNGKey(seed), dtype=dtype)
     engine = LLMEngine(spec, cfg, weights, TokenIdTokenizer(),

@@ -15,8 +15,12 @@ One ragged step over T tokens with R logits rows (L layers, Lkv =
 Lkv = L is exactly ``llama.step``. Under a parallel variant the K/V projection
 follows the early layers' layout (token-split under SP, then the usual
 all-to-all to head-split attention); the logits rows are gathered once, after
-layer Lkv - 1, and the later layers run on them replicated over the token axis
-with heads (and the MLP) split as in the variant.
+layer Lkv - 1 (a masked local gather and one [R, H] all-reduce, never an
+all-gather of the tokens), and the later layers run on them replicated over the
+token axis with heads (and the MLP) split as in the variant. Arctic's plugin
+runs those layers full-TP even inside an SP step; here an SP step reads 1/TP of
+the later layers' weights per device instead of 1/(SP x TP), which for a step
+large enough to be dispatched to SP is a small share of its time.
 """
 from __future__ import annotations
 

@@ -29,17 +29,9 @@ def register(sub: Any) -> None:
                    help="one embedding/head/norm for all steps (default: on; the LSTM needs it)")
     d.add_argument("--scale-input", action=argparse.BooleanOptionalAction, default=True,
                    help="RMS-normalise the base hidden state (divided by sqrt 2) before step 0")
-    g = p.add_argument_group("data (self-distillation)")
-    g.add_argument("--num-prompts", type=int, default=256)
-    g.add_argument("--max-tokens", type=int, default=128, help="generated tokens per prompt (at most)")
-    g.add_argument("--sampled-fraction", type=float, default=0.5,
-                   help="share of prompts answered by sampling (the rest greedily)")
-    g.add_argument("--temperature", type=float, default=0.8, help="for the sampled answers")
-    g.add_argument("--held-out-fraction", type=float, default=0.1,
-                   help="share of prompts held out for evaluation")
-    g.add_argument("--data-cache", default=None,
-                   help=".npz file of the generations and hidden states: read when it exists (same "
-                        "settings), else written, so a second run skips generation")
+    add_data_args(p.add_argument_group("data (self-distillation)"),
+                  ".npz file of the generations and hidden states: read when it exists (same "
+                  "settings), else written, so a second run skips generation")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=64)
@@ -50,6 +42,27 @@ def register(sub: Any) -> None:
     t.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
                    help="weights file: model.safetensors or a torch pytorch_model.bin")
     p.set_defaults(func=cmd_train_speculator)
+
+
+def add_data_args(g: Any, data_cache_help: str) -> None:
+    """The flags of the base model's own generations (train-speculator, distill-swiftkv)."""
+    g.add_argument("--num-prompts", type=int, default=256)
+    g.add_argument("--max-tokens", type=int, default=128, help="generated tokens per prompt (at most)")
+    g.add_argument("--sampled-fraction", type=float, default=0.5,
+                   help="share of prompts answered by sampling (the rest greedily)")
+    g.add_argument("--temperature", type=float, default=0.8, help="for the sampled answers")
+    g.add_argument("--held-out-fraction", type=float, default=0.1,
+                   help="share of prompts held out for evaluation")
+    g.add_argument("--data-cache", default=None, help=data_cache_help)
+
+
+def generation_settings(args: argparse.Namespace) -> Any:
+    """The ``data.GenerationSettings`` of ``add_data_args``' flags."""
+    from arctic_jax.training import data
+
+    return data.GenerationSettings(model=args.model, num_prompts=args.num_prompts,
+                                   max_tokens=args.max_tokens, sampled_fraction=args.sampled_fraction,
+                                   temperature=args.temperature, seed=args.seed)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -92,10 +105,7 @@ def _load_llm(args: argparse.Namespace, conversations: list) -> Any:
 def _data(args: argparse.Namespace) -> Any:
     from arctic_jax.training import data, prompts
 
-    settings = data.GenerationSettings(model=args.model, num_prompts=args.num_prompts,
-                                       max_tokens=args.max_tokens,
-                                       sampled_fraction=args.sampled_fraction,
-                                       temperature=args.temperature, seed=args.seed)
+    settings = generation_settings(args)
     if args.data_cache and os.path.exists(args.data_cache):
         print(f"data: reading {args.data_cache}", file=sys.stderr)
         return data.load_cached(args.data_cache, settings)
