@@ -1,8 +1,9 @@
 """A SwiftKV model (AcrossKV g = 2, biases, tied head, GQA 4) served by the engine, on 8 simulated
 CPU devices: greedy output equals a greedy loop over the float64 oracle with chunked prefill and
 the prefix cache; equals the single-device engine under TP = 8, SP = 8 and shift (SP 4 x TP 2)
-with steps switching variants; stays the same with preemption and with n-gram and suffix-tree
-speculation (verify rows are logits rows); warm-up compiles every shape, serving none.
+with steps switching variants; stays the same with preemption and with n-gram, suffix-tree and
+Arctic draft-model speculation (verify rows are logits rows; the draft reads SwiftKV's hidden
+rows); warm-up compiles every shape, serving none; SP programs gather rows, not tokens.
 """
 from __future__ import annotations
 
@@ -191,3 +192,22 @@ def test_across_kv_grows_the_page_pool(monkeypatch):
     assert pages[1] == llama                # SwiftKV alone keeps every layer's cache
     assert pages[4] == (20 << 30) // (2 * 20 * 8 * 16 * 128 * 2)
     assert pages[4] / llama == pytest.approx(32 / 20, rel=1e-3)
+
+
+def test_arctic_draft_model_reads_swiftkv_hidden_rows(model, tmp_path):
+    """An Arctic MLP speculator fed by SwiftKV's final hidden rows (a draft that always proposes
+    the plain output's most common token): accepted on its runs, greedy output unchanged."""
+    from test_arctic_speculation import constant_draft, draft_cfg, write_draft
+
+    _, m = model
+    prompts = _repeating_prompts(6, 4)
+    params = [SamplingParams(max_tokens=32, temperature=0)] * len(prompts)
+    want, _ = run_all(make_engine(model), prompts, params)
+    common = int(np.bincount(np.concatenate(want), minlength=97).argmax())
+    cfg = draft_cfg("mlp", base=m.config)
+    path = write_draft(tmp_path, "mlp", cfg, constant_draft(cfg, common))
+    engine = make_engine(model, speculative_config={"method": "arctic", "model": path})
+    got, _ = run_all(engine, prompts, params)
+    assert got == want
+    s = engine.spec_stats
+    assert s.num_draft_steps > 10 and 0 < s.num_accepted < s.num_drafted
