@@ -6,15 +6,12 @@ last token only, as the engine asks; AcrossKV's smaller cache; bad checkpoints a
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.config import ConfigError, ModelConfig
@@ -28,6 +25,7 @@ from checkpoints import load_model
 from checkpoints.errors import CheckpointError
 from helpers import deal_pages
 from oracles import rel_err, swiftkv_forward_hf
+from test_checkpoints import write_hf as write_checkpoint
 
 PS = 4
 NUM_PAGES = 40
@@ -97,14 +95,6 @@ def hf_tensors(d: dict, rng: np.random.Generator, teacher: bool = True) -> dict[
         else:
             out[n] = (0.15 * rng.standard_normal(s)).astype(np.float32)
     return out
-
-
-def write_checkpoint(directory, d: dict, tensors: dict[str, np.ndarray]) -> str:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(d, f)
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
-    return str(directory)
 
 
 def load(path):
@@ -307,7 +297,7 @@ def test_random_weights_validate_and_run():
 
 # --------------------------------------------------------------------------- bad input
 
-def test_teacher_tensors_are_skipped_and_logged(loaded, tmp_path, caplog):
+def test_teacher_tensors_are_skipped_and_logged(tmp_path, caplog):
     d = config_dict("gqa2")
     tensors = hf_tensors(d, np.random.default_rng(1))
     with caplog.at_level(logging.INFO, logger="checkpoints.hf_layout"):

@@ -79,15 +79,16 @@ def rows_batch(batch: StepBatch) -> StepBatch:
 
 def kv_fanout(cfg: SwiftKVConfig, opts: StepOptions, weights: SwiftKVWeights, x: jax.Array,
               cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Residual x [T, H] entering layer Lkv -> every group's k (RoPE'd), v [G, T, K, D] in the
+    """Residual x [T, H] entering layer Lkv -> every group's k (RoPE'd), v [T, G, K, D] in the
     attention layout."""
     sh = opts.sharding
     h = rms_norm(x, weights.norm_swiftkv, cfg.rms_norm_eps)
     kv = add_bias(jnp.einsum("th,hgckd->tgckd", h, weights.kv_fanout), weights.kv_fanout_bias)
     kv = constrain(sh, kv, FANOUT_AXES)
     kv = constrain(sh, kv, FANOUT_ATTN_AXES)
-    k = jnp.stack([apply_rope(kv[:, j, 0], cos, sin) for j in range(kv.shape[1])])
-    return k, jnp.moveaxis(kv[:, :, 1], 1, 0)
+    T, G, _, K, D = kv.shape
+    k = apply_rope(kv[:, :, 0].reshape(T, G * K, D), cos, sin).reshape(T, G, K, D)  # one pass
+    return k, kv[:, :, 1]
 
 
 def late_layer(cfg: SwiftKVConfig, opts: StepOptions, layer: LateLayerWeights, x: jax.Array,
@@ -123,7 +124,7 @@ def step(weights: SwiftKVWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: S
         Lkv = cfg.num_key_value_layers
         k, v = kv_fanout(cfg, opts, weights, x, cos, sin)
         for j in range(cfg.num_kv_groups):
-            ks[Lkv + j], vs[Lkv + j] = write_kv(ks[Lkv + j], vs[Lkv + j], k[j], v[j],
+            ks[Lkv + j], vs[Lkv + j] = write_kv(ks[Lkv + j], vs[Lkv + j], k[:, j], v[:, j],
                                                 batch.slot_mapping)
         rows = rows_batch(batch)
         cos_r, sin_r = rope_cos_sin(rows.positions, inv_freq)

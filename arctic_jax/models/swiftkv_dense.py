@@ -188,7 +188,7 @@ def swiftkv_late_stack(cfg: SwiftKVConfig, weights: SwiftKVWeights, x: jax.Array
     for j, layer in enumerate(weights.late_layers):
         before_last = x
         g = cfg.cache_layer(Lkv + j) - Lkv
-        x = late_layer(cfg, layer, x, k[g], v[g], cos, sin, batch)
+        x = late_layer(cfg, layer, x, k[:, g], v[:, g], cos, sin, batch)
     return x, before_last
 
 
