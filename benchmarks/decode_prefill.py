@@ -99,15 +99,30 @@ def decode_batch(batch_size, context, page_size, rng):
     return build_step_batch(chunks, page_size, buckets)[0], batch_size * pages_per_seq
 
 
-def prefill_batch(num_tokens, page_size, rng):
+def prefill_batch(num_tokens, num_prompts, page_size, rng):
+    """One step prefilling ``num_prompts`` whole prompts of ``num_tokens`` tokens each."""
     pages = -(-num_tokens // page_size)
-    chunk = SequenceChunk(tokens=list(rng.integers(0, 1000, size=num_tokens)), start=0,
-                          pages=list(range(pages)))
-    buckets = Buckets(tokens=(num_tokens,), seqs=(1,), pages=(pages,))
-    return build_step_batch([chunk], page_size, buckets)[0], pages
+    chunks = [SequenceChunk(tokens=list(rng.integers(0, 1000, size=num_tokens)), start=0,
+                            pages=list(range(p * pages, (p + 1) * pages)))
+              for p in range(num_prompts)]
+    buckets = Buckets(tokens=(num_tokens * num_prompts,), seqs=(num_prompts,), pages=(pages,))
+    return build_step_batch(chunks, page_size, buckets)[0], pages * num_prompts
 
 
-def main() -> None:
+def parse_prefill(text):
+    """``"2048,2048x4"`` -> [(2048, 1), (2048, 4)]: prompt tokens and prompts in one step."""
+    cases = []
+    for item in (x for x in text.split(",") if x):
+        tokens, _, prompts = item.partition("x")
+        try:
+            cases.append((int(tokens), int(prompts or 1)))
+        except ValueError:
+            raise SystemExit(f"--prefill: expected N or NxP, got {item!r}") from None
+    return cases
+
+
+def main(argv=None) -> str:
+    """Run the cases of ``argv`` (default: the command line); returns the printed table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2)")
     p.add_argument("--random", default=None, choices=sorted(RANDOM_MODEL_SHAPES),
@@ -115,7 +130,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--contexts", default="128,1024")
-    p.add_argument("--prefill", default="2048")
+    p.add_argument("--prefill", default="2048",
+                   help="prompt lengths, comma-separated; NxP prefills P prompts of N in one step")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-impl", default="reference")
     p.add_argument("--iters", type=int, default=20)
@@ -127,7 +143,7 @@ def main() -> None:
                    help="also time the SwiftKV model of this split (same shape, random weights)")
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--note", default="")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
@@ -154,10 +170,11 @@ def main() -> None:
     cases = [(f"decode batch {b}, context {ctx}", "decode", b, ctx)
              for ctx in [int(c) for c in args.contexts.split(",")]
              for b in [int(x) for x in args.batches.split(",")]]
-    for n in [int(x) for x in args.prefill.split(",") if x]:
-        cases.append((f"prefill {n} tokens", "prefill", n, 0))
+    for n, prompts in parse_prefill(args.prefill):
+        what = f"prefill {n} tokens" + (f" x {prompts} prompts" if prompts > 1 else "")
+        cases.append((what, "prefill", n, prompts))
         if args.contiguous_prefill:  # the engine's route for a prompt's first chunk
-            cases.append((f"prefill {n} tokens, contiguous attention", "contiguous", n, 0))
+            cases.append((f"{what}, contiguous attention", "contiguous", n, prompts))
     # results[model][case] = (ms synchronous, ms back-to-back, tokens/s)
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
     for label, (mspec, mcfg, mweights) in models.items():
@@ -166,15 +183,15 @@ def main() -> None:
                                           ("contiguous", ContiguousCausalAttention(args.attention_impl)))}
         out = results[label] = {}
         rng = np.random.default_rng(0)
-        for case, kind, n, ctx in cases:
+        for case, kind, n, extra in cases:  # extra: decode context, or prompts per prefill step
             if kind == "decode":
-                batch, pages = decode_batch(n, ctx, args.page_size, rng)
+                batch, pages = decode_batch(n, extra, args.page_size, rng)
                 iters, tokens = args.iters, n
             else:
-                batch, pages = prefill_batch(n, args.page_size, rng)
-                iters, tokens = max(3, args.iters // 4), n
+                batch, pages = prefill_batch(n, extra, args.page_size, rng)
+                iters, tokens = max(3, args.iters // 4), n * extra
             step, placed = steps["contiguous" if kind == "contiguous" else "paged"]
-            cache = random_cache(mcfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(n + ctx))
+            cache = random_cache(mcfg, pages, args.page_size, kv_dtype, jax.random.PRNGKey(n + extra))
             sec, piped, cache = time_steps(step, placed, cache, batch, iters)
             del cache
             out[case] = (sec * 1e3, piped * 1e3, tokens / piped)
@@ -215,6 +232,7 @@ def main() -> None:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
         with open(path, "a", encoding="utf-8") as f:
             f.write("\n" + table + "\n")
+    return table
 
 
 if __name__ == "__main__":
