@@ -38,7 +38,7 @@ def constant_draft(cfg: dm.DraftModelConfig, token: int, seed: int = 0):
     positive vector, and ``token``'s head row points along it."""
     w = dm.random_weights(cfg, jax.random.key(seed), scale=0.02)
     bias = jnp.full_like(w.ln_bias if cfg.kind == "mlp" else w.state_ln_bias, 3.0)
-    head = w.head.at[:, token].set(1.0)
+    head = tuple(h.at[token].set(1.0) for h in w.head)
     if cfg.kind == "mlp":
         return dataclasses.replace(w, ln_bias=bias, head=head)
     return dataclasses.replace(w, state_ln_bias=bias, head=head)

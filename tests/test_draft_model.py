@@ -156,12 +156,12 @@ def weights_from_torch(cfg: DraftModelConfig, model: nn.Module):
     if cfg.kind == "mlp":
         later = [1] if cfg.tie_weights else list(range(1, cfg.n_predict))
         return MLPDraftWeights(
-            emb=jnp.stack([a(model.emb[i].weight) for i in range(N)]),
+            emb=tuple(a(model.emb[i].weight) for i in range(N)),
             proj_first=a(model.proj[0].weight.T),
             proj=jnp.stack([a(model.proj[i].weight.T) for i in later]),
             ln_weight=jnp.stack([a(model.ln[i].weight) for i in range(N)]),
             ln_bias=jnp.stack([a(model.ln[i].bias) for i in range(N)]),
-            head=jnp.stack([a(model.head[i].weight) for i in range(N)]))
+            head=tuple(a(model.head[i].weight) for i in range(N)))
     gates = ("forget", "input", "output", "cell")
     return LSTMDraftWeights(
         emb=a(model.forget_emb[0].weight),
@@ -169,7 +169,7 @@ def weights_from_torch(cfg: DraftModelConfig, model: nn.Module):
         proj=jnp.concatenate([a(getattr(model, f"{g}_proj")[1].weight.T) for g in gates], 1),
         cell_ln_weight=a(model.cell_ln[0].weight), cell_ln_bias=a(model.cell_ln[0].bias),
         state_ln_weight=a(model.state_ln[0].weight), state_ln_bias=a(model.state_ln[0].bias),
-        head=a(model.head[0].weight)[None])
+        head=(a(model.head[0].weight),))
 
 
 def numpy_weights(cfg: DraftModelConfig, seed: int, dtype=jnp.float32):
@@ -306,12 +306,13 @@ def test_save_load_round_trip(tmp_path, kind, tie, fmt, dtype):
     assert config["model_type"] == "mlp_speculator" and config["base_model_archs"] == ["LlamaForCausalLM"]
     cfg2, loaded = load_draft_model(tmp_path)
     assert cfg2 == cfg and type(loaded) is type(weights)
-    for name in weights.__dataclass_fields__:
-        a, b = getattr(weights, name), getattr(loaded, name)
+    pairs = zip(jax.tree_util.tree_leaves_with_path(weights), jax.tree_util.tree_leaves(loaded), strict=True)
+    for (path, a), b in pairs:
+        name = jax.tree_util.keystr(path)
         assert a.dtype == b.dtype and a.shape == b.shape, name
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
     _, as_f32 = load_draft_model(tmp_path, dtype=jnp.float32)
-    assert as_f32.head.dtype == jnp.float32
+    assert all(h.dtype == jnp.float32 for h in as_f32.head)
 
 
 def test_saved_lstm_has_arctic_names_that_torch_reads(tmp_path):

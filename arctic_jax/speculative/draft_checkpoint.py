@@ -376,10 +376,10 @@ def _assemble(cfg: DraftModelConfig, t: dict[str, np.ndarray], dtype: Any
     if cfg.kind == "mlp":
         later = range(1, 2) if cfg.tie_weights else range(1, n)
         return MLPDraftWeights(
-            emb=stack("emb.{}.weight", range(N)), proj_first=arr(t["proj.0.weight"].T),
+            emb=tuple(arr(t[f"emb.{i}.weight"]) for i in range(N)), proj_first=arr(t["proj.0.weight"].T),
             proj=stack("proj.{}.weight", later, transpose=True),
             ln_weight=stack("ln.{}.weight", range(N)), ln_bias=stack("ln.{}.bias", range(N)),
-            head=stack("head.{}.weight", range(N)))
+            head=tuple(arr(t[f"head.{i}.weight"]) for i in range(N)))
 
     def fused(k: int) -> np.ndarray:   # [in, 4D], gate blocks f | i | o | c
         if f"projs.{k}.weight" in t:
@@ -390,7 +390,7 @@ def _assemble(cfg: DraftModelConfig, t: dict[str, np.ndarray], dtype: Any
         emb=arr(t["forget_emb.0.weight"]), proj_first=arr(fused(0)), proj=arr(fused(1)),
         cell_ln_weight=arr(t["cell_ln.0.weight"]), cell_ln_bias=arr(t["cell_ln.0.bias"]),
         state_ln_weight=arr(t["state_ln.0.weight"]), state_ln_bias=arr(t["state_ln.0.bias"]),
-        head=arr(t["head.0.weight"][None]))
+        head=(arr(t["head.0.weight"]),))
 
 
 def load_draft_model(path: str | os.PathLike, dtype: Any = None

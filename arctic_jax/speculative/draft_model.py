@@ -79,14 +79,18 @@ class DraftModelConfig:
 
 @pytree_dataclass
 class MLPDraftWeights:
-    """MLP speculator weights (N = ``num_distinct``; projections stored [in, out])."""
+    """MLP speculator weights (N = ``num_distinct``; projections stored [in, out]).
 
-    emb: jax.Array          # [N, V, D]
+    The [V, D] embeddings and heads are one array per step, not an [N, V, D] stack: XLA copied a
+    stack's slice before the one-row head matmul (5.2 ms instead of 1.1 ms per 8B-sized draft at
+    batch 1 on an H100, benchmarks/RESULTS.md)."""
+
+    emb: tuple[jax.Array, ...]   # N x [V, D]
     proj_first: jax.Array   # [Hin, D]     step 0
     proj: jax.Array         # [N', D, D]   steps >= 1 (N' = 1 when tied, else n_predict - 1)
     ln_weight: jax.Array    # [N, D]
     ln_bias: jax.Array      # [N, D]
-    head: jax.Array         # [N, V, D]
+    head: tuple[jax.Array, ...]  # N x [V, D]
 
 
 @pytree_dataclass
@@ -100,7 +104,7 @@ class LSTMDraftWeights:
     cell_ln_bias: jax.Array     # [D]
     state_ln_weight: jax.Array  # [D]
     state_ln_bias: jax.Array    # [D]
-    head: jax.Array         # [N, V, D]
+    head: tuple[jax.Array, ...]  # N x [V, D], one per step (see MLPDraftWeights)
 
 
 DraftWeights = MLPDraftWeights | LSTMDraftWeights
@@ -131,9 +135,9 @@ def _gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def _pick(stack: jax.Array, i: int) -> jax.Array:
-    """Step i's slice of a per-step stack (the shared one when the stack holds one)."""
-    return stack[min(i, stack.shape[0] - 1)]
+def _pick(stack: jax.Array | tuple[jax.Array, ...], i: int) -> jax.Array:
+    """Step i's entry of a per-step stack or tuple (the shared one when it holds one)."""
+    return stack[min(i, len(stack) - 1)]
 
 
 def initial_state(cfg: DraftModelConfig, hidden: jax.Array) -> DraftState:
@@ -212,17 +216,17 @@ def random_weights(cfg: DraftModelConfig, key: jax.Array, dtype: jnp.dtype = jnp
                    scale: float = 0.02) -> DraftWeights:
     """Random weights of ``cfg``'s shapes (norm weights near 1, biases near 0)."""
     V, D, H, N = cfg.vocab_size, cfg.inner_dim, cfg.input_hidden_dim, cfg.num_distinct
-    keys = iter(jax.random.split(key, 8))
+    keys = iter(jax.random.split(key, 2 * N + 8))
 
     def normal(*shape: int, s: float = scale, mean: float = 0.0) -> jax.Array:
         return (mean + s * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
     if cfg.kind == "mlp":
         n_proj = 1 if cfg.tie_weights else cfg.n_predict - 1
-        return MLPDraftWeights(emb=normal(N, V, D), proj_first=normal(H, D),
+        return MLPDraftWeights(emb=tuple(normal(V, D) for _ in range(N)), proj_first=normal(H, D),
                                proj=normal(n_proj, D, D), ln_weight=normal(N, D, s=0.1, mean=1.0),
-                               ln_bias=normal(N, D, s=0.1), head=normal(N, V, D))
+                               ln_bias=normal(N, D, s=0.1), head=tuple(normal(V, D) for _ in range(N)))
     return LSTMDraftWeights(emb=normal(V, D), proj_first=normal(H, 4 * D), proj=normal(D, 4 * D),
                             cell_ln_weight=normal(D, s=0.1, mean=1.0), cell_ln_bias=normal(D, s=0.1),
                             state_ln_weight=normal(D, s=0.1, mean=1.0),
-                            state_ln_bias=normal(D, s=0.1), head=normal(N, V, D))
+                            state_ln_bias=normal(D, s=0.1), head=tuple(normal(V, D) for _ in range(N)))
