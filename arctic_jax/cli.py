@@ -1,4 +1,4 @@
-"""The ``arctic-jax`` command line: generate, serve, bench.
+"""The ``arctic-jax`` command line: generate, embed, serve, bench.
 
 Generated text goes to stdout; logs and progress bars go to stderr.
 """
@@ -10,14 +10,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from arctic_jax import generate_command
+from arctic_jax import embed_command, generate_command
 from arctic_jax.bench import cli_commands as bench_command
 from arctic_jax.serving import cli_commands as serve_command
 from arctic_jax.training import cli_command as train_command
 from arctic_jax.training import swiftkv_cli as distill_swiftkv_command
 
 # Each command module registers its subcommand; none imports jax, FastAPI or uvicorn until it runs.
-COMMANDS = (generate_command, serve_command, bench_command, train_command,
+COMMANDS = (generate_command, embed_command, serve_command, bench_command, train_command,
             distill_swiftkv_command)
 
 

@@ -1,4 +1,4 @@
-"""Argument helpers shared by the ``arctic-jax`` subcommands (generate, serve, bench).
+"""Argument helpers shared by the ``arctic-jax`` subcommands (generate, embed, serve, bench).
 
 Nothing here imports jax, FastAPI or a model at import time, so building the parser stays cheap
 and works where the serving extras are not installed.
@@ -22,22 +22,47 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model and engine flags every subcommand that loads a model takes."""
-    p.add_argument("--model", default="default",
-                   help="HF checkpoint dir, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
+def add_model_args(p: argparse.ArgumentParser, *, embeddings: bool = False) -> None:
+    """The model and engine flags every subcommand that loads a model takes. ``embeddings``:
+    the subcommand also serves embedding models (``serve``); the help tells what the flags
+    they share mean for them (``add_embedding_only_args`` adds the rest)."""
+    def shared(text: str, embedding_text: str) -> str:
+        return f"{text}; embedding models: {embedding_text}" if embeddings else text
+
+    model_help = "HF checkpoint dir, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)"
+    if embeddings:
+        model_help = (f"HF checkpoint dir, .gguf file, 'default' (embedded SmolLM2-135M-Instruct) "
+                      f"or '{DEFAULT_EMBEDDING_MODEL}' (embedded sentence encoder); an embedding "
+                      f"model (a BERT encoder) serves /v1/embeddings and takes only --dtype, "
+                      f"--max-model-len, --max-num-seqs, --max-num-batched-tokens, "
+                      f"--token-buckets, --seq-buckets and --attention-impl of the engine flags")
+    p.add_argument("--model", default="default", help=model_help)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=None)
-    p.add_argument("--num-pages", type=int, default=None)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=shared("most tokens of one request, prompt plus output (default: the "
+                               "model's context length)",
+                               "longest input (default: max_position_embeddings, or the "
+                               "sentence-transformers max_seq_length if smaller)"))
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=shared("most requests running at once (more wait in the queue)",
+                               "most inputs in one device batch (default 1024 on GPU, 128 on "
+                               "CPU)"))
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=shared("token budget of one engine step (prefill chunks plus decodes)",
+                               "token budget of one device batch (default 16384 on GPU, 2048 "
+                               "on CPU)"))
+    p.add_argument("--page-size", type=int, default=None, help="tokens per KV-cache page (default 16)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV-cache pages (default: from --kv-cache-memory-fraction)")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help="fraction of free device memory given to the KV cache (default 0.5)")
     p.add_argument("--attention-impl", default=None,
-                   help="reference, pallas (GPU default) or pallas-triton (Triton prefill kernel)")
+                   help=shared("reference, pallas (GPU default) or pallas-triton (Triton prefill "
+                               "kernel)", "reference (CPU default) or pallas (GPU default)"))
     p.add_argument("--token-buckets", type=int_list, default=None,
-                   help="comma-separated step token counts to compile (default: powers of 2)")
+                   help=shared("comma-separated step token counts to compile (default: powers "
+                               "of 2)", "batch token counts; the largest is the token budget"))
     p.add_argument("--page-buckets", type=int_list, default=None,
                    help="comma-separated page-table widths to compile (default: powers of 2)")
     p.add_argument("--contiguous-prefill-min-tokens", type=int, default=None,
@@ -62,7 +87,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: off)")
     p.add_argument("--max-logprobs", type=int, default=None,
                    help="most top logprobs a request may ask for (default 5, at most 20)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="Megatron tensor parallelism over this many devices")
     p.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
                    help="Ulysses sequence parallelism; SP x TP devices in all")
     p.add_argument("--enable-shift-parallel", action="store_true",
@@ -73,7 +99,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shortcut for the parallel flags above")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="persistent XLA compilation cache directory")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
@@ -105,3 +131,62 @@ def parse_dtype(name: str | None) -> Any:
         return None
     import jax.numpy as jnp
     return jnp.dtype(name)
+
+
+# ------------------------------------------------------------- embedding models
+# checkpoints.loader.DEFAULT_EMBEDDING_MODEL (not imported: building the parser loads no jax)
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_MAX_EMBEDDING_INPUTS = 2048   # inputs in one /v1/embeddings request (OpenAI's limit)
+
+# Flag names (argparse dests) passed to the embedding engine when given.
+EMBEDDING_ENGINE_FLAGS = ("max_model_len", "max_num_batched_tokens", "token_buckets",
+                          "max_num_seqs", "seq_buckets", "attention_impl")
+
+
+def add_embedding_engine_args(p: argparse.ArgumentParser) -> None:
+    """The embedding model and engine flags (``arctic-jax embed``)."""
+    p.add_argument("--model", default=DEFAULT_EMBEDDING_MODEL,
+                   help=f"HF encoder checkpoint directory (with its sentence-transformers files), "
+                        f"or {DEFAULT_EMBEDDING_MODEL!r} (embedded; the default)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest input in tokens (default: the model's max_position_embeddings, "
+                        "or its sentence-transformers max_seq_length if smaller)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one device batch (default: 16384 on GPU, 2048 on CPU)")
+    p.add_argument("--token-buckets", type=int_list, default=None,
+                   help="comma-separated batch token counts to compile; the largest is the budget "
+                        "(default: powers of 2)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most inputs in one device batch (default: 1024 on GPU, 128 on CPU)")
+    add_embedding_only_args(p)
+    p.add_argument("--attention-impl", default=None, choices=["reference", "pallas"],
+                   help="segment attention: reference (dense mask; CPU default) or pallas "
+                        "(GPU default)")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="persistent XLA compilation cache directory")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+
+
+def add_embedding_only_args(p: argparse.ArgumentParser) -> None:
+    """The embedding engine flags that ``add_model_args`` lacks (``serve`` takes both)."""
+    p.add_argument("--seq-buckets", type=int_list, default=None,
+                   help="comma-separated batch sequence counts to compile (embedding models); "
+                        "the largest is --max-num-seqs (default: powers of 8)")
+
+
+def embedding_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Embedder(...) keyword arguments from the engine flags given."""
+    return {n: getattr(args, n) for n in EMBEDDING_ENGINE_FLAGS if getattr(args, n, None) is not None}
+
+
+def llm_only_flags_given(args: argparse.Namespace) -> list[str]:
+    """The ``add_model_args`` flags that only a generative model uses, set away from their
+    defaults in ``args`` (as ``--flag`` spellings); an embedding server rejects them."""
+    defaults = argparse.ArgumentParser(add_help=False)
+    add_model_args(defaults)
+    shared = set(EMBEDDING_ENGINE_FLAGS) | {"model", "dtype", "compilation_cache_dir", "log_level"}
+    return ["--" + dest.replace("_", "-") for dest, default in vars(defaults.parse_args([])).items()
+            if dest not in shared and getattr(args, dest, default) != default]
+

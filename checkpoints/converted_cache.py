@@ -59,17 +59,18 @@ def cache_key(files: Sequence[str], dtype: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    d["eos_token_ids"] = list(cfg.eos_token_ids)
-    return d
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A model config dataclass (a ModelConfig, or e.g. a BertConfig) as a JSON-able dict."""
+    return dataclasses.asdict(cfg)
 
 
-def config_from_dict(d: dict[str, Any], config_class: type[ModelConfig] = ModelConfig
-                     ) -> ModelConfig:
+def config_from_dict(d: dict[str, Any], config_class: type = ModelConfig) -> Any:
+    """The inverse of ``config_to_dict`` for ``config_class``."""
     d = dict(d)
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    d["eos_token_ids"] = tuple(d["eos_token_ids"])
+    if "rope_scaling" in d:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if "eos_token_ids" in d:
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
     return config_class(**d)
 
 

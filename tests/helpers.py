@@ -48,3 +48,24 @@ def server_env(devices: int = 1) -> dict[str, str]:
     env["XLA_FLAGS"] = flags.strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     return env
+
+
+def record_verified_triton_modules(monkeypatch) -> list | None:
+    """Patch the Pallas Triton lowering so every module it builds is MLIR-verified and appended
+    to the returned list; None where this jax has no Triton lowering module."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as reg
+    except ImportError:
+        return None
+    verified: list = []
+    orig = reg.lowering.lower_jaxpr_to_triton_module
+
+    def checked(*args, **kwargs):
+        res = orig(*args, **kwargs)
+        with res.module.context:
+            assert res.module.operation.verify()
+        verified.append(res)
+        return res
+
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", checked)
+    return verified

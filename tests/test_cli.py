@@ -30,7 +30,7 @@ for name in {BLOCKED!r}:
 from arctic_jax import cli
 parser = cli.build_parser()
 sub = next(a for a in parser._actions if a.dest == "command")
-assert list(sub.choices) == ["generate", "serve", "bench", "train-speculator",
+assert list(sub.choices) == ["generate", "embed", "serve", "bench", "train-speculator",
                              "distill-swiftkv"], list(sub.choices)
 args = parser.parse_args(["generate", "--prompt", "hi", "--token-buckets", "8,16"])
 assert args.func.__name__ == "cmd_generate" and args.token_buckets == (8, 16)

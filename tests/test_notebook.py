@@ -41,3 +41,10 @@ def test_swiftkv_notebook_runs():
     """Distils a quick AcrossKV SwiftKV student of SmolLM2 and serves it beside the teacher (the
     notebook asserts the cache layers and that both answer; the line prints after the asserts)."""
     assert "swiftkv notebook: student served with a 20-layer cache" in _run_notebook("swiftkv.ipynb")
+
+
+def test_embeddings_notebook_runs():
+    """Embeds passages with the embedded all-MiniLM-L6-v2, searches them, and checks the vectors
+    against sentence-transformers and each text alone (asserted in the notebook)."""
+    assert ("embeddings notebook: packed batch equals sentence-transformers and each text alone"
+            in _run_notebook("embeddings.ipynb"))

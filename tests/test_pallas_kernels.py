@@ -16,6 +16,7 @@ from arctic_jax.attention.kv_write_check import compile_write_kv, write_in_place
 from arctic_jax.attention.pallas import paged_attention_pallas, select_mode
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import Buckets, SequenceChunk, StepBatch, build_step_batch
+from helpers import record_verified_triton_modules
 from pallas_kernels import (
     DecodeConfig,
     PrefillConfig,
@@ -339,33 +340,12 @@ def test_write_kv_is_in_place_when_donated():
     assert not copied.in_place and copied.cache_copies, copied
 
 
-def _triton_modules_verified():
-    """Patches the Pallas Triton lowering to MLIR-verify each module it builds; None if unavailable."""
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as reg
-    except ImportError:
-        return None
-    return reg
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GPU class compiles the kernels")
 @pytest.mark.parametrize("group,page_size", [(4, 16), (3, 64), (8, 64)])
 def test_kernels_lower_to_triton_for_cuda(group, page_size, monkeypatch):
     """Cross-lowers both kernels (bf16, head_dim 128) to Triton IR for CUDA on the CPU and
     verifies the Triton modules, catching Triton lowering errors without a GPU."""
-    reg = _triton_modules_verified()
-    verified = []
-    if reg is not None:
-        orig = reg.lowering.lower_jaxpr_to_triton_module
-
-        def checked(*args, **kwargs):
-            res = orig(*args, **kwargs)
-            with res.module.context:
-                assert res.module.operation.verify()
-            verified.append(res)
-            return res
-
-        monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", checked)
+    verified = record_verified_triton_modules(monkeypatch)
     K, D, P = 8, 128, 512
     kc = jax.ShapeDtypeStruct((K, P, page_size, D), jnp.bfloat16)
 
@@ -389,7 +369,7 @@ def test_kernels_lower_to_triton_for_cuda(group, page_size, monkeypatch):
             if "compilation handler" in str(e):
                 pytest.skip("this jaxlib compiles Triton at lowering time and has no CUDA plugin")
             raise
-    if reg is not None:
+    if verified is not None:
         assert len(verified) == len(cases)
 
 

@@ -14,6 +14,7 @@ from arctic_jax.config import ConfigError, ModelConfig
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models import llama, registry
 from arctic_jax.models.registry import (
+    BERT,
     LLAMA,
     SWIFTKV,
     register,
@@ -75,11 +76,11 @@ def test_register_and_unregister():
         assert spec_for_hf_config({"model_type": "llama"}) is LLAMA
         with pytest.raises(ValueError, match="ToyForCausalLM already registered by model 'toy'"):
             register(dataclasses.replace(toy, name="toy2", model_types=("toy2",)))
-        with pytest.raises(ConfigError, match="LlamaForCausalLM, LlamaSwiftKVForCausalLM, ToyForCausalLM"):
+        with pytest.raises(ConfigError, match="BertModel, BertForMaskedLM, ToyForCausalLM"):
             spec_for_hf_config({"architectures": ["GPT2LMHeadModel"]})
     finally:
         unregister("toy")
-    assert registered_specs() == (LLAMA, SWIFTKV)
+    assert registered_specs() == (LLAMA, SWIFTKV, BERT)
     with pytest.raises(ConfigError, match="ToyForCausalLM"):
         spec_for_hf_config({"architectures": ["ToyForCausalLM"]})
 
@@ -227,4 +228,4 @@ def test_place_weights_is_generic_over_declared_axes():
 
 def test_registry_module_is_explicit():
     """The table is a plain module attribute a test can inspect (no hidden state)."""
-    assert registry._SPECS == {"llama": LLAMA, "llama_swiftkv": SWIFTKV}
+    assert registry._SPECS == {"llama": LLAMA, "llama_swiftkv": SWIFTKV, "bert": BERT}

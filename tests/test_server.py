@@ -123,6 +123,15 @@ def test_health_models_and_metrics_format(server, client):
     assert "arctic_kv_cache_usage_ratio" in r.text
 
 
+def test_embeddings_route_on_a_generation_model_is_a_400(server):
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": "hi"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_task", "model")
+    assert f"'{MODEL}' is a text-generation model" in error["message"]
+    assert "not /v1/embeddings" in error["message"]
+
+
 def test_chat_answers_the_known_question(client, tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     resp = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from arctic_jax.bench import embeddings as emb
 from arctic_jax.bench import report as rep
 from arctic_jax.bench import workload as wl
 from arctic_jax.cli_args import add_model_args, engine_kwargs, parse_dtype
@@ -33,9 +34,10 @@ def register(sub: Any) -> None:
     src.add_argument("--url", default=None,
                      help="benchmark a running server (http://host:port) instead of in-process")
     src.add_argument("--random-weights", default=None, metavar="SHAPE",
-                     choices=["llama-3.1-8b", "smollm2-shape", "tiny"],
+                     choices=["llama-3.1-8b", "smollm2-shape", "tiny", "bert-base"],
                      help="in-process model with random weights of this shape: llama-3.1-8b, "
-                          "smollm2-shape, or tiny (harness smoke test); ignores --model")
+                          "smollm2-shape, or tiny (harness smoke test); with --embeddings: "
+                          "bert-base or tiny (an encoder); ignores --model")
     src.add_argument("--swiftkv", default=None, metavar="LKV[:G]",
                      help="with --random-weights: the SwiftKV model of that shape, Lkv layers on "
                           "every token and AcrossKV groups of G later layers (a SwiftKV checkpoint "
@@ -75,6 +77,7 @@ def register(sub: Any) -> None:
     out.add_argument("--title", default=None, help="section title for --append-results")
     out.add_argument("--compare-note", default="",
                      help="free text for --append-results: the peer or floor to compare with")
+    emb.add_args(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -141,6 +144,9 @@ def _load(args: argparse.Namespace, n: int, concurrency: int | None = None) -> t
 def cmd_bench(args: argparse.Namespace) -> int:
     from arctic_jax.bench import runner
 
+    if args.embeddings:
+        return emb.cmd_embeddings(args)
+    emb.check_llm_args(args)
     if args.plot:
         rep.check_plotting_available()
     if args.url and args.random_weights:

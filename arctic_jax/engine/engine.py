@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from arctic_jax.attention.dispatch import default_attention_impl
-from arctic_jax.config import ModelConfig
+from arctic_jax.config import ConfigError, ModelConfig
 from arctic_jax.engine.config import (
     DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS,
     EngineConfig,
@@ -49,6 +49,9 @@ class LLMEngine:
                  config: EngineConfig | None = None, *, dtype: Any = None):
         """``spec``: the model's ``ModelSpec`` (its step and head functions); ``weights``: a
         pytree of its weights class for ``cfg``."""
+        if getattr(spec, "task", "generate") == "embed":
+            raise ConfigError(f"model {spec.name!r} is an embedding model; use arctic_jax.Embedder / "
+                              "serve it for /v1/embeddings")
         config = config or EngineConfig()
         self.spec = spec
         self.cfg = cfg

@@ -91,19 +91,26 @@ def check_shape(problems: list[str], name: str, value: Any, shape: tuple[int, ..
         problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
 
 
-def validate_weights(weights: LlamaWeights, cfg: ModelConfig) -> None:
-    """Raise ValueError naming any field whose presence or shape disagrees with cfg."""
+def check_layered_weights(weights: Any, model_shapes: dict[str, Any], layer_shapes: dict[str, Any],
+                          num_layers: int) -> None:
+    """Raise ValueError naming every top-level field (``model_shapes``) and field of
+    ``weights.layers[i]`` (``layer_shapes``) whose presence or shape is wrong."""
     problems: list[str] = []
-    for name, shape in expected_model_shapes(cfg).items():
+    for name, shape in model_shapes.items():
         check_shape(problems, name, getattr(weights, name), shape)
-    if len(weights.layers) != cfg.num_layers:
-        problems.append(f"layers: {len(weights.layers)} layers, expected {cfg.num_layers}")
-    layer_shapes = expected_layer_shapes(cfg)
+    if len(weights.layers) != num_layers:
+        problems.append(f"layers: {len(weights.layers)} layers, expected {num_layers}")
     for i, layer in enumerate(weights.layers):
         for name, shape in layer_shapes.items():
             check_shape(problems, f"layers[{i}].{name}", getattr(layer, name), shape)
     if problems:
         raise ValueError("weights do not match the config:\n  " + "\n  ".join(problems))
+
+
+def validate_weights(weights: LlamaWeights, cfg: ModelConfig) -> None:
+    """Raise ValueError naming any field whose presence or shape disagrees with cfg."""
+    check_layered_weights(weights, expected_model_shapes(cfg), expected_layer_shapes(cfg),
+                          cfg.num_layers)
 
 
 def random_weights(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,

@@ -2,7 +2,7 @@
 
 A ``ModelSpec`` is everything the layers above the models (checkpoints,
 sharding, engine) need to know about a model family, so that none of them
-imports a model module by name. The table is built here at import (Llama, SwiftKV Llama);
+imports a model module by name. The table is built here at import (Llama, SwiftKV Llama, BERT);
 ``register`` / ``unregister`` add and remove entries explicitly.
 """
 from __future__ import annotations
@@ -15,6 +15,10 @@ import numpy as np
 
 from arctic_jax.config import ConfigError, ModelConfig
 from arctic_jax.models import (
+    bert,
+    bert_config,
+    bert_layout,
+    bert_weights,
     llama,
     llama_layout,
     llama_weights,
@@ -68,6 +72,9 @@ class CheckpointLayout(Protocol):
         ...
 
 
+TASKS = ("generate", "embed")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """One model family.
@@ -78,7 +85,9 @@ class ModelSpec:
     - ``head(weights, hidden, *, cfg, sharding=None) -> logits [R, V] float32``
     - ``random_weights(cfg, key, dtype=float32, scale=0.02) -> weights``
     - ``validate_weights(weights, cfg)``: ValueError naming any field that disagrees with cfg
-    - ``config_class``: the ModelConfig (sub)class ``parse_config`` returns
+    - ``config_class``: the config class ``parse_config`` returns (a ModelConfig for decoders)
+    - ``task``: "generate" (a decoder: ``step`` + ``head``) or "embed" (an encoder:
+      ``step(weights, batch: EncoderBatch, *, cfg, attention_impl) -> hidden [T, H]``)
     """
 
     name: str
@@ -91,7 +100,12 @@ class ModelSpec:
     layout: CheckpointLayout
     random_weights: Callable[..., Any]
     validate_weights: Callable[[Any, ModelConfig], None]
-    config_class: type[ModelConfig] = ModelConfig
+    config_class: type = ModelConfig
+    task: str = "generate"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"model {self.name!r}: task {self.task!r} is not one of {TASKS}")
 
 
 LLAMA = ModelSpec(
@@ -121,7 +135,22 @@ SWIFTKV = ModelSpec(
     config_class=swiftkv_config.SwiftKVConfig,
 )
 
-_SPECS: dict[str, ModelSpec] = {LLAMA.name: LLAMA, SWIFTKV.name: SWIFTKV}
+BERT = ModelSpec(
+    name="bert",
+    architectures=("BertModel", "BertForMaskedLM"),
+    model_types=("bert",),
+    parse_config=bert_config.BertConfig.from_hf_dict,
+    weights_class=bert_weights.BertWeights,
+    step=bert.encode,
+    head=bert.head,
+    layout=bert_layout.LAYOUT,
+    random_weights=bert_weights.random_weights,
+    validate_weights=bert_weights.validate_weights,
+    config_class=bert_config.BertConfig,
+    task="embed",
+)
+
+_SPECS: dict[str, ModelSpec] = {LLAMA.name: LLAMA, SWIFTKV.name: SWIFTKV, BERT.name: BERT}
 
 
 def registered_specs() -> tuple[ModelSpec, ...]:

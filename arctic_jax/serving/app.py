@@ -2,14 +2,15 @@
 ``ReplicaRouter`` over data-parallel replicas (FastAPI).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming over
-SSE or not), GET /v1/models, GET /health, GET /metrics. Errors use the OpenAI
+SSE or not), POST /v1/embeddings (an embedding model's server, ``embeddings.py``;
+each model answers only its task's routes), GET /v1/models, GET /health,
+GET /metrics. Errors use the OpenAI
 body ``{"error": {"message", "type", "param", "code"}}``. A request whose
 client goes away is aborted, so its KV pages are freed at once.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import uuid
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from arctic_jax.engine.front import EngineFront
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
+from arctic_jax.serving.embeddings import embeddings_router
 from arctic_jax.serving.errors import APIError, ClientDisconnected, sampling_error
 from arctic_jax.serving.generations import (
     SSE_HEADERS,
@@ -38,7 +40,7 @@ from arctic_jax.serving.generations import (
     until_disconnected,
     usage_of,
 )
-from arctic_jax.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from arctic_jax.serving.logprobs import chat_logprobs, completion_logprobs
 from arctic_jax.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -56,6 +58,7 @@ from arctic_jax.serving.protocol import (
     RequestParseError,
     parse_request,
 )
+from arctic_jax.serving.state import ServerState
 from arctic_jax.tokenizer import encode_chat, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -65,26 +68,7 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_COMPLETION_MAX_TOKENS = 16   # the OpenAI default for /v1/completions
 
 
-# ----------------------------------------------------------------- state
-@dataclasses.dataclass
-class ServerState:
-    """What the routes need. ``engine`` stays None (503) until the model is loaded and warm."""
-
-    served_model_name: str | None = None
-    api_key: str | None = None
-    engine: EngineFront | None = None
-    tokenizer: Any = None
-    startup_error: str | None = None
-    token_texts: TokenTexts | None = None
-
-    def set_ready(self, engine: EngineFront, tokenizer: Any,
-                  model_name: str) -> None:
-        self.tokenizer = tokenizer
-        self.token_texts = TokenTexts(tokenizer)
-        if self.served_model_name is None:
-            self.served_model_name = model_name
-        self.engine = engine  # last: readiness is "engine is not None"
-
+__all__ = ["ServerState", "create_app"]
 
 
 # ------------------------------------------------------------------ app
@@ -129,17 +113,6 @@ def create_app(state: ServerState) -> FastAPI:
                         type="server_error").response()
 
     # ------------------------------------------------------------- helpers
-    def engine() -> EngineFront:
-        eng = state.engine
-        if eng is None:
-            why = state.startup_error or "the model is still loading"
-            raise APIError(503, f"the server is not ready: {why}", type="server_error",
-                           code="not_ready")
-        if not eng.alive:
-            raise APIError(500, f"engine failure: {eng.error}", type="server_error",
-                           code="engine_failure")
-        return eng
-
     async def check_auth(request: Request) -> None:
         if state.api_key is None:
             return
@@ -256,14 +229,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @v1.get("/models")
     async def list_models() -> JSONResponse:
-        eng = engine()
+        eng = state.ready_engine()
         card = ModelCard(id=state.served_model_name,
                          max_model_len=eng.limits().max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        eng = engine()
+        eng: EngineFront = state.require("generate", "/v1/completions")
         body = await parse(request, CompletionRequest)
         check_common(body)
         for name in ("echo", "suffix"):
@@ -330,7 +303,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        eng = engine()
+        eng: EngineFront = state.require("generate", "/v1/chat/completions")
         body = await parse(request, ChatCompletionRequest)
         check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
@@ -387,6 +360,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         return await run(request, gens, bool(body.stream), events, respond)
 
+    v1.include_router(embeddings_router(state))
     app.include_router(v1)
 
     # ------------------------------------------------------ health, metrics
@@ -398,7 +372,7 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, 503)
         if not state.engine.alive:
             return JSONResponse({"status": "engine_failed", "error": str(state.engine.error)}, 503)
-        failed = state.engine.failed_replicas
+        failed = state.engine.failed_replicas if state.task == "generate" else []
         if failed:   # data-parallel: the others still serve
             return JSONResponse({"status": "degraded", "failed_replicas": failed,
                                  "error": str(state.engine.error)})

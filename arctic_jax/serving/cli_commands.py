@@ -3,6 +3,9 @@
 Start-up order: the HTTP port opens at once (``/health`` answers 503), then the
 model loads, every step bucket is compiled ahead of time (progress bar on
 stderr), the engine thread starts, and ``/health`` turns 200 ("ready" on stderr).
+A text-generation model serves /v1/completions and /v1/chat/completions; an
+embedding model (``ModelSpec.task == "embed"``, e.g. all-MiniLM-L6-v2) serves
+/v1/embeddings on an ``AsyncEmbeddingEngine``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,16 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from arctic_jax.cli_args import add_model_args, engine_kwargs, parse_dtype
+from arctic_jax.cli_args import (
+    DEFAULT_MAX_EMBEDDING_INPUTS,
+    EMBEDDING_ENGINE_FLAGS,
+    add_embedding_only_args,
+    add_model_args,
+    embedding_engine_kwargs,
+    engine_kwargs,
+    llm_only_flags_given,
+    parse_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +52,15 @@ def _positive(text: str) -> int:
 
 def register(sub: Any) -> None:
     """Add ``serve`` to the subparsers ``sub``."""
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat)")
-    add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat, or "
+                                     "embeddings for an embedding model)")
+    add_model_args(p, embeddings=True)
+    add_embedding_only_args(p)
+    p.add_argument("--max-embedding-inputs", type=_positive, default=None, metavar="N",
+                   help="embedding models: most inputs in one /v1/embeddings request (default "
+                        f"{DEFAULT_MAX_EMBEDDING_INPUTS})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
     p.add_argument("--max-queue", type=_positive, default=None,
@@ -52,8 +69,62 @@ def register(sub: Any) -> None:
                    help="the model name clients send (default: the checkpoint's name)")
     p.add_argument("--data-parallel-size", "-dp", type=_positive, default=1, metavar="N",
                    help="N one-device engine replicas (devices 0..N-1) behind a router that "
-                        "balances requests in flight and keeps shared prefixes together")
+                        "balances requests in flight and keeps shared prefixes together "
+                        "(text-generation models)")
     p.set_defaults(func=cmd_serve)
+
+
+def _load_llm(args: argparse.Namespace, state: Any) -> float:
+    from arctic_jax.engine.replicas import build_engines, serving_front
+    from arctic_jax.llm import LLM
+
+    for flag in ("seq_buckets", "max_embedding_inputs"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to embedding models only; "
+                             f"{args.model} is a text-generation model")
+
+    def build(kwargs: dict) -> tuple:
+        llm = LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
+        return llm.engine, llm
+
+    engines, llm = build_engines(build, engine_kwargs(args), args.data_parallel_size)
+    warm = sum(e.runner.warmup(progress=True) for e in engines)
+    engine = serving_front(engines, max_queue=args.max_queue)
+    engine.start()
+    state.set_ready(engine, llm.tokenizer, llm.model_name)
+    return warm
+
+
+def _load_embedding(args: argparse.Namespace, state: Any) -> float:
+    from arctic_jax.embedder import Embedder
+    from arctic_jax.engine.embedding_front import AsyncEmbeddingEngine
+
+    unused = llm_only_flags_given(args)
+    if args.data_parallel_size != 1:
+        unused.append("--data-parallel-size")
+    if unused:
+        takes = ", ".join("--" + f.replace("_", "-") for f in EMBEDDING_ENGINE_FLAGS)
+        raise ValueError(f"{', '.join(unused)}: not for an embedding model ({args.model}); its "
+                         f"engine takes --dtype, {takes}")
+    embedder = Embedder(args.model, dtype=parse_dtype(args.dtype), **embedding_engine_kwargs(args))
+    warm = embedder.engine.warmup(progress=True)
+    front = AsyncEmbeddingEngine(embedder.engine, max_queue=args.max_queue)
+    front.start()
+    state.max_embedding_inputs = args.max_embedding_inputs or DEFAULT_MAX_EMBEDDING_INPUTS
+    state.set_embedding_ready(front, embedder.tokenizer, embedder.model_name)
+    return warm
+
+
+def load_engine(args: argparse.Namespace, state: Any) -> float:
+    """Load ``args.model``, compile every program ahead of time, start its engine and make
+    ``state`` (a ``ServerState``) ready; returns the seconds spent compiling. An embedding
+    model (``ModelSpec.task == "embed"``) gets an ``AsyncEmbeddingEngine``, any other model
+    an ``EngineFront`` (``--data-parallel-size`` replicas)."""
+    from checkpoints.loader import model_task
+
+    if model_task(args.model) == "embed":
+        return _load_embedding(args, state)
+    return _load_llm(args, state)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,23 +142,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else "warning", timeout_graceful_shutdown=5))
 
     def load() -> None:
-        from arctic_jax.engine.replicas import build_engines, serving_front
-        from arctic_jax.llm import LLM
-
         try:
             start = time.perf_counter()
-
-            def build(kwargs: dict) -> tuple:
-                llm = LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
-                return llm.engine, llm
-
+            warm = load_engine(args, state)
             dp = args.data_parallel_size
-            engines, llm = build_engines(build, engine_kwargs(args), dp)
-            warm = sum(e.runner.warmup(progress=True) for e in engines)
-            engine = serving_front(engines, max_queue=args.max_queue)
-            engine.start()
-            state.set_ready(engine, llm.tokenizer, llm.model_name)
             where = "" if dp == 1 else f", {dp} data-parallel replicas"
+            if state.task == "embed":
+                where = ", embeddings"
             print(f"arctic-jax serve: ready: model '{state.served_model_name}' on "
                   f"http://{args.host}:{args.port}{where} (start-up "
                   f"{time.perf_counter() - start:.1f} s, of which compiling {warm:.1f} s)",
@@ -104,8 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        if state.engine is not None:
-            state.engine.shutdown()
+        state.shutdown()
     return 1 if state.startup_error else 0
 
 

@@ -1,0 +1,86 @@
+"""``ServerState``: what every route of the app shares (the engine once ready, the served model
+name, the model's task), and the readiness and task checks the routes start with."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from arctic_jax.cli_args import DEFAULT_MAX_EMBEDDING_INPUTS
+from arctic_jax.engine.embedding_front import AsyncEmbeddingEngine
+from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
+from arctic_jax.engine.front import EngineFront
+from arctic_jax.serving.errors import APIError
+from arctic_jax.serving.logprobs import TokenTexts
+
+# The routes that serve each ``ModelSpec.task``.
+TASK_ROUTES = {"generate": "/v1/completions and /v1/chat/completions",
+               "embed": "/v1/embeddings"}
+_TASK_NAMES = {"generate": "a text-generation model", "embed": "an embedding model"}
+
+
+@dataclasses.dataclass
+class ServerState:
+    """What the routes need. ``engine`` stays None (503) until the model is loaded and warm.
+
+    ``task`` is the served model's: "generate" (``engine`` an ``EngineFront``, ``tokenizer``
+    its HF tokenizer) or "embed" (``engine`` an ``AsyncEmbeddingEngine``,
+    ``embedding_tokenizer`` its ``EmbeddingTokenizer``). ``max_embedding_inputs``: the most
+    inputs one /v1/embeddings request may hold.
+    """
+
+    served_model_name: str | None = None
+    api_key: str | None = None
+    engine: EngineFront | AsyncEmbeddingEngine | None = None
+    tokenizer: Any = None
+    startup_error: str | None = None
+    token_texts: TokenTexts | None = None
+    task: str = "generate"
+    embedding_tokenizer: EmbeddingTokenizer | None = None
+    max_embedding_inputs: int = DEFAULT_MAX_EMBEDDING_INPUTS
+
+    def set_ready(self, engine: EngineFront, tokenizer: Any,
+                  model_name: str) -> None:
+        self.tokenizer = tokenizer
+        self.token_texts = TokenTexts(tokenizer)
+        self.task = "generate"
+        if self.served_model_name is None:
+            self.served_model_name = model_name
+        self.engine = engine  # last: readiness is "engine is not None"
+
+    def set_embedding_ready(self, engine: AsyncEmbeddingEngine, tokenizer: EmbeddingTokenizer,
+                            model_name: str) -> None:
+        self.embedding_tokenizer = tokenizer
+        self.task = "embed"
+        if self.served_model_name is None:
+            self.served_model_name = model_name
+        self.engine = engine  # last: readiness is "engine is not None"
+
+    def ready_engine(self) -> Any:
+        """The engine; APIError 503 while the model loads (or failed to), 500 once it failed."""
+        eng = self.engine
+        if eng is None:
+            why = self.startup_error or "the model is still loading"
+            raise APIError(503, f"the server is not ready: {why}", type="server_error",
+                           code="not_ready")
+        if not eng.alive:
+            raise APIError(500, f"engine failure: {eng.error}", type="server_error",
+                           code="engine_failure")
+        return eng
+
+    def require(self, task: str, route: str) -> Any:
+        """``ready_engine`` for a route of ``task``; APIError 400 when the model has another
+        task (an embedding model asked for completions, or the reverse)."""
+        eng = self.ready_engine()
+        if self.task != task:
+            raise APIError(400, f"the model '{self.served_model_name}' is "
+                                f"{_TASK_NAMES[self.task]}: this server answers "
+                                f"{TASK_ROUTES[self.task]}, not {route}", param="model",
+                           code="unsupported_task")
+        return eng
+
+    def shutdown(self) -> None:
+        """Stop the engine and the embedding tokenizer's threads (if any)."""
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.embedding_tokenizer is not None:
+            self.embedding_tokenizer.close()
