@@ -37,7 +37,7 @@ def speculative_generate_commands() -> list[list[str]]:
 def test_every_readme_command_parses():
     commands = readme_commands()
     assert {argv[0] for argv in commands} == {"generate", "serve", "bench", "train-speculator",
-                                              "distill-swiftkv"}, commands
+                                              "distill-swiftkv", "embed"}, commands
     parser = cli.build_parser()
     for argv in commands:
         parser.parse_args(argv)     # exits (failing the test) on an unknown flag or a bad value
@@ -106,3 +106,24 @@ def test_readme_distill_swiftkv_then_generate_runs(capsys, tmp_path, monkeypatch
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"
+
+
+def test_readme_embed_command_runs(tmp_path, monkeypatch):
+    """The README's ``printf ... > texts.txt`` then ``arctic-jax embed`` writes one normalised
+    384-wide all-MiniLM-L6-v2 vector per line, equal to ``Embedder.embed`` of those lines."""
+    import numpy as np
+
+    from arctic_jax import Embedder
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        printf = re.search(r"^printf '(.*)' > texts\.txt$", f.read(), flags=re.MULTILINE)
+    assert printf, "README.md: expected the printf line that writes texts.txt"
+    texts = printf.group(1).encode().decode("unicode_escape").splitlines()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    [argv] = [a for a in readme_commands() if a[0] == "embed"]
+    assert cli.main(argv) == 0
+    vectors = np.load(tmp_path / argv[argv.index("--output") + 1])
+    assert vectors.shape == (len(texts), 384) and len(texts) == 2
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, Embedder("all-MiniLM-L6-v2").embed(texts), atol=1e-5)
