@@ -24,10 +24,6 @@ COMMANDS = (generate_command, embed_command, serve_command, bench_command, train
 def _setup(args: argparse.Namespace) -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper(), 30),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.compilation_cache_dir:
-        import jax
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,9 +97,18 @@ def add_model_args(p: argparse.ArgumentParser, *, embeddings: bool = False) -> N
                    help="tokens per step at or below which TP is used, or 'auto' to calibrate")
     p.add_argument("--parallel-mode", choices=["tp", "sp", "shift"], default=None,
                    help="shortcut for the parallel flags above")
-    p.add_argument("--compilation-cache-dir", default=None,
-                   help="persistent XLA compilation cache directory")
+    add_compilation_cache_arg(p)
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+
+
+def add_compilation_cache_arg(p: argparse.ArgumentParser) -> None:
+    """``--compilation-cache-dir`` (see ``arctic_jax.engine.compilation_cache``)."""
+    p.add_argument("--compilation-cache-dir", default="auto", metavar="DIR|auto|none",
+                   help="persistent XLA compilation cache: compiled programs are saved there and "
+                        "loaded, not compiled, on the next start. auto (default): "
+                        "$ARCTIC_JAX_CACHE/xla/<jax version, backend, device> (~/.cache/"
+                        "arctic-jax/xla/...), or the directory jax is already configured with "
+                        "(JAX_COMPILATION_CACHE_DIR); none: off; else that directory")
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
@@ -164,8 +173,7 @@ def add_embedding_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-impl", default=None, choices=["reference", "pallas"],
                    help="segment attention: reference (dense mask; CPU default) or pallas "
                         "(GPU default)")
-    p.add_argument("--compilation-cache-dir", default=None,
-                   help="persistent XLA compilation cache directory")
+    add_compilation_cache_arg(p)
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from typing import Any
 
@@ -49,7 +50,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from arctic_jax.embedder import Embedder
 
     texts = read_lines(args.input)
-    embedder = Embedder(args.model, dtype=parse_dtype(args.dtype), **embedding_engine_kwargs(args))
+    embedder = Embedder(args.model, dtype=parse_dtype(args.dtype),
+                        compilation_cache_dir=args.compilation_cache_dir,
+                        **embedding_engine_kwargs(args))
     start = time.perf_counter()
     ids = embedder.tokenize(texts, prompt_name=args.prompt_name,
                             truncate_prompt_tokens=args.truncate_prompt_tokens)
@@ -57,6 +60,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     output = args.output if args.output.endswith(".npy") else args.output + ".npy"
     np.save(output, embeddings)
+    embedder.compilation_cache.stop()
+    logging.getLogger("arctic_jax").info("%s", embedder.compilation_cache.summary())
     tokens = sum(len(s) for s in ids)
     print(f"{len(texts)} texts, {tokens} tokens in {seconds:.2f} s: {tokens / seconds:,.0f} tokens/s "
           f"(tokenization, compilation and device) -> {output} "

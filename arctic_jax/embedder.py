@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from arctic_jax.engine.compilation_cache import AUTO, configure_compilation_cache
 from arctic_jax.engine.embedding_engine import EmbeddingEngine, EmbeddingEngineConfig
 from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
 from arctic_jax.tokenizer import load_tokenizer
@@ -32,21 +33,26 @@ class Embedder:
     ``max_num_batched_tokens``, ``token_buckets``, ``max_num_seqs``, ``seq_buckets``,
     ``attention_impl``) are keyword arguments, see ``EmbeddingEngineConfig``. Programs compile
     on first use of each batch shape, or all at once with ``warmup=True``.
+    ``compilation_cache_dir``: the persistent compilation cache, as ``LLM``'s ("auto", "none"
+    or a directory); ``compilation_cache`` counts the programs it loaded and those compiled.
     """
 
     def __init__(self, model: str | None = DEFAULT_EMBEDDING_MODEL, *, dtype: Any = None,
-                 cache_dir: str | None = None, warmup: bool = False, **engine_kwargs: Any):
+                 cache_dir: str | None = None, warmup: bool = False,
+                 compilation_cache_dir: str | None = AUTO, **engine_kwargs: Any):
         import checkpoints
         from checkpoints.sentence_transformers import read_pooling_config
 
         config = engine_config(**engine_kwargs)
+        self.compilation_cache = configure_compilation_cache(compilation_cache_dir)
         loaded = checkpoints.load_model(model if model is not None else DEFAULT_EMBEDDING_MODEL,
                                         dtype=dtype, cache_dir=cache_dir)
         self.model_name = loaded.name
         src = loaded.tokenizer_source
         self.pooling = read_pooling_config(src.path)
-        self.engine = EmbeddingEngine(loaded, self.pooling, config)
         self.tokenizer = EmbeddingTokenizer(load_tokenizer(src.path, src.gguf_file), self.pooling)
+        self.engine = EmbeddingEngine(loaded, self.pooling, config,
+                                      leading_special_ids=self.tokenizer.leading_special_ids)
         if warmup:
             self.engine.warmup()
 

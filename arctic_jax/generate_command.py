@@ -33,7 +33,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
     # one prompt: one sequence slot unless asked (keeps the KV cache small on a CPU)
     kwargs = {"max_num_seqs": 1, **engine_kwargs(args)}
-    llm = LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
+    llm = LLM(args.model, dtype=parse_dtype(args.dtype),
+              compilation_cache_dir=args.compilation_cache_dir, **kwargs)
     if args.chat:
         ids = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
@@ -43,5 +44,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    logging.getLogger("arctic_jax").info("finish reason: %s", llm.last_finish_reason)
+    log = logging.getLogger("arctic_jax")
+    log.info("finish reason: %s", llm.last_finish_reason)
+    llm.compilation_cache.stop()
+    log.info("%s", llm.compilation_cache.summary())
     return 0

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from arctic_jax.engine.compilation_cache import AUTO, configure_compilation_cache
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.request import CollectedOutput
 from arctic_jax.sampling import SamplingParams
@@ -34,12 +35,18 @@ class LLM:
     are keyword arguments, see ``EngineConfig``. Parallelism: ``tensor_parallel_size``,
     ``sequence_parallel_size``, ``enable_shift_parallel``, ``shift_parallel_threshold``
     (tokens, or "auto" to calibrate at warm-up) and the ``parallel_mode`` shortcut.
+    ``compilation_cache_dir``: the persistent compilation cache, "auto" (the default: under
+    ``$ARCTIC_JAX_CACHE``, keyed by jax version and device), "none" (or None) for none, or a
+    directory (``arctic_jax.engine.compilation_cache``); ``compilation_cache`` counts the
+    programs it loaded and those compiled since.
     """
 
     def __init__(self, model: str | None = "default", *, dtype: Any = None,
-                 cache_dir: str | None = None, **engine_kwargs: Any):
+                 cache_dir: str | None = None, compilation_cache_dir: str | None = AUTO,
+                 **engine_kwargs: Any):
         import checkpoints
 
+        self.compilation_cache = configure_compilation_cache(compilation_cache_dir)
         loaded = checkpoints.load_model(model, dtype=dtype, cache_dir=cache_dir)
         self.model_name = loaded.name
         self.config = loaded.config

@@ -74,16 +74,29 @@ def config_from_dict(d: dict[str, Any], config_class: type = ModelConfig) -> Any
     return config_class(**d)
 
 
+def default_sharding() -> jax.sharding.SingleDeviceSharding:
+    """The default device (``jax.default_device`` honoured) as a sharding."""
+    device = jax.config.jax_default_device or jax.devices()[0]
+    if isinstance(device, str):  # the config may name a platform instead of a device
+        device = jax.devices(device)[0]
+    return jax.sharding.SingleDeviceSharding(device)
+
+
+def commit(weights: Any) -> Any:
+    """Converted ``weights`` committed to the default device, as ``restore_entry`` returns
+    them: jit lowers committed and uncommitted arguments to different programs, so a start
+    that converts and one that restores would otherwise miss each other's compiled programs
+    in the persistent compilation cache."""
+    return jax.device_put(weights, default_sharding())
+
+
 def abstract_weights(spec: ModelSpec, cfg: ModelConfig, dtype: Any) -> Any:
     """The weights pytree of ``spec`` for ``cfg`` as ShapeDtypeStructs on the default device
     (orbax's restore target); nothing is allocated.
 
     The default device honours ``jax.default_device`` (data-parallel replicas load there).
     """
-    device = jax.config.jax_default_device or jax.devices()[0]
-    if isinstance(device, str):  # the config may name a platform instead of a device
-        device = jax.devices(device)[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = default_sharding()
     shapes = jax.eval_shape(functools.partial(spec.random_weights, cfg, dtype=jnp.dtype(dtype)),
                             jax.random.key(0))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
@@ -152,7 +165,7 @@ def load_or_convert(files: Sequence[str], spec: ModelSpec, dtype: Any,
     """
     if not use_cache:
         cfg, weights = convert()
-        return cfg, weights, False
+        return cfg, commit(weights), False
     root = os.fspath(cache_dir) if cache_dir is not None else default_cache_root()
     entry = os.path.join(root, cache_key(files, dtype))
     if os.path.exists(entry):
@@ -164,6 +177,7 @@ def load_or_convert(files: Sequence[str], spec: ModelSpec, dtype: Any,
                           "rebuilding it", CacheCorruptWarning, stacklevel=2)
             shutil.rmtree(entry, ignore_errors=True)
     cfg, weights = convert()
+    weights = commit(weights)
     try:
         save_entry(entry, spec, cfg, weights, dtype)
     except Exception as e:  # a cache that cannot be written must not fail the load

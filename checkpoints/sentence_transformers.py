@@ -18,11 +18,14 @@ dimensions its other files declare.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from arctic_jax.models.pooling import PoolingConfig
 from checkpoints.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MODULES_FILE = "modules.json"
 POOLING_CONFIG_FILE = "config.json"
@@ -55,6 +58,9 @@ def read_pooling_config(directory: str | os.PathLike) -> PoolingConfig:
     mode, normalize = "cls", True
     if os.path.isfile(modules_path):
         mode, normalize = _read_modules(directory, modules_path)
+    else:
+        log.warning("%s has no %s (no sentence-transformers files): CLS pooling, L2-normalised",
+                    directory, MODULES_FILE)
     prompts, default_prompt = _read_prompts(os.path.join(directory, ST_CONFIG_FILE))
     max_seq = _read_max_seq_length(os.path.join(directory, SBERT_CONFIG_FILE))
     dims = _read_matryoshka(os.path.join(directory, HF_CONFIG_FILE))

@@ -60,6 +60,11 @@ def default_block_q(group_padded: int) -> int:
     return max(16, DEFAULT_BLOCK_ROWS // group_padded)
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernel takes heads of ``head_dim`` (a power of 2 >= 16: Triton tiles)."""
+    return c.is_pow2(head_dim) and head_dim >= 16
+
+
 def default_block_k(dtype, head_dim: int) -> int:
     """64 keys; 32 for f32 tiles of head_dim >= 128 (shared memory)."""
     return 32 if jnp.dtype(dtype).itemsize >= 4 and head_dim >= 128 else DEFAULT_BLOCK_K
@@ -140,7 +145,7 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, seq_start: jax.Array
         raise ValueError(f"k/v dtypes differ: {k.dtype} vs {v.dtype}")
     if N % k.shape[1]:
         raise ValueError(f"query heads {N} are not a multiple of kv heads {k.shape[1]}")
-    if not c.is_pow2(D) or D < 16:
+    if not supports_head_dim(D):
         raise ValueError(f"head_dim must be a power of 2 >= 16 for the Triton kernel, got {D}")
     if T < 1:
         raise ValueError("q has no token slots")

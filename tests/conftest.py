@@ -1,11 +1,28 @@
-"""Test set-up: 8 simulated CPU devices, before JAX initialises its backend."""
+"""Test set-up: 8 simulated CPU devices, before JAX initialises its backend; caches in a
+temporary root, never the user's home."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+# Converted weights and compiled programs ($ARCTIC_JAX_CACHE, also for the servers the tests
+# start) go to one temporary root for the whole run: made by the first process (pytest-xdist's
+# workers inherit it) and removed when that process exits. Set ARCTIC_JAX_TEST_CACHE_ROOT to
+# keep one between runs.
+_ROOT = "ARCTIC_JAX_TEST_CACHE_ROOT"
+if _ROOT not in os.environ:
+    os.environ[_ROOT] = tempfile.mkdtemp(prefix="arctic-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ[_ROOT], True)
+os.environ["ARCTIC_JAX_CACHE"] = os.environ[_ROOT]
+
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# No persistent compilation cache in the test processes themselves ("auto" leaves it off), so
+# tests that count compilations see every one; child processes (servers) use the cache.
+jax.config.update("jax_enable_compilation_cache", False)

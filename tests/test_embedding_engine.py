@@ -220,6 +220,21 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny, rng):
             engine.embed_token_ids([short], truncate_prompt_tokens=bad)
 
 
+def test_truncation_keeps_a_leading_cls_token(tiny, rng):
+    """With the tokenizer's leading special id ([CLS]) known, cutting a token-id input keeps it
+    first and the last k - 1 tokens after it; other inputs keep their last k tokens."""
+    _, engine = tiny
+    seq, other = (list(map(int, s)) for s in random_seqs(rng, [80, 50]))
+    saved = engine.leading_special_ids
+    try:
+        engine.leading_special_ids = frozenset({seq[0]})
+        got, plain = engine.prepare([seq, [x for x in other if x != seq[0]]], 20)
+        assert got.tolist() == seq[:1] + seq[-19:]
+        assert plain.tolist() == [x for x in other if x != seq[0]][-20:]
+    finally:
+        engine.leading_special_ids = saved
+
+
 @pytest.mark.parametrize("inputs, dims, message", [
     ([], None, "no inputs"),
     ([[1, 2], []], None, "input 1 is empty"),
@@ -261,6 +276,11 @@ def test_bad_configs_fail_clearly(tiny):
     assert EmbeddingEngineConfig().resolve(512, "cpu", max_seq_length=256).max_model_len == 256
     assert EmbeddingEngineConfig().resolve(128, "cpu", max_seq_length=256).max_model_len == 128
     assert EmbeddingEngineConfig(max_model_len=512).resolve(512, "cpu", 256).max_model_len == 512
+    # GPU: the Pallas kernel where it takes the heads, else the reference; never silently wrong
+    assert EmbeddingEngineConfig().resolve(512, "gpu", head_dim=64).attention_impl == "pallas"
+    assert EmbeddingEngineConfig().resolve(512, "gpu", head_dim=48).attention_impl == "reference"
+    with pytest.raises(ConfigError, match="'pallas' needs a head_dim that is a power of 2 >= 16"):
+        EmbeddingEngineConfig(attention_impl="pallas").resolve(512, "gpu", head_dim=48)
     generator = type("Loaded", (), {"spec": type("Spec", (), {"task": "generate", "name": "llama"}),
                                     "name": "smollm2"})
     with pytest.raises(ConfigError, match="not an embedding model"):
@@ -456,6 +476,15 @@ def test_tokenizer_prompts_and_threads(minilm):
                                       for _ in range(12)))
     expected = [hf(PROMPTS["query"] + t)["input_ids"] for t in TEXTS]
     assert all(r == expected for r in asyncio.run(many()))
+    # Truncation cuts the text, never the prompt: [CLS] prompt <last text tokens> [SEP].
+    text = " ".join(TEXTS)
+    prompt_ids = hf(PROMPTS["query"], add_special_tokens=False)["input_ids"]
+    text_ids = hf(text, add_special_tokens=False)["input_ids"]
+    [cut] = tok.encode([text], prompt_name="query", keep=16)
+    assert cut == ([hf.cls_token_id] + prompt_ids + text_ids[-(16 - 2 - len(prompt_ids)):]
+                   + [hf.sep_token_id])
+    with pytest.raises(ValueError, match="no room for text besides the 2 special tokens and the"):
+        tok.encode([text], prompt_name="query", keep=2 + len(prompt_ids))
     tok.close()
 
 

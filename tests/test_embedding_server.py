@@ -39,7 +39,7 @@ SERVER_ARGS = ["--model", "all-MiniLM-L6-v2", "--served-model-name", MODEL,
                "--max-num-seqs", "16", "--seq-buckets", "16",
                "--max-embedding-inputs", str(MAX_INPUTS)]
 MATRYOSHKA = (96, 128, 192)  # 96 and 192 dims are whole base64 groups per row; 128 is not
-MATRYOSHKA_ARGS = ["--served-model-name", "minilm-mrl", "--max-model-len", "128",
+MATRYOSHKA_ARGS = ["--served-model-name", "minilm-mrl", "mrl", "--max-model-len", "128",
                    "--max-num-batched-tokens", "128", "--token-buckets", "128",
                    "--max-num-seqs", "8", "--seq-buckets", "8"]
 TEXTS = ["hello world",
@@ -190,7 +190,8 @@ def test_usage_lists_and_token_id_inputs(server, client, hf_tokenizer):
 
 
 def test_truncate_prompt_tokens_and_normalize(server, client, hf_tokenizer):
-    long_text = "lantern " * 300
+    words = ["lantern", "river", "copper", "violet", "mountain", "quiet", "harbor", "seven"]
+    long_text = " ".join(words[i] for i in np.random.default_rng(3).integers(0, len(words), 300))
     full_ids = hf_tokenizer(long_text)["input_ids"]
     assert len(full_ids) > MAX_MODEL_LEN
     kept = client.embeddings.create(model=MODEL, input=["short", long_text],
@@ -204,7 +205,8 @@ def test_truncate_prompt_tokens_and_normalize(server, client, hf_tokenizer):
                                    extra_body={"truncate_prompt_tokens": -1})   # max_model_len
     assert ids.usage.prompt_tokens == MAX_MODEL_LEN
     np.testing.assert_allclose(
-        vectors(ids)[0], vectors(client.embeddings.create(model=MODEL, input=[full_ids[-256:]]))[0],
+        vectors(ids)[0],          # a token-id input keeps its leading [CLS] when cut
+        vectors(client.embeddings.create(model=MODEL, input=[full_ids[:1] + full_ids[-255:]]))[0],
         atol=1e-6)
 
     normal = client.embeddings.create(model=MODEL, input=TEXTS, extra_body={"normalize": True})
@@ -231,6 +233,21 @@ def test_matryoshka_dimensions_truncate_and_renormalise(mrl_server, reference):
     r = post(mrl_server, {"model": "minilm-mrl", "input": "x", "dimensions": 100})
     assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
     assert "Matryoshka dimensions: 96, 128, 192" in r.json()["error"]["message"]
+
+
+def test_every_served_name_is_listed_and_accepted(mrl_server):
+    """``--served-model-name minilm-mrl mrl``: both listed and accepted, responses carry the
+    first; the checkpoint's own name and ``default`` are not accepted."""
+    models = httpx.get(mrl_server.url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["minilm-mrl", "mrl"]
+    first = post(mrl_server, {"model": "minilm-mrl", "input": TEXTS[:2]})
+    second = post(mrl_server, {"model": "mrl", "input": TEXTS[:2]})
+    assert first.status_code == second.status_code == 200, second.text
+    assert second.json()["model"] == "minilm-mrl"
+    assert second.json()["data"] == first.json()["data"]
+    for name in ("all-MiniLM-L6-v2", "default"):
+        r = post(mrl_server, {"model": name, "input": "x"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_base64_rows_equal_per_row_encoding():

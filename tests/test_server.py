@@ -10,11 +10,13 @@ and that a client disconnect aborts its request and frees its KV pages.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
 import tempfile
 import time
+import urllib.parse
 
 import httpx
 import openai
@@ -112,6 +114,7 @@ def test_not_ready_while_loading_then_ready(server):
     log = server.log_tail(100_000)
     assert "compiling step buckets" in log   # the warm-up progress bar
     assert "arctic-jax serve: ready" in log
+    assert re.search(r"compilation cache \S+: \d+ programs loaded, \d+ compiled\)", log), log
 
 
 def test_health_models_and_metrics_format(server, client):
@@ -121,6 +124,39 @@ def test_health_models_and_metrics_format(server, client):
     r = httpx.get(server.url + "/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert "arctic_kv_cache_usage_ratio" in r.text
+
+
+def readme_requests() -> list[tuple[str, dict]]:
+    """(path, JSON body) of each ``curl`` to /v1/completions or /v1/chat/completions in
+    README.md's bash blocks, as written."""
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        for url, body in re.findall(r"curl (?:-s )?(http://\S+).*?-d '([^']*)'",
+                                    block.replace("\\\n", " ")):
+            path = urllib.parse.urlsplit(url).path
+            if path in ("/v1/completions", "/v1/chat/completions"):
+                found.append((path, json.loads(body)))
+    return found
+
+
+def test_readme_requests_work_as_written(server):
+    """The README's requests name the model "default": the embedded model's alias, accepted
+    besides the --served-model-name (which /v1/models lists alone)."""
+    requests = readme_requests()
+    assert len(requests) >= 2 and all(b["model"] == "default" for _, b in requests), requests
+    for path, body in requests:
+        r = httpx.post(server.url + path, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["model"] == MODEL
+        choice = out["choices"][0]
+        assert (choice["message"]["content"] if "chat" in path else choice["text"]).strip()
+        assert 0 < out["usage"]["completion_tokens"] <= body["max_tokens"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={**requests[0][1], "model": "nope"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+    assert f"'{MODEL}' (also accepted: 'default')" in r.json()["error"]["message"]
 
 
 def test_embeddings_route_on_a_generation_model_is_a_400(server):

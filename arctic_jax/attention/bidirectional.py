@@ -13,11 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from arctic_jax.encoder_batch import EncoderBatch
-from pallas_kernels.segment_attention import segment_attention_pallas
+from pallas_kernels.segment_attention import segment_attention_pallas, supports_head_dim
 
 SEGMENT_ATTENTION_IMPLS = ("reference", "pallas")
 
 _MASKED = -1e30  # finite, so a fully masked row stays finite
+
+
+def pallas_supports(head_dim: int) -> bool:
+    """Whether the "pallas" implementation takes heads of ``head_dim``."""
+    return supports_head_dim(head_dim)
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, batch: EncoderBatch, *,

@@ -144,8 +144,17 @@ def _load(args: argparse.Namespace, n: int, concurrency: int | None = None) -> t
 def cmd_bench(args: argparse.Namespace) -> int:
     from arctic_jax.bench import runner
 
+    # In-process engines (LLM, Embedder) keep this setting: their "auto" keeps what is set.
+    cache = None
+    if not args.url:
+        from arctic_jax.engine.compilation_cache import configure_compilation_cache
+        cache = configure_compilation_cache(args.compilation_cache_dir)
     if args.embeddings:
-        return emb.cmd_embeddings(args)
+        rc = emb.cmd_embeddings(args)
+        if cache is not None:
+            cache.stop()
+            print(cache.summary(), file=sys.stderr)
+        return rc
     emb.check_llm_args(args)
     if args.plot:
         rep.check_plotting_available()
@@ -184,6 +193,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"warming up: compiling {len(engine.runner.buckets.tokens)} x "
               f"{len(engine.runner.buckets.pages)} step buckets ...", file=sys.stderr)
         meta["warmup_s"] = sum(runner.warmup_engine(e) for e in replicas)
+        cache.stop()
+        print(cache.summary(), file=sys.stderr)
         meta["model"] = model_name
     failed = False
     for level in levels:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arctic_jax.attention.bidirectional import SEGMENT_ATTENTION_IMPLS
+from arctic_jax.attention.bidirectional import SEGMENT_ATTENTION_IMPLS, pallas_supports
 from arctic_jax.config import ConfigError
 from arctic_jax.encoder_batch import EncoderBatch, build_encoder_batch
 from arctic_jax.engine.compile_counter import CompileCounter
@@ -107,10 +106,10 @@ class EmbeddingEngineConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
     def resolve(self, max_position_embeddings: int, backend: str | None = None,
-                max_seq_length: int | None = None) -> EmbeddingLimits:
+                max_seq_length: int | None = None, head_dim: int = 64) -> EmbeddingLimits:
         """Concrete limits for a model of ``max_position_embeddings`` (and sentence-transformers
-        ``max_seq_length``, if any) on ``backend`` (default: jax's); ConfigError for a
-        combination that cannot work."""
+        ``max_seq_length``, if any) and attention heads of ``head_dim`` on ``backend`` (default:
+        jax's); ConfigError for a combination that cannot work."""
         gpu = (backend or jax.default_backend()) == "gpu"
         max_model_len = self.max_model_len or min(max_position_embeddings,
                                                   max_seq_length or max_position_embeddings)
@@ -145,9 +144,14 @@ class EmbeddingEngineConfig:
                               f"max_num_seqs ({max_num_seqs})")
 
         impl = self.attention_impl
-        if impl is None:
-            kernel = importlib.util.find_spec("pallas_kernels.segment_attention") is not None
-            impl = "pallas" if gpu and kernel else "reference"
+        if impl is None:   # the Pallas kernel on a GPU (measured faster than cuDNN, RESULTS.md)
+            impl = "pallas" if gpu and pallas_supports(head_dim) else "reference"
+            if gpu and impl == "reference":
+                log.warning("head_dim %d does not suit the Pallas segment-attention kernel (a "
+                            "power of 2 >= 16 is needed): using the reference attention", head_dim)
+        elif impl == "pallas" and not pallas_supports(head_dim):
+            raise ConfigError(f"attention_impl 'pallas' needs a head_dim that is a power of 2 >= 16; "
+                              f"this model's is {head_dim}: use 'reference'")
         return EmbeddingLimits(max_model_len=max_model_len, max_num_batched_tokens=budget,
                                token_buckets=token_buckets, max_num_seqs=max_num_seqs,
                                seq_buckets=seq_buckets, attention_impl=impl)
@@ -192,10 +196,14 @@ class EmbeddingEngine:
     """
 
     def __init__(self, loaded_model: Any, pooling: PoolingConfig,
-                 config: EmbeddingEngineConfig | None = None):
+                 config: EmbeddingEngineConfig | None = None, *,
+                 leading_special_ids: frozenset[int] = frozenset()):
         """``loaded_model``: a ``checkpoints.LoadedModel`` of an embedding model;
         ``pooling``: how its hidden states become embeddings
-        (``checkpoints.sentence_transformers.read_pooling_config``)."""
+        (``checkpoints.sentence_transformers.read_pooling_config``);
+        ``leading_special_ids``: token ids the tokenizer puts first ([CLS]), kept in front when
+        ``truncate_prompt_tokens`` cuts a token-id input (a CLS-pooled model needs it)."""
+        self.leading_special_ids = frozenset(leading_special_ids)
         spec = loaded_model.spec
         task = getattr(spec, "task", "generate")
         if task != "embed":
@@ -208,7 +216,8 @@ class EmbeddingEngine:
         self.cfg = loaded_model.config
         self.pooling = pooling
         self.limits = config.resolve(self.cfg.max_position_embeddings,
-                                     max_seq_length=pooling.max_seq_length)
+                                     max_seq_length=pooling.max_seq_length,
+                                     head_dim=self.cfg.head_dim)
         weights = loaded_model.weights
         if config.dtype is not None:
             dtype = jnp.dtype(config.dtype)
@@ -324,7 +333,8 @@ class EmbeddingEngine:
                 *, first_index: int = 0) -> list[np.ndarray]:
         """Validated int32 copies of ``token_ids`` (a non-empty list of non-empty token-id
         lists). ``truncate_prompt_tokens`` keeps each sequence's last k tokens (vLLM's left
-        truncation). ValueError naming the first bad input (by its index + ``first_index``):
+        truncation), except that a leading [CLS] (``leading_special_ids``) stays first.
+        ValueError naming the first bad input (by its index + ``first_index``):
         empty, non-integer, an id outside [0, vocab_size), or longer than ``max_model_len``
         without truncation."""
         if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
@@ -346,7 +356,8 @@ class EmbeddingEngine:
             if not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"input {i} must hold integer token ids, got {arr.dtype}")
             if keep is not None and arr.size > keep:
-                arr = arr[-keep:]
+                head = 1 if int(arr[0]) in self.leading_special_ids and keep > 1 else 0
+                arr = np.concatenate([arr[:head], arr[arr.size - (keep - head):]])
             if arr.size > L:
                 raise ValueError(f"input {i} has {arr.size} tokens, more than max_model_len {L}; "
                                  f"shorten it or pass truncate_prompt_tokens")

@@ -4,7 +4,8 @@ server's event loop.
 
 Special tokens are added as the model's tokenizer adds them ([CLS] ... [SEP] for BERT).
 No truncation happens unless asked (``keep``): then each text keeps its *last* tokens and
-its special tokens, as vLLM's ``truncate_prompt_tokens`` does for text (left truncation).
+its special tokens, as vLLM's ``truncate_prompt_tokens`` does for text (left truncation); a
+prompt is never cut (only the text after it).
 Each thread uses its own copy of the Rust tokenizer, with the truncation and padding that a
 ``tokenizer.json`` may configure switched off.
 """
@@ -17,6 +18,8 @@ import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from tokenizers import Encoding
 
 from arctic_jax.models.pooling import PoolingConfig
 
@@ -43,8 +46,11 @@ class EmbeddingTokenizer:
         self._copy_lock = threading.Lock()
         self._local = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.num_special_tokens = len(self._rust().post_process(
-            self._rust().encode("", add_special_tokens=False), None, True).ids)
+        specials = self._rust().post_process(self._rust().encode("", add_special_tokens=False),
+                                             None, True).ids
+        self.num_special_tokens = len(specials)
+        # the special token the model's template puts first ([CLS]): kept when token ids are cut
+        self.leading_special_ids = frozenset(specials[:1])
 
     def _rust(self) -> Any:
         """This thread's copy of the Rust tokenizer (no truncation, no padding)."""
@@ -90,16 +96,23 @@ class EmbeddingTokenizer:
             raise ValueError(f"truncating to {keep} tokens leaves no room for text besides the "
                              f"{self.num_special_tokens} special tokens")
         prefix = self.prompt(prompt_name)
-        if prefix:
-            texts = [prefix + t for t in texts]
         rust = self._rust()
         if keep is None:
+            texts = [prefix + t for t in texts] if prefix else texts
             return [e.ids for e in rust.encode_batch(list(texts), add_special_tokens=True)]
+        # Truncation cuts the text, never the prompt: the prompt's tokens stay whole in front.
+        prompt = rust.encode(prefix, add_special_tokens=False) if prefix else None
+        body = keep - self.num_special_tokens - (len(prompt.ids) if prompt else 0)
+        if body < 1:
+            raise ValueError(f"truncating to {keep} tokens leaves no room for text besides the "
+                             f"{self.num_special_tokens} special tokens and the "
+                             f"{len(prompt.ids) if prompt else 0}-token prompt")
         out = []
-        body = keep - self.num_special_tokens
         for e in rust.encode_batch(list(texts), add_special_tokens=False):
             if len(e.ids) > body:
                 e.truncate(body, direction="left")
+            if prompt is not None:
+                e = Encoding.merge([prompt, e], growing_offsets=True)
             out.append(rust.post_process(e, None, True).ids)
         return out
 

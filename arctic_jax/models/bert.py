@@ -79,13 +79,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def encode(weights: BertWeights, batch: EncoderBatch, *, cfg: BertConfig,
            attention_impl: str = "reference") -> jax.Array:
-    """The last hidden state [T, H] of a packed batch, in the weights' dtype (padding rows:
-    unspecified). ``attention_impl``: "reference" or "pallas"."""
+    """The last hidden state [T, H] float32 of a packed batch (the residual stream's own
+    precision, so pooling adds no rounding; padding rows: unspecified). ``attention_impl``:
+    "reference" or "pallas"."""
     x = embed(cfg, weights, batch)
     for layer in weights.layers:
         x = attention_block(cfg, layer, x, batch, attention_impl)
         x = mlp_block(cfg, layer, x)
-    return x.astype(weights.word_embed.dtype)
+    return x
 
 
 def head(weights: Any, hidden: Any, *, cfg: BertConfig, sharding: Any = None) -> Any:

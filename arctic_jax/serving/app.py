@@ -129,10 +129,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
     def check_common(body: Any) -> None:
-        if body.model != state.served_model_name:
-            raise APIError(400, f"the model '{body.model}' does not exist; this server serves "
-                                f"'{state.served_model_name}'", param="model",
-                           code="model_not_found")
+        state.check_model(body.model)
         if body.n not in (None, 1):
             raise APIError(400, f"n={body.n} is not supported: this server returns one choice "
                                 "per prompt (n=1)", param="n", code="unsupported")
@@ -230,9 +227,9 @@ def create_app(state: ServerState) -> FastAPI:
     @v1.get("/models")
     async def list_models() -> JSONResponse:
         eng = state.ready_engine()
-        card = ModelCard(id=state.served_model_name,
-                         max_model_len=eng.limits().max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        max_model_len = eng.limits().max_model_len
+        cards = [ModelCard(id=name, max_model_len=max_model_len) for name in state.model_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:

@@ -65,8 +65,11 @@ def register(sub: Any) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
     p.add_argument("--max-queue", type=_positive, default=None,
                    help="most requests in flight; more get 429 (default: unlimited)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: the checkpoint's name)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name(s) clients send in 'model' and /v1/models lists; "
+                        "responses carry the first (default: the checkpoint's name, e.g. "
+                        "SmolLM2-135M-Instruct.Q4_1). 'default' is accepted too when the "
+                        "embedded default model is served")
     p.add_argument("--data-parallel-size", "-dp", type=_positive, default=1, metavar="N",
                    help="N one-device engine replicas (devices 0..N-1) behind a router that "
                         "balances requests in flight and keeps shared prefixes together "
@@ -83,15 +86,23 @@ def _load_llm(args: argparse.Namespace, state: Any) -> float:
             raise ValueError(f"--{flag.replace('_', '-')} applies to embedding models only; "
                              f"{args.model} is a text-generation model")
 
+    built: list = []
+
     def build(kwargs: dict) -> tuple:
-        llm = LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
+        llm = LLM(args.model, dtype=parse_dtype(args.dtype),
+                  compilation_cache_dir=args.compilation_cache_dir, **kwargs)
+        built.append(llm)
         return llm.engine, llm
 
     engines, llm = build_engines(build, engine_kwargs(args), args.data_parallel_size)
     warm = sum(e.runner.warmup(progress=True) for e in engines)
+    for each in built:
+        each.compilation_cache.stop()
+    state.compilation_cache = built[0].compilation_cache  # counted from the first load on
     engine = serving_front(engines, max_queue=args.max_queue)
     engine.start()
-    state.set_ready(engine, llm.tokenizer, llm.model_name)
+    state.set_ready(engine, llm.tokenizer, llm.model_name,
+                    aliases=default_model_aliases(args.model))
     return warm
 
 
@@ -106,13 +117,33 @@ def _load_embedding(args: argparse.Namespace, state: Any) -> float:
         takes = ", ".join("--" + f.replace("_", "-") for f in EMBEDDING_ENGINE_FLAGS)
         raise ValueError(f"{', '.join(unused)}: not for an embedding model ({args.model}); its "
                          f"engine takes --dtype, {takes}")
-    embedder = Embedder(args.model, dtype=parse_dtype(args.dtype), **embedding_engine_kwargs(args))
+    embedder = Embedder(args.model, dtype=parse_dtype(args.dtype),
+                        compilation_cache_dir=args.compilation_cache_dir,
+                        **embedding_engine_kwargs(args))
     warm = embedder.engine.warmup(progress=True)
+    embedder.compilation_cache.stop()
+    state.compilation_cache = embedder.compilation_cache
     front = AsyncEmbeddingEngine(embedder.engine, max_queue=args.max_queue)
     front.start()
     state.max_embedding_inputs = args.max_embedding_inputs or DEFAULT_MAX_EMBEDDING_INPUTS
     state.set_embedding_ready(front, embedder.tokenizer, embedder.model_name)
     return warm
+
+
+def default_model_aliases(model: str | None) -> tuple[str, ...]:
+    """``("default",)`` when ``model`` is the embedded default model (named ``default``, or
+    the path of its GGUF file), else ``()``: requests may name it ``default`` as well."""
+    from checkpoints.errors import CheckpointError
+    from checkpoints.loader import default_model_path
+
+    if model in (None, "default"):
+        return ("default",)
+    try:
+        embedded = default_model_path()
+    except CheckpointError:
+        return ()
+    same = os.path.exists(model) and os.path.samefile(model, embedded)
+    return ("default",) if same else ()
 
 
 def load_engine(args: argparse.Namespace, state: Any) -> float:
@@ -134,7 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    state = ServerState(served_model_name=args.served_model_name, api_key=args.api_key or None)
+    state = ServerState(served_model_name=args.served_model_name or None,
+                        api_key=args.api_key or None)
     level = args.log_level.lower()
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), host=args.host, port=args.port,
@@ -151,8 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 where = ", embeddings"
             print(f"arctic-jax serve: ready: model '{state.served_model_name}' on "
                   f"http://{args.host}:{args.port}{where} (start-up "
-                  f"{time.perf_counter() - start:.1f} s, of which compiling {warm:.1f} s)",
-                  file=sys.stderr, flush=True)
+                  f"{time.perf_counter() - start:.1f} s, of which compiling {warm:.1f} s; "
+                  f"{state.compilation_cache.summary()})", file=sys.stderr, flush=True)
         except BaseException as e:  # reported, then the server stops
             state.startup_error = f"{type(e).__name__}: {e}"
             log.debug("start-up failed", exc_info=True)

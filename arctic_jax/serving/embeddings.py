@@ -141,10 +141,7 @@ def embeddings_router(state: ServerState) -> APIRouter:
         front: AsyncEmbeddingEngine = state.require("embed", "/v1/embeddings")
         raw = await request.body()
         body = await _call(len(raw) > OFF_LOOP_BYTES, _parse, raw)
-        if body.model != state.served_model_name:
-            raise APIError(400, f"the model '{body.model}' does not exist; this server serves "
-                                f"'{state.served_model_name}'", param="model",
-                           code="model_not_found")
+        state.check_model(body.model)
         inputs, are_texts = split_inputs(body.input)
         if not inputs:
             raise APIError(400, "input is empty: send a text, a list of texts, a token-id list "

@@ -3,6 +3,7 @@ name, the model's task), and the readiness and task checks the routes start with
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from arctic_jax.cli_args import DEFAULT_MAX_EMBEDDING_INPUTS
@@ -26,9 +27,16 @@ class ServerState:
     its HF tokenizer) or "embed" (``engine`` an ``AsyncEmbeddingEngine``,
     ``embedding_tokenizer`` its ``EmbeddingTokenizer``). ``max_embedding_inputs``: the most
     inputs one /v1/embeddings request may hold.
+
+    Model names: ``served_model_name`` is the name responses carry (None until ready: the
+    loaded model's name); given a list (``--served-model-name A B``) it keeps the first and
+    ``other_model_names`` the rest. /v1/models lists ``model_names``; requests may name any
+    of them or of ``model_aliases`` (``default`` for the embedded default model), which
+    /v1/models does not list. ``compilation_cache``: the start-up's
+    ``CompilationCacheStats``.
     """
 
-    served_model_name: str | None = None
+    served_model_name: str | Sequence[str] | None = None
     api_key: str | None = None
     engine: EngineFront | AsyncEmbeddingEngine | None = None
     tokenizer: Any = None
@@ -37,22 +45,59 @@ class ServerState:
     task: str = "generate"
     embedding_tokenizer: EmbeddingTokenizer | None = None
     max_embedding_inputs: int = DEFAULT_MAX_EMBEDDING_INPUTS
+    other_model_names: tuple[str, ...] = ()
+    model_aliases: tuple[str, ...] = ()
+    compilation_cache: Any = None
+
+    def __post_init__(self) -> None:
+        names = self.served_model_name
+        if names is None:
+            return
+        names = [names] if isinstance(names, str) else list(names)
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError(f"served model names must be non-empty strings, got {names!r}")
+        self.served_model_name = names[0]
+        self.other_model_names = tuple(dict.fromkeys(names[1:] + list(self.other_model_names)))
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names /v1/models lists, the one responses carry first."""
+        if self.served_model_name is None:
+            return ()
+        return (self.served_model_name,
+                *(n for n in self.other_model_names if n != self.served_model_name))
+
+    def _set_names(self, model_name: str, aliases: Sequence[str]) -> None:
+        if self.served_model_name is None:
+            self.served_model_name = model_name
+        self.model_aliases = tuple(a for a in dict.fromkeys(aliases) if a not in self.model_names)
+
+    def check_model(self, name: Any) -> None:
+        """APIError 400 ``model_not_found`` unless ``name`` is one this server answers to."""
+        if name in self.model_names or name in self.model_aliases:
+            return
+        served = ", ".join(f"'{n}'" for n in self.model_names)
+        also = (f" (also accepted: {', '.join(repr(a) for a in self.model_aliases)})"
+                if self.model_aliases else "")
+        raise APIError(400, f"the model '{name}' does not exist; this server serves {served}{also}",
+                       param="model", code="model_not_found")
 
     def set_ready(self, engine: EngineFront, tokenizer: Any,
-                  model_name: str) -> None:
+                  model_name: str, aliases: Sequence[str] = ()) -> None:
+        """Serve a text-generation model (``model_name``: its loaded name; ``aliases``:
+        more names requests may use)."""
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
         self.task = "generate"
-        if self.served_model_name is None:
-            self.served_model_name = model_name
+        self._set_names(model_name, aliases)
         self.engine = engine  # last: readiness is "engine is not None"
 
     def set_embedding_ready(self, engine: AsyncEmbeddingEngine, tokenizer: EmbeddingTokenizer,
-                            model_name: str) -> None:
+                            model_name: str, aliases: Sequence[str] = ()) -> None:
+        """Serve an embedding model (as ``set_ready``)."""
         self.embedding_tokenizer = tokenizer
         self.task = "embed"
-        if self.served_model_name is None:
-            self.served_model_name = model_name
+        self._set_names(model_name, aliases)
         self.engine = engine  # last: readiness is "engine is not None"
 
     def ready_engine(self) -> Any:

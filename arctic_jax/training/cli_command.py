@@ -99,7 +99,8 @@ def _load_llm(args: argparse.Namespace, conversations: list) -> Any:
         tok = _tokenizer(args.model)
         longest = max(len(encode_chat(tok, c)) for c in conversations)
         kwargs["max_model_len"] = -(-(longest + args.max_tokens) // 64) * 64
-    return LLM(args.model, dtype=parse_dtype(args.dtype), **kwargs)
+    return LLM(args.model, dtype=parse_dtype(args.dtype),
+               compilation_cache_dir=args.compilation_cache_dir, **kwargs)
 
 
 def _data(args: argparse.Namespace) -> Any:

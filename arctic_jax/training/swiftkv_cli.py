@@ -116,7 +116,8 @@ def _llm(args: argparse.Namespace, model: str, tokenizer: Any, conversations: li
     if "max_model_len" not in kwargs:
         longest = max(len(encode_chat(tokenizer, c)) for c in conversations)
         kwargs["max_model_len"] = -(-(longest + max_tokens) // 64) * 64
-    return LLM(model, dtype=parse_dtype(args.dtype), **kwargs)
+    return LLM(model, dtype=parse_dtype(args.dtype),
+               compilation_cache_dir=args.compilation_cache_dir, **kwargs)
 
 
 def _answers(llm: Any, convs: list, max_tokens: int) -> list[str]:
