@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from arctic_jax.engine.compilation_cache import AUTO, configure_compilation_cache
-from arctic_jax.engine.embedding_engine import EmbeddingEngine, EmbeddingEngineConfig
+from arctic_jax.engine.embedding_config import EmbeddingEngineConfig
+from arctic_jax.engine.embedding_engine import EmbeddingEngine
 from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
 from arctic_jax.tokenizer import load_tokenizer
 from checkpoints.loader import DEFAULT_EMBEDDING_MODEL

@@ -69,3 +69,9 @@ def record_verified_triton_modules(monkeypatch) -> list | None:
 
     monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", checked)
     return verified
+
+
+def cosine(a, b) -> np.ndarray:
+    """Row-wise cosine similarity of two [..., d] arrays, computed in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)

@@ -20,6 +20,7 @@ from arctic_jax.models.pooling import PoolingConfig, finalize, pool
 from arctic_jax.models.registry import BERT
 from checkpoints.loader import DEFAULT_EMBEDDING_MODEL, default_embedding_model_path, load_model
 from checkpoints.sentence_transformers import read_pooling_config
+from helpers import cosine
 
 SEED = int(np.random.SeedSequence().entropy % (2 ** 31))  # fresh each run; printed on failure
 MIN_COSINE = 0.99999
@@ -85,10 +86,6 @@ def embed(loaded, pooling, token_ids, num_tokens, num_seqs):
     return np.asarray(fn(loaded.weights, batch))[:len(token_ids)]
 
 
-def cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
 def test_embedded_model_and_its_pooling_config(loaded, pooling, directory):
     assert loaded.name == DEFAULT_EMBEDDING_MODEL and loaded.spec.task == "embed"
     assert loaded.tokenizer_source.path == os.path.abspath(directory)
@@ -101,7 +98,7 @@ def test_single_sequences_match_sentence_transformers(loaded, pooling, tokenizer
     for i, text in enumerate(texts):
         ids = tokenizer(text)["input_ids"]
         got = embed(loaded, pooling, [ids], 256, 2)[0]
-        cos = cosines(got, reference[i])
+        cos = cosine(got, reference[i])
         assert cos >= MIN_COSINE, f"text {i} ({len(ids)} tokens): cosine {cos} (seed {SEED})"
         np.testing.assert_allclose(np.linalg.norm(got), 1.0, rtol=1e-6)
 
@@ -110,7 +107,7 @@ def test_packed_batch_matches_sentence_transformers(loaded, pooling, tokenizer, 
     ids = [tokenizer(t)["input_ids"] for t in texts]
     order = np.random.default_rng(SEED).permutation(len(ids))  # any order of packing
     got = embed(loaded, pooling, [ids[i] for i in order], 512, 8)
-    cos = cosines(got, reference[order])
+    cos = cosine(got, reference[order])
     assert (cos >= MIN_COSINE).all(), f"cosines {cos} (seed {SEED})"
 
 

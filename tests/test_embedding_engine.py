@@ -19,11 +19,8 @@ import transformers
 
 from arctic_jax.config import ConfigError
 from arctic_jax.engine.compile_counter import CompileCounter
-from arctic_jax.engine.embedding_engine import (
-    EmbeddingEngine,
-    EmbeddingEngineConfig,
-    truncate_embeddings,
-)
+from arctic_jax.engine.embedding_config import EmbeddingEngineConfig
+from arctic_jax.engine.embedding_engine import EmbeddingEngine, truncate_embeddings
 from arctic_jax.engine.embedding_front import AsyncEmbeddingEngine
 from arctic_jax.engine.embedding_scheduler import plan_all, plan_batch, program_shapes
 from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
@@ -31,6 +28,7 @@ from arctic_jax.models.pooling import PoolingConfig, finalize
 from checkpoints import load_model
 from checkpoints.loader import DEFAULT_EMBEDDING_MODEL, default_embedding_model_path
 from checkpoints.sentence_transformers import read_pooling_config
+from helpers import cosine
 
 SEED = int(np.random.SeedSequence().entropy % (2 ** 31))  # fresh each run; printed on failure
 TOL = 2e-5
@@ -425,10 +423,6 @@ def minilm_expected(minilm):
     import sentence_transformers as st
     model = st.SentenceTransformer(default_embedding_model_path(), device="cpu")
     return model.encode(TEXTS, convert_to_numpy=True, batch_size=4)
-
-
-def cosine(a, b):
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 def test_embedder_matches_sentence_transformers(minilm, minilm_expected):

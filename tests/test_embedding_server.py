@@ -27,6 +27,7 @@ from arctic_jax.serving.app import ServerState, create_app
 from arctic_jax.serving.cli_commands import free_port, load_engine
 from arctic_jax.serving.embeddings import base64_rows
 from checkpoints.loader import default_embedding_model_path
+from helpers import cosine
 
 uvicorn = pytest.importorskip("uvicorn")
 st = pytest.importorskip("sentence_transformers")
@@ -124,11 +125,6 @@ def reference():
 @pytest.fixture(scope="module")
 def hf_tokenizer(server):
     return server.state.embedding_tokenizer.tokenizer
-
-
-def cosine(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 def vectors(response) -> np.ndarray:

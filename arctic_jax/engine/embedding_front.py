@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from arctic_jax.engine.embedding_engine import EmbeddingEngine, EmbeddingLimits
+from arctic_jax.engine.embedding_config import EmbeddingLimits
+from arctic_jax.engine.embedding_engine import EmbeddingEngine
 from arctic_jax.engine.embedding_scheduler import BatchShape
 from arctic_jax.engine.front import QueueFullError
 
