@@ -74,6 +74,18 @@ class EmbeddingTokenizer:
             known = ", ".join(self.pooling.prompts) or "none"
             raise ValueError(f"unknown prompt_name {name!r}; this model's prompts: {known}") from None
 
+    def text_room(self, keep: int, prompt_name: str | None = None) -> int:
+        """Text tokens left when an input is cut to ``keep`` tokens after the special tokens and
+        the prompt; ValueError when none is left (or for an unknown prompt)."""
+        prefix = self.prompt(prompt_name)
+        prompt_len = len(self._rust().encode(prefix, add_special_tokens=False).ids) if prefix else 0
+        room = keep - self.num_special_tokens - prompt_len
+        if room < 1:
+            raise ValueError(f"truncating to {keep} tokens leaves no room for text besides the "
+                             f"{self.num_special_tokens} special tokens"
+                             + (f" and the {prompt_len}-token prompt" if prompt_len else ""))
+        return room
+
     def encode(self, texts: Sequence[str], *, prompt_name: str | None = None,
                keep: int | None = None, first_index: int = 0) -> list[list[int]]:
         """Token ids of each text (prompt prepended), special tokens included.
@@ -92,9 +104,6 @@ class EmbeddingTokenizer:
                                  f"{type(text).__name__}")
             if not text:
                 raise ValueError(f"input {i + first_index} is an empty string")
-        if keep is not None and keep <= self.num_special_tokens:
-            raise ValueError(f"truncating to {keep} tokens leaves no room for text besides the "
-                             f"{self.num_special_tokens} special tokens")
         prefix = self.prompt(prompt_name)
         rust = self._rust()
         if keep is None:
@@ -102,11 +111,7 @@ class EmbeddingTokenizer:
             return [e.ids for e in rust.encode_batch(list(texts), add_special_tokens=True)]
         # Truncation cuts the text, never the prompt: the prompt's tokens stay whole in front.
         prompt = rust.encode(prefix, add_special_tokens=False) if prefix else None
-        body = keep - self.num_special_tokens - (len(prompt.ids) if prompt else 0)
-        if body < 1:
-            raise ValueError(f"truncating to {keep} tokens leaves no room for text besides the "
-                             f"{self.num_special_tokens} special tokens and the "
-                             f"{len(prompt.ids) if prompt else 0}-token prompt")
+        body = self.text_room(keep, prompt_name)
         out = []
         for e in rust.encode_batch(list(texts), add_special_tokens=False):
             if len(e.ids) > body:

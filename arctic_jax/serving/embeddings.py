@@ -127,10 +127,12 @@ def embeddings_router(state: ServerState) -> APIRouter:
             tok.prompt(body.prompt_name)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt_name") from None
-        if keep is not None and keep <= tok.num_special_tokens:
-            raise APIError(400, f"truncate_prompt_tokens={keep} leaves no room for text besides "
-                                f"the {tok.num_special_tokens} special tokens",
-                           param="truncate_prompt_tokens")
+        if keep is not None:
+            try:
+                tok.text_room(keep, body.prompt_name)
+            except ValueError as e:
+                raise APIError(400, f"truncate_prompt_tokens={keep}: {e}",
+                               param="truncate_prompt_tokens") from None
         try:
             return await tok.encode_async(inputs, prompt_name=body.prompt_name, keep=keep)
         except ValueError as e:
