@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from arctic_jax.config import ModelConfig, RopeScaling
-from arctic_jax.models.registry import ModelSpec
+from arctic_jax.models.registry import ModelSpec, spec_by_name
 
 FORMAT_VERSION = 2
 ENV_VAR = "ARCTIC_JAX_CACHE"
@@ -150,6 +150,24 @@ def restore_entry(entry: str, spec: ModelSpec, dtype: Any) -> tuple[ModelConfig,
     if bad:
         raise ValueError(f"restored arrays have dtype {bad[0]}, expected {jnp.dtype(dtype)}")
     return cfg, weights
+
+
+def cached_spec(files: Sequence[str], dtype: Any, cache_dir: str | os.PathLike | None = None
+                ) -> ModelSpec | None:
+    """The registered model of the complete cache entry for ``files`` and ``dtype``, or None.
+
+    Lets a warm start skip reading the source's metadata (a GGUF file's takes seconds to
+    parse); ``restore_entry`` still checks the entry against the spec it returns.
+    """
+    root = os.fspath(cache_dir) if cache_dir is not None else default_cache_root()
+    try:
+        with open(os.path.join(root, cache_key(files, dtype), ENTRY_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            return None
+        return spec_by_name(meta["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no entry, or one load_or_convert will report and rebuild
 
 
 def load_or_convert(files: Sequence[str], spec: ModelSpec, dtype: Any,

@@ -119,7 +119,9 @@ def load_model(source: str | os.PathLike | None = None, *, dtype: Any = None,
     elif path.lower().endswith(".gguf") and os.path.isfile(path):
         file = os.path.abspath(path)
         files = [file]
-        spec = gguf_file.read_gguf_spec(file)
+        # a warm start takes the model from the converted-weights cache, not the file's metadata
+        spec = ((converted_cache.cached_spec(files, dtype, cache_dir) if use_cache else None)
+                or gguf_file.read_gguf_spec(file))
         convert = functools.partial(gguf_file.load_gguf, file, dtype, progress=progress)
         tokenizer = TokenizerSource(os.path.dirname(file), os.path.basename(file))
         name = os.path.basename(file)[:-len(".gguf")]

@@ -200,6 +200,59 @@ def test_no_compilation_after_warmup(weights):
     counter.active = False
 
 
+def test_background_compilation_holds_steps_to_compiled_buckets(weights):
+    """Warm-up compiles only the 8-token steps; the 16- and 32-token programs compile in a
+    background thread. Meanwhile every step stays within 8 tokens (counted in the metrics),
+    no step compiles anything (compiles are counted per thread), and the outputs equal a
+    plain engine's."""
+    import threading
+
+    engine = make_engine(weights, num_pages=85)   # a cache shape no other test compiles
+    runner = engine.runner
+    runner.warmup(progress=False, upto_tokens=8)
+    in_steps = []
+
+    def on_compile(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and \
+                threading.current_thread() is threading.main_thread():
+            in_steps.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    release = threading.Event()
+    compile_unit = runner.compile_unit
+    runner.compile_unit = lambda unit: (release.wait(120), compile_unit(unit))
+    dispatched = []
+    dispatch = runner.dispatch
+    runner.dispatch = lambda step, draft=False: (
+        dispatched.append((step.num_tokens, runner.token_cap())), dispatch(step, draft))[1]
+    try:
+        runner.compile_in_background(8)
+        rng = np.random.default_rng(12)
+        prompts = random_prompts(rng, 4, 20, 40)   # longer than one 8-token step
+        params = [SamplingParams(max_tokens=6, temperature=0.0)] * 4
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        tokens = {i: [] for i in ids}
+        for _ in range(5):   # the bigger programs are held back: every step is capped
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        assert dispatched and all(n <= 8 and cap == 8 for n, cap in dispatched)
+        assert engine.metrics.steps_waiting_for_compilation._value.get() >= 5
+        release.set()
+        runner.background.join(300)
+        assert runner.background.done and runner.background.error is None
+        assert runner.token_cap() is None
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        assert max(n for n, _ in dispatched) > 8   # full-size steps once compiled
+        assert in_steps == []
+    finally:
+        release.set()
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    expected, _ = run_all(make_engine(weights), prompts, params)
+    assert [tokens[i] for i in ids] == expected
+
+
 def test_abort_frees_pages(weights):
     engine = make_engine(weights)
     rid = engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=50, temperature=0))

@@ -102,6 +102,11 @@ def _weight_copies_per_device(ec: EngineConfig, weight_bytes: int) -> int:
 
 
 DEFAULT_MAX_MODEL_LEN = 4096
+# A CPU has no device memory to measure: without num_pages the KV cache holds every sequence
+# at full length if that fits in this many bytes, else as many pages as fit (at least one
+# full-length sequence); the scheduler preempts when they run out. 512 MiB is ~11k tokens of
+# SmolLM2-135M in float32.
+CPU_KV_CACHE_BYTES = 512 << 20
 KV_CACHE_DTYPES = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
                    "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -137,7 +142,7 @@ def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
 
     Without ``num_pages`` the cache takes ``kv_cache_memory_fraction`` of the least free
     device memory, after the sharded weight copies still to be placed (``weight_bytes``:
-    the unsharded weights' size).
+    the unsharded weights' size); on a CPU it is bounded by ``CPU_KV_CACHE_BYTES``.
     """
     max_model_len = ec.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if ec.max_model_len and ec.max_model_len > cfg.max_position_embeddings:
@@ -148,9 +153,10 @@ def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
         page_bytes = _kv_bytes_per_page_per_device(cfg, ec, dtype)
         P = ec.parallel.num_devices if ec.parallel is not None else 1
         free = _device_free_bytes(P)
-        if free is None:  # CPU: enough for every sequence at full length, capped at 4 GiB
+        if free is None:  # CPU: every sequence at full length, within CPU_KV_CACHE_BYTES
             want = ec.max_num_seqs * -(-max_model_len // ec.page_size) + 1
-            num_pages = max(2, min(want, (4 << 30) // page_bytes))
+            fits = CPU_KV_CACHE_BYTES // page_bytes
+            num_pages = max(2, min(want, max(fits, -(-max_model_len // ec.page_size) + 1)))
         else:
             free -= _weight_copies_per_device(ec, weight_bytes)
             num_pages = int(max(free, 0) * ec.kv_cache_memory_fraction) // page_bytes

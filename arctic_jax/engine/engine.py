@@ -58,7 +58,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         dtype = dtype or jax.tree_util.tree_leaves(weights)[0].dtype
-        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
+        self.kv_dtype = kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
         self.sched_config = resolve_scheduler_config(cfg, config, kv_dtype, tree_nbytes(weights))
         eos = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -94,12 +94,16 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._inflight: tuple[ScheduledStep, Any, str, bool] | None = None
         self._counter = 0
+        log.info("%s", self.kv_cache_summary())
+
+    def kv_cache_summary(self) -> str:
+        """What the KV cache reserved, in one line."""
         sc = self.sched_config
-        log.info("KV cache: %d pages of %d tokens (%.2f GiB; %d cache layers for %d decoder "
-                 "layers): %d sequences of max_model_len %d at once", sc.num_pages, sc.page_size,
-                 sc.num_pages * bytes_per_page(cfg, config.page_size, kv_dtype) / 2**30,
-                 cfg.num_cache_layers, cfg.num_layers, sc.num_pages // -(-sc.max_model_len // sc.page_size),
-                 sc.max_model_len)
+        size = sc.num_pages * bytes_per_page(self.cfg, sc.page_size, self.kv_dtype)
+        return (f"KV cache {sc.num_pages} pages x {sc.page_size} tokens ({size / 2**30:.2f} GiB; "
+                f"{self.cfg.num_cache_layers} cache layers for {self.cfg.num_layers} decoder "
+                f"layers): {sc.num_pages // -(-sc.max_model_len // sc.page_size)} sequences of "
+                f"max_model_len {sc.max_model_len} at once")
 
     # ------------------------------------------------------------- requests
     def new_request_id(self) -> str:
@@ -168,7 +172,10 @@ class LLMEngine:
             read = self._read_step(*self._inflight)   # tokens only; the rest after the launch
             self._inflight = None
         self._propose()
+        self.scheduler.token_cap = self.runner.token_cap()
         step = self.scheduler.schedule()
+        if self.scheduler.capped:
+            self.metrics.steps_waiting_for_compilation.inc()
         launched = None
         if step.chunks:
             drafted = self.runner.draft_cfg is not None and bool(self._drafters())

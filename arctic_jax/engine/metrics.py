@@ -33,6 +33,11 @@ class EngineMetrics:
         self.steps = Counter("arctic_engine_steps", "Model steps run", ["variant"], registry=r)
         self.step_tokens = Counter("arctic_engine_step_tokens", "Tokens computed in steps",
                                    ["variant"], registry=r)
+        self.steps_waiting_for_compilation = Counter(
+            "arctic_engine_steps_capped_by_compilation",
+            "Steps held to a smaller token budget because the larger steps' programs were still "
+            "compiling in the background (requests waited in the scheduler, not in a step)",
+            registry=r)
         self.finished = Counter("arctic_requests_finished", "Finished requests", ["reason"],
                                 registry=r)
         # Speculative decoding (present, at zero, when speculation is off).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttent
 from arctic_jax.batch import Buckets
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine import calibration
+from arctic_jax.engine.background_compile import BackgroundCompiler
 from arctic_jax.engine.packing import pack
 from arctic_jax.engine.programs import jit_draft_program, jit_model_step, jit_sampler_step
 from arctic_jax.engine.scheduler import ScheduledStep, SchedulerConfig
@@ -46,6 +47,24 @@ def _covering(sizes: tuple[int, ...], limit: int, name: str, what: str) -> tuple
         raise ValueError(f"the largest of {name} {sizes} is below the {what} ({limit}): "
                          f"steps that size could never run")
     return sizes
+
+
+class WarmupUnit(NamedTuple):
+    """One dummy step of the warm-up: the programs it reaches are compiled (and maybe run)."""
+
+    variant: str
+    tokens: int
+    pages: int
+    rows: int
+    contiguous: bool
+    mode: SamplingMode = SamplingMode.GREEDY
+    verify: bool = False
+    draft: bool = False
+
+
+def _shape_of(x: Any) -> Any:
+    return None if x is None else jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), x)
 
 
 class ModelRunner:
@@ -123,6 +142,9 @@ class ModelRunner:
         self.token_buffer = jax.device_put(jnp.zeros((sched.max_num_seqs,), jnp.int32),
                                            dep.replicated)
         self.calibration: list[calibration.Row] = []
+        self.background: BackgroundCompiler | None = None
+        # the buffers each step donates, as shapes and shardings (what compile_unit lowers with)
+        self._donated = (_shape_of(self.cache), _shape_of(self.token_buffer), _shape_of(self.draft_q))
 
     @property
     def buckets(self) -> Buckets:
@@ -180,35 +202,93 @@ class ModelRunner:
                             self.draft_tokens if drafted else 0)
 
     # ----------------------------------------------------------------- warm-up
-    def warmup(self, progress: bool = True) -> float:
-        """Compile every bucket shape ahead of time and run each program once.
-
-        The first run of a program pays one-time set-up costs; the dummy batches are all
-        padding, so they write no KV slot and no token-buffer row. Returns seconds.
-        """
-        start = time.perf_counter()
-        shapes = [(v, *shape) for v in self.variants for shape in self.inputs.shapes()]
-        iterator = shapes
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(shapes, desc="compiling step buckets", file=sys.stderr, unit="program")
-        packed = None
-        for variant, T, MP, R, contiguous in iterator:
-            packed = self._run(variant, self.inputs.dummy(T, MP, R, contiguous=contiguous))
-        self.num_contiguous_steps = 0
+    def warmup_units(self) -> list[WarmupUnit]:
+        """Every program a run may launch, as the dummy steps that reach them: each model shape
+        (with the greedy sampler), then each sampler mode (and draft program) per logits-row
+        count after the smallest token bucket that has it."""
+        units = [WarmupUnit(v, *shape) for v in self.variants for shape in self.inputs.shapes()]
         rows = sorted({R for T in self.buckets.tokens for R in self.buckets.rows_for(T)})
-        for variant in self.variants:  # every sampler mode after each variant's logits
+        for variant in self.variants:
             for R in rows:
                 T = next(t for t in self.buckets.tokens if R in self.buckets.rows_for(t))
                 for mode, verify in self._samplers:   # each draft program after its sampler
-                    packed = self._run(variant, self.inputs.dummy(
-                        T, self.buckets.pages[0], R, mode=mode, verify=verify,
-                        draft_mode=mode if self.draft_cfg is not None else None))
+                    units.append(WarmupUnit(variant, T, self.buckets.pages[0], R, False, mode,
+                                            verify, self.draft_cfg is not None))
+        return units
+
+    def _dummy(self, unit: WarmupUnit) -> StepInputs:
+        return self.inputs.dummy(unit.tokens, unit.pages, unit.rows, mode=unit.mode,
+                                 contiguous=unit.contiguous, verify=unit.verify,
+                                 draft_mode=unit.mode if unit.draft else None)
+
+    def compile_unit(self, unit: WarmupUnit) -> None:
+        """Compile, without running, the programs ``_run`` launches for ``unit``.
+
+        Safe beside running steps: the donated buffers enter as their shapes and shardings
+        (``_donated``), so the programs equal those a step's call compiles, and that call
+        then finds them compiled.
+        """
+        inputs = self._dummy(unit)
+        flat, layout = pack(inputs.model)
+        cache, token_buffer, draft_q = self._donated
+        model = self._programs[unit.variant, inputs.contiguous].lower(
+            self.weights[unit.variant], cache, token_buffer, flat, layout)
+        model.compile()
+        outs = model.out_info
+        flat, layout = pack(inputs.sampler)
+        sampler = self._samplers[inputs.mode, inputs.verify].lower(
+            outs[1], token_buffer, draft_q, flat, layout)
+        sampler.compile()
+        if inputs.draft is not None:
+            flat, layout = pack(inputs.draft)
+            self._draft_programs[inputs.draft_mode, inputs.verify].lower(
+                self.draft_weights, outs[2], sampler.out_info[1], draft_q, flat, layout).compile()
+
+    def warmup(self, progress: bool = True, run: bool | None = None,
+               upto_tokens: int | None = None) -> float:
+        """Compile the programs ahead of time; returns seconds.
+
+        ``run`` (default: on an accelerator) also runs each program once on a dummy step,
+        paying its one-time set-up costs before serving; the dummy batches are all padding,
+        so they write no KV slot and no token-buffer row. On a CPU there is no launch
+        latency to hide and a dummy step costs as much compute as a real one, so the
+        programs are only compiled. ``upto_tokens``: only the programs of token buckets up to
+        that many tokens (the rest: ``compile_in_background``).
+        """
+        start = time.perf_counter()
+        run = jax.default_backend() != "cpu" if run is None else run
+        units = [u for u in self.warmup_units() if upto_tokens is None or u.tokens <= upto_tokens]
+        iterator = units
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(units, desc="compiling step programs", file=sys.stderr, unit="program")
+        packed = None
+        for unit in iterator:
+            if run:
+                packed = self._run(unit.variant, self._dummy(unit))
+            else:
+                self.compile_unit(unit)
+        self.num_contiguous_steps = 0
         if packed is not None:
             packed.block_until_ready()
         if self.needs_calibration:
             self.calibrate()
         return time.perf_counter() - start
+
+    def compile_in_background(self, after_tokens: int,
+                              on_done: Any = None) -> BackgroundCompiler:
+        """Compile the programs of the token buckets above ``after_tokens`` in a thread (see
+        ``arctic_jax.engine.background_compile``); ``token_cap`` follows its progress."""
+        units = [u for u in self.warmup_units() if u.tokens > after_tokens]
+        self.background = BackgroundCompiler(units, self.compile_unit, lambda u: u.tokens,
+                                             after_tokens, on_done).start()
+        return self.background
+
+    def token_cap(self) -> int | None:
+        """The most tokens a step may hold while programs compile in the background (None:
+        no limit)."""
+        bg = self.background
+        return None if bg is None or bg.done else bg.ready_tokens
 
     def calibrate(self, repeats: int = 5) -> int:
         """Time both variants per token bucket; set the threshold at the crossover."""

@@ -127,6 +127,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.token_cap: int | None = None   # a tighter step budget while programs compile
+        self.capped = False                 # the last step was bounded by token_cap
 
     # ------------------------------------------------------------------ intake
     def validate(self, prompt_len: int) -> None:
@@ -160,7 +162,13 @@ class Scheduler:
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> ScheduledStep:
+        """The next step. Its tokens stay within ``max_num_batched_tokens`` and ``token_cap``
+        (set while the larger steps' programs still compile); ``capped`` tells whether the
+        cap, not the configured budget, bounded this step."""
         budget = self.config.max_num_batched_tokens
+        capped = self.token_cap is not None and self.token_cap < budget
+        if capped:
+            budget = self.token_cap
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         scheduled_ids: set[str] = set()
@@ -202,6 +210,7 @@ class Scheduler:
             chunks.append(self._make_chunk(request, n))
             scheduled_ids.add(request.request_id)
             budget -= n
+        self.capped = capped and budget == 0
         return ScheduledStep(chunks=tuple(chunks), preempted=tuple(preempted))
 
     def _draft_for(self, request: Request, n: int,

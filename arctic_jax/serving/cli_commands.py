@@ -70,11 +70,22 @@ def register(sub: Any) -> None:
                         "responses carry the first (default: the checkpoint's name, e.g. "
                         "SmolLM2-135M-Instruct.Q4_1). 'default' is accepted too when the "
                         "embedded default model is served")
+    p.add_argument("--background-compile", choices=("auto", "on", "off"), default="auto",
+                   help="text-generation models: report ready once the programs of steps up to "
+                        f"{FIRST_STEP_TOKENS} tokens are compiled and compile the larger steps' "
+                        "in the background; until they are ready, steps hold at most the "
+                        "compiled sizes (long prompts are prefilled in smaller chunks; no step "
+                        "ever waits on a compile). auto (default): on for a CPU; off on a GPU, "
+                        "where every program is compiled and run once before ready")
     p.add_argument("--data-parallel-size", "-dp", type=_positive, default=1, metavar="N",
                    help="N one-device engine replicas (devices 0..N-1) behind a router that "
                         "balances requests in flight and keeps shared prefixes together "
                         "(text-generation models)")
     p.set_defaults(func=cmd_serve)
+
+
+# Steps of up to this many tokens are compiled before a CPU server reports ready.
+FIRST_STEP_TOKENS = 16
 
 
 def _load_llm(args: argparse.Namespace, state: Any) -> float:
@@ -95,15 +106,58 @@ def _load_llm(args: argparse.Namespace, state: Any) -> float:
         return llm.engine, llm
 
     engines, llm = build_engines(build, engine_kwargs(args), args.data_parallel_size)
-    warm = sum(e.runner.warmup(progress=True) for e in engines)
-    for each in built:
-        each.compilation_cache.stop()
+    print(f"arctic-jax serve: {engines[0].kv_cache_summary()}"
+          + (f" (each of {len(engines)} replicas)" if len(engines) > 1 else ""),
+          file=sys.stderr, flush=True)
+    first = _first_steps(args, engines[0].runner)
+    warm = sum(e.runner.warmup(progress=True, upto_tokens=first) for e in engines)
+    if first is None:
+        for each in built:
+            each.compilation_cache.stop()
     state.compilation_cache = built[0].compilation_cache  # counted from the first load on
     engine = serving_front(engines, max_queue=args.max_queue)
     engine.start()
     state.set_ready(engine, llm.tokenizer, llm.model_name,
                     aliases=default_model_aliases(args.model))
+    if first is not None:
+        _compile_rest_in_background([e.runner for e in engines], first, built)
     return warm
+
+
+def _first_steps(args: argparse.Namespace, runner: Any) -> int | None:
+    """The largest token bucket compiled before ready (None: all of them)."""
+    import jax
+
+    on = args.background_compile == "on" or (args.background_compile == "auto"
+                                              and jax.default_backend() == "cpu")
+    tokens = runner.buckets.tokens
+    first = next((t for t in tokens if t >= FIRST_STEP_TOKENS), tokens[-1])
+    return first if on and first < tokens[-1] else None
+
+
+def _compile_rest_in_background(runners: list, first: int, built: list) -> None:
+    """Start each replica's background compilation; one line on stderr when all are done."""
+    left = [len(runners)]
+    lock = threading.Lock()
+
+    def done(seconds: float, error: BaseException | None) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        for each in built:
+            each.compilation_cache.stop()
+        n = sum(r.background.total for r in runners)
+        status = "" if error is None else f" (failed: {error!r}; steps stay at {first} tokens)"
+        print(f"arctic-jax serve: compiled the larger steps' {n} programs in the background in "
+              f"{seconds:.1f} s{status}; {built[0].compilation_cache.summary()}",
+              file=sys.stderr, flush=True)
+
+    print(f"arctic-jax serve: compiling the programs of steps above {first} tokens in the "
+          f"background; until then steps hold at most {first} tokens", file=sys.stderr,
+          flush=True)
+    for runner in runners:
+        runner.compile_in_background(first, on_done=done)
 
 
 def _load_embedding(args: argparse.Namespace, state: Any) -> float:
