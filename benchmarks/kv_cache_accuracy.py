@@ -28,7 +28,7 @@ import numpy as np
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import make_step_fn
-from arctic_jax.tokenizer import load_tokenizer
+from checkpoints.loader import load_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 CACHE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}

@@ -790,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 raise SystemExit(f"{args.workloads} has no workload {missing}")
         else:
-            from arctic_jax.tokenizer import load_tokenizer
+            from checkpoints.loader import load_tokenizer
             src = model.tokenizer_source
             tokenizer = load_tokenizer(src.path, src.gguf_file)
             workloads = build_workloads(tokenizer, args.num_prompts, args.repeats)

@@ -105,8 +105,9 @@ def make_trace(path: str, num_prompts: int, max_tokens: int, concurrency: int, s
 
     from arctic_jax.engine.engine import EngineConfig, LLMEngine
     from arctic_jax.speculative.config import SpeculativeConfig
-    from arctic_jax.tokenizer import encode_chat, load_tokenizer
+    from arctic_jax.tokenizer import encode_chat
     from checkpoints import load_model
+    from checkpoints.loader import load_tokenizer
 
     model = load_model("default", progress=False)
     src = model.tokenizer_source

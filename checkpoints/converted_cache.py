@@ -4,8 +4,9 @@ An entry lives in ``<root>/<key>/``: ``weights/`` (an orbax checkpoint of the
 model's weights pytree), ``model_config.json`` and ``entry.json`` (the model's
 registered name, the dtype and format; written last, its presence marks a
 complete entry). The caller names the model's ``ModelSpec``: its
-``random_weights``, traced abstractly, gives orbax the tree to restore into. ``<root>`` is ``cache_dir``, else
-``$ARCTIC_JAX_CACHE``, else ``~/.cache/arctic-jax/converted``. The key hashes
+``random_weights``, traced abstractly, gives orbax the tree to restore into. ``<root>`` is
+``cache_dir``, else ``<cache root>/converted`` (``$ARCTIC_JAX_CACHE`` or ``~/.cache/arctic-jax``,
+see ``arctic_jax.cache_root``). The key hashes
 the source files' absolute paths, sizes and modification times, the dtype and
 ``FORMAT_VERSION``, so an edited source or a new conversion format misses the
 cache. Entries are written to a temporary folder and renamed into place.
@@ -30,11 +31,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from arctic_jax.cache_root import cache_dir
 from arctic_jax.config import ModelConfig, RopeScaling
 from arctic_jax.models.registry import ModelSpec, spec_by_name
 
 FORMAT_VERSION = 2
-ENV_VAR = "ARCTIC_JAX_CACHE"
 WEIGHTS_DIR = "weights"
 CONFIG_FILE = "model_config.json"
 ENTRY_FILE = "entry.json"
@@ -45,8 +46,8 @@ class CacheCorruptWarning(UserWarning):
 
 
 def default_cache_root() -> str:
-    return os.environ.get(ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "arctic-jax", "converted")
+    """``<cache root>/converted`` (``arctic_jax.cache_root``)."""
+    return cache_dir("converted")
 
 
 def cache_key(files: Sequence[str], dtype: Any) -> str:

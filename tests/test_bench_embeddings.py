@@ -39,8 +39,7 @@ def bench_cli(argv):
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
     from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
-    from arctic_jax.tokenizer import load_tokenizer
-    from checkpoints.loader import default_embedding_model_path
+    from checkpoints.loader import default_embedding_model_path, load_tokenizer
     from checkpoints.sentence_transformers import read_pooling_config
 
     path = default_embedding_model_path()

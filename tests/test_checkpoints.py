@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from arctic_jax import cache_root
 from checkpoints import (
     CheckpointError,
     ConfigError,
@@ -315,14 +316,15 @@ def test_cache_restores_onto_the_default_device(tmp_path, tensors):
 
 def test_cache_gguf_and_env_var(tmp_path, monkeypatch):
     path = write_gguf(tmp_path / "tiny.gguf")
-    monkeypatch.setenv(converted_cache.ENV_VAR, str(tmp_path / "envcache"))
+    monkeypatch.setenv(cache_root.ENV_VAR, str(tmp_path / "envcache"))
     first = load(path, use_cache=True)
     monkeypatch.setattr(gguf_file, "load_gguf", no_conversion)
     # a warm start reads neither the tensors nor the metadata (seconds for a real GGUF)
     monkeypatch.setattr(gguf_file, "read_gguf_spec", no_conversion)
     second = load(path, use_cache=True)
     assert second.from_cache and trees_equal(first.weights, second.weights)
-    assert second.config == first.config and len(os.listdir(tmp_path / "envcache")) == 1
+    assert second.config == first.config
+    assert len(os.listdir(tmp_path / "envcache" / "converted")) == 1
 
 
 @pytest.mark.parametrize("damage", ["delete_weights_file", "bad_config_json", "no_entry_file"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from arctic_jax.engine.detokenizer import IncrementalDetokenizer
-from arctic_jax.tokenizer import load_tokenizer
+from checkpoints.loader import load_tokenizer
 
 TEXTS = ["Héllo wörld — naïve café 🙂 “quotes” and 漢字 mixed in.",
          "The capital of France is Paris. STOP here and nothing after.",

@@ -48,8 +48,9 @@ def run(engine, prompts, params):
 # ------------------------------------------------------------------ SmolLM2
 @pytest.fixture(scope="module")
 def smollm2():
-    from arctic_jax.tokenizer import encode_chat, load_tokenizer
+    from arctic_jax.tokenizer import encode_chat
     from checkpoints import load_model
+    from checkpoints.loader import load_tokenizer
 
     model = load_model("default", dtype=jnp.float32, progress=False)
     tok = load_tokenizer(model.tokenizer_source.path, model.tokenizer_source.gguf_file)

@@ -349,7 +349,7 @@ def _http(args: argparse.Namespace, lengths: wl.LengthRange, levels: list[int], 
     tokenizer = None
     if args.text:
         from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
-        from arctic_jax.tokenizer import load_tokenizer
+        from checkpoints.loader import load_tokenizer
 
         tokenizer = EmbeddingTokenizer(load_tokenizer(path), pooling)
     vocab = args.vocab_size or hf_config.get("vocab_size")

@@ -31,21 +31,17 @@ from typing import Any
 
 import jax
 
+from arctic_jax.cache_root import cache_root
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 OFF = "none"
-ENV_VAR = "ARCTIC_JAX_CACHE"          # as checkpoints.converted_cache.ENV_VAR
 SUBDIR = "xla"
 
 HIT_EVENT = "/jax/compilation_cache/cache_hits"                 # an executable read back
 # One per program jax needs (an XLA compilation or a cache hit: it times both).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-def cache_root() -> str:
-    """``$ARCTIC_JAX_CACHE``, else ``~/.cache/arctic-jax``."""
-    return os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "arctic-jax")
 
 
 def cache_key(jax_version: str, jaxlib_version: str, backend: str, device_kind: str) -> str:

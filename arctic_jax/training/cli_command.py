@@ -79,7 +79,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _tokenizer(model: str) -> Any:
     """The tokenizer of ``--model`` alone (no weights), as the checkpoint loader finds it."""
     import checkpoints
-    from arctic_jax.tokenizer import load_tokenizer
+    from checkpoints.loader import load_tokenizer
 
     path = checkpoints.default_model_path() if model in ("default", None) else os.fspath(model)
     if not os.path.exists(path):
