@@ -31,6 +31,7 @@ from arctic_jax.engine.compile_counter import CompileCounter
 from arctic_jax.engine.embedding_config import EmbeddingEngineConfig
 from arctic_jax.engine.embedding_metrics import EmbeddingMetrics
 from arctic_jax.engine.embedding_scheduler import BatchShape, plan_all, plan_batch, program_shapes
+from arctic_jax.engine.progress import compile_progress
 from arctic_jax.models.pooling import NORMALIZE_EPS, PoolingConfig, finalize, pool
 
 log = logging.getLogger(__name__)
@@ -152,17 +153,18 @@ class EmbeddingEngine:
                 self._programs[key] = self._jitted.lower(self.weights, example).compile()
             return self._programs[key]
 
-    def warmup(self, progress: bool = False) -> float:
-        """Compile every program (``self.shapes``) and run each once; returns the seconds taken.
+    def warmup(self, progress: bool = False, run: bool | None = None) -> float:
+        """Compile every program (``self.shapes``); returns the seconds taken. ``run`` (default:
+        on an accelerator) also runs each once on a dummy batch, paying its one-time set-up
+        costs before serving; on a CPU a dummy batch would cost as much as a real one.
         Afterwards ``compiles_after_warmup`` counts any compilation (there should be none)."""
         start = time.perf_counter()
-        for i, (t, s) in enumerate(self.shapes):
-            seqs = [np.ones(1, np.int32)] * min(s, t)
-            batch = build_encoder_batch(seqs, t, s)
-            jax.block_until_ready(self._program(t, s)(self.weights, batch))
-            if progress:
-                log.info("compiled embedding program %d/%d (%d tokens, %d sequences)",
-                         i + 1, len(self.shapes), t, s)
+        run = jax.default_backend() != "cpu" if run is None else run
+        for t, s in compile_progress(self.shapes, "compiling embedding programs", progress):
+            program = self._program(t, s)   # compiled here
+            if run:
+                seqs = [np.ones(1, np.int32)] * min(s, t)
+                jax.block_until_ready(program(self.weights, build_encoder_batch(seqs, t, s)))
         self.warmed_up = True
         if self.compile_counter is None:
             self.compile_counter = CompileCounter()

@@ -12,7 +12,6 @@ dispatch path; a test counts compilations while serving and requires none. The o
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -26,6 +25,7 @@ from arctic_jax.engine import calibration
 from arctic_jax.engine.background_compile import BackgroundCompiler
 from arctic_jax.engine.packing import pack
 from arctic_jax.engine.programs import jit_draft_program, jit_model_step, jit_sampler_step
+from arctic_jax.engine.progress import compile_progress
 from arctic_jax.engine.scheduler import ScheduledStep, SchedulerConfig
 from arctic_jax.engine.step_inputs import StepInputBuilder, StepInputs
 from arctic_jax.engine.step_result import StepResult, fetch_result
@@ -258,12 +258,8 @@ class ModelRunner:
         start = time.perf_counter()
         run = jax.default_backend() != "cpu" if run is None else run
         units = [u for u in self.warmup_units() if upto_tokens is None or u.tokens <= upto_tokens]
-        iterator = units
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(units, desc="compiling step programs", file=sys.stderr, unit="program")
         packed = None
-        for unit in iterator:
+        for unit in compile_progress(units, "compiling step programs", progress):
             if run:
                 packed = self._run(unit.variant, self._dummy(unit))
             else:
