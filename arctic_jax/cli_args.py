@@ -58,8 +58,9 @@ def add_model_args(p: argparse.ArgumentParser, *, embeddings: bool = False) -> N
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
                    help="fraction of free device memory given to the KV cache (default 0.5)")
     p.add_argument("--attention-impl", default=None,
-                   help=shared("reference, pallas (GPU default) or pallas-triton (Triton prefill "
-                               "kernel)", "reference (CPU default) or pallas (GPU default)"))
+                   help=shared("blocked (CPU default), reference, pallas (GPU default) or "
+                               "pallas-triton (Triton prefill kernel)",
+                               "reference (CPU default) or pallas (GPU default)"))
     p.add_argument("--token-buckets", type=int_list, default=None,
                    help=shared("comma-separated step token counts to compile (default: powers "
                                "of 2)", "batch token counts; the largest is the token budget"))
@@ -146,6 +147,9 @@ def parse_dtype(name: str | None) -> Any:
 # checkpoints.loader.DEFAULT_EMBEDDING_MODEL (not imported: building the parser loads no jax)
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_MAX_EMBEDDING_INPUTS = 2048   # inputs in one /v1/embeddings request (OpenAI's limit)
+# serve: the request-size limit (why: arctic_jax.serving.request_limits) and graceful shutdown
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 # Flag names (argparse dests) passed to the embedding engine when given.
 EMBEDDING_ENGINE_FLAGS = ("max_model_len", "max_num_batched_tokens", "token_buckets",

@@ -25,6 +25,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str          # "stop" or "length"
     logprobs: list[float]
+    index: int = 0              # which of the prompt's ``SamplingParams.n`` copies
 
 
 class LLM:
@@ -74,7 +75,8 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[CompletionOutput]:
-        """Generate for each prompt (text, or a list of token ids)."""
+        """Generate for each prompt (text, or a list of token ids): ``n`` outputs per prompt
+        (``SamplingParams.n``, copy i seeded seed + i), prompt by prompt, in copy order."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompt_ids = [encode_prompt(self.tokenizer, p) if isinstance(p, str) else [int(t) for t in p]
@@ -92,11 +94,24 @@ class LLM:
 
     def _generate_ids(self, prompt_ids: list[list[int]],
                       params: list[SamplingParams]) -> list[CompletionOutput]:
-        for ids in prompt_ids:  # reject a bad prompt before any request is queued
+        """Copy 0 of each prompt starts at once, its other copies after its first output, when
+        the prompt's KV pages are in the prefix cache (``arctic_jax.engine.copies``)."""
+        copies = [p.copies() for p in params]
+        for ids, cs in zip(prompt_ids, copies, strict=True):  # reject bad input before queueing any
             self.engine.validate_prompt(ids)
-        streams = {self.engine.add_request(p, sp): p for p, sp in zip(prompt_ids, params, strict=True)}
-        collected = {rid: CollectedOutput() for rid in streams}
-        pending = set(streams)
+            self.engine.validate_params(cs[0])
+        jobs: dict[str, tuple[int, int]] = {}      # request id -> (prompt, copy)
+        later: dict[str, list[tuple[int, int]]] = {}   # copy 0's id -> the copies it starts
+
+        def add(i: int, j: int) -> str:
+            rid = self.engine.add_request(prompt_ids[i], copies[i][j])
+            jobs[rid] = (i, j)
+            return rid
+
+        for i, cs in enumerate(copies):
+            later[add(i, 0)] = [(i, j) for j in range(1, len(cs))]
+        collected = {rid: CollectedOutput() for rid in jobs}
+        pending = set(jobs)
         while pending:
             if not self.engine.has_unfinished():
                 raise RuntimeError("the engine stopped with requests unfinished")
@@ -107,11 +122,16 @@ class LLM:
                 c.add(out)
                 if out.finished:
                     pending.discard(out.request_id)
-        return [CompletionOutput(prompt_token_ids=prompt, text=collected[rid].text,
+                for i, j in later.pop(out.request_id, ()):
+                    rid = add(i, j)
+                    collected[rid] = CollectedOutput()
+                    pending.add(rid)
+        order = sorted(jobs, key=jobs.__getitem__)
+        return [CompletionOutput(prompt_token_ids=prompt_ids[jobs[rid][0]], text=collected[rid].text,
                                  token_ids=collected[rid].token_ids,
                                  finish_reason=collected[rid].finish_reason,
-                                 logprobs=collected[rid].logprobs)
-                for rid, prompt in streams.items()]
+                                 logprobs=collected[rid].logprobs, index=jobs[rid][1])
+                for rid in order]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
         """Yield text pieces of one generation as they are produced."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -39,6 +39,9 @@ from arctic_jax.pytree import pytree_dataclass
 GREEDY_TEMPERATURE = 1e-5   # temperatures below this sample greedily
 MAX_LOGPROBS = 20           # most top logprobs a request may ask for
 MAX_SEED = 2**32 - 1        # seeds are uint32
+MAX_PENALTY = 2.0           # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY]
+MAX_LOGIT_BIAS = 100.0      # logit_bias values lie in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+MAX_N = 16                  # most copies (choices) of one request
 
 
 def _is_int(x: Any) -> bool:
@@ -53,14 +56,55 @@ def _bad(field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"SamplingParams.{field}={value!r}: {why}")
 
 
+def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` (a dict or (id, bias) pairs) as (id, bias) pairs sorted by id."""
+    if value is None:
+        return ()
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    if not isinstance(pairs, (list, tuple)):
+        raise _bad("logit_bias", value, "must be a dict of token id -> bias")
+    out = {}
+    for item in pairs:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise _bad("logit_bias", value, f"entry {item!r} is not a (token id, bias) pair")
+        token, bias = item
+        if not _is_int(token) or token < 0:
+            raise _bad("logit_bias", value, f"token id {token!r} is not an integer >= 0")
+        if not _is_real(bias) or not (-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise _bad("logit_bias", value, f"bias {bias!r} of token {token} is not in "
+                                            f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if int(token) in out:
+            raise _bad("logit_bias", value, f"token id {token} occurs twice")
+        out[int(token)] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """User-facing sampling parameters of one request (vLLM-like).
 
     temperature 0 means greedy; top_k 0 or -1 disables top-k; top_p 1 and
     min_p 0 disable nucleus and min-p filtering. ``logprobs`` is the number of
-    top logprobs to return per generated token (None: none). ``stop`` accepts
-    a string or a sequence of strings and is stored as a tuple.
+    top logprobs to return per generated token (None: none), always those of the raw
+    logits (vLLM's default). ``stop`` accepts a string or a sequence of strings and is
+    stored as a tuple.
+
+    Logit adjustments, applied in this order before temperature and the filters (vLLM's
+    semantics; ``arctic_jax.sampling_penalties`` runs them on the device):
+
+    - ``logit_bias``: token id -> bias in [-100, 100] added to its logit (OpenAI); a dict
+      or (id, bias) pairs, stored as a tuple of (id, bias) pairs sorted by id. Ids are
+      checked against the model's vocabulary by ``check_vocab`` (the engine calls it);
+    - ``repetition_penalty`` > 0 (vLLM; 1 = off): a token that occurs in the prompt or in
+      the output so far has its logit divided by it where positive, else multiplied;
+    - ``frequency_penalty`` in [-2, 2] (OpenAI): minus the penalty times the number of times
+      the token was generated so far by this request;
+    - ``presence_penalty`` in [-2, 2] (OpenAI): minus the penalty if the token was generated
+      so far by this request.
+
+    ``n`` in [1, MAX_N]: choices per prompt. The engine runs one sequence per request:
+    ``copies`` expands a request into its n copies (``LLM.generate`` and
+    ``arctic_jax.engine.copies`` do).
     """
 
     max_tokens: int = 16
@@ -73,6 +117,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    n: int = 1
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:   # normalises a field of this frozen instance
@@ -134,6 +183,42 @@ class SamplingParams:
                 raise _bad("logprobs", self.logprobs,
                            f"must be None or an integer in [0, {MAX_LOGPROBS}]")
             set_("logprobs", int(self.logprobs))
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not (-MAX_PENALTY <= v <= MAX_PENALTY):
+                raise _bad(name, v, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+            set_(name, float(v))
+
+        r = self.repetition_penalty
+        if not _is_real(r) or not math.isfinite(r) or r <= 0:
+            raise _bad("repetition_penalty", r, "must be a finite number > 0 (1 disables it)")
+        set_("repetition_penalty", float(r))
+
+        set_("logit_bias", _logit_bias_pairs(self.logit_bias))
+
+        if not _is_int(self.n) or not (1 <= self.n <= MAX_N):
+            raise _bad("n", self.n, f"must be an integer in [1, {MAX_N}]")
+        set_("n", int(self.n))
+
+    def adjusts_logits(self) -> bool:
+        """True when a penalty or a logit bias changes this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError naming ``logit_bias`` if one of its token ids is not in [0, vocab_size)."""
+        bad = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise _bad("logit_bias", dict(self.logit_bias),
+                       f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+    def copies(self) -> list[SamplingParams]:
+        """The ``n`` requests of these parameters, each with n = 1; copy i has the seed
+        (seed + i) mod 2**32 (None stays None: every copy draws its own)."""
+        return [dataclasses.replace(self, n=1, seed=None if self.seed is None
+                                    else (self.seed + i) % (MAX_SEED + 1))
+                for i in range(self.n)]
 
     def is_greedy(self) -> bool:
         """True when the request takes the argmax (temperature < GREEDY_TEMPERATURE)."""
@@ -291,23 +376,27 @@ def check_logits_rows(caller: str, logits: jax.Array, t: SamplingTensors) -> tup
 
 
 def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0,
-           mode: SamplingMode = SamplingMode.FILTERED) -> SampleResult:
+           mode: SamplingMode = SamplingMode.FILTERED,
+           adjusted: jax.Array | None = None) -> SampleResult:
     """Draw one token per row of ``logits`` [R, V] f32 under ``t`` (R rows).
 
     Pure and jit-compatible; ``num_top_logprobs`` (0..V) and ``mode`` are static.
     ``mode`` must cover every row (``SamplingMode.for_params``); a cheaper mode
     ignores the filters it does not run. Any covering mode gives the same tokens.
+    ``adjusted`` [R, V]: the logits to draw from instead (penalties and logit bias applied,
+    ``arctic_jax.sampling_penalties``); the logprobs always describe ``logits``.
     """
     r, v = check_logits_rows("sample", logits, t)
     if not (0 <= num_top_logprobs <= v):
         raise ValueError(f"sample: num_top_logprobs={num_top_logprobs} not in [0, {v}]")
     logits = logits.astype(jnp.float32)
+    drawn_from = logits if adjusted is None else adjusted.astype(jnp.float32)
     mode = SamplingMode(mode)
     if mode is SamplingMode.GREEDY:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = jnp.argmax(drawn_from, axis=-1).astype(jnp.int32)
     else:
         greedy = t.temperature < GREEDY_TEMPERATURE
-        tokens = _sample_rows(logits, t, greedy, filtered=mode is SamplingMode.FILTERED)
+        tokens = _sample_rows(drawn_from, t, greedy, filtered=mode is SamplingMode.FILTERED)
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     top_ids = top_logprobs = None

@@ -13,6 +13,32 @@ from arctic_jax.models.llama import make_step_fn
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def running_server(args: list[str]):
+    """A live ``arctic-jax serve`` with ``args`` (the test environment, one device), ready;
+    stopped when the generator is closed (yield it from a module fixture)."""
+    from arctic_jax.serving.cli_commands import ServerProcess
+
+    proc = ServerProcess(args, env=server_env(), cwd=REPO_ROOT)
+    try:
+        proc.wait_ready(timeout=300)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def tiny_server_args(model: str, *extra: str) -> list[str]:
+    """``serve`` flags of the embedded SmolLM2 with small limits (few programs to compile),
+    served as ``model``, with the tests' shared compilation cache, then ``extra``."""
+    import tempfile
+
+    return ["--model", "default", "--served-model-name", model,
+            "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+            "--max-model-len", "256", "--page-size", "16",
+            "--token-buckets", "8,64", "--page-buckets", "16",
+            "--compilation-cache-dir",
+            os.path.join(tempfile.gettempdir(), f"arctic-jax-test-xla-{os.getuid()}"), *extra]
+
+
 def prefill_logits(cfg, weights, tokens: np.ndarray, page_size: int = 16) -> np.ndarray:
     """Float32 logits at every position of one single-sequence prefill step of ``tokens``."""
     n = len(tokens)

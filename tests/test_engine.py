@@ -189,8 +189,10 @@ def test_no_compilation_after_warmup(weights):
     counter.count = 0
     rng = np.random.default_rng(6)
     prompts = random_prompts(rng, 10, 2, 60)
-    kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=1), dict(temperature=0.9, top_p=0.8)]
-    params = [SamplingParams(max_tokens=int(n), **kinds[i % 3])   # every sampling mode
+    kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=1), dict(temperature=0.9, top_p=0.8),
+             dict(temperature=0.0, frequency_penalty=0.5), dict(temperature=0.7, logit_bias={3: 2.0}),
+             dict(temperature=0.9, top_p=0.8, repetition_penalty=1.3, presence_penalty=0.2)]
+    params = [SamplingParams(max_tokens=int(n), **kinds[i % 6])   # every sampling mode, penalties
               for i, n in enumerate(rng.integers(1, 30, size=10))]
     run_all(engine, prompts, params)
     alone = random_prompts(rng, 1, 20, 30)   # a prompt alone: its first chunk is contiguous
@@ -320,3 +322,25 @@ def test_impossible_limits_fail_at_start(weights):
         make_engine(weights, token_buckets=(8, 16))  # max_num_batched_tokens is 32
     with pytest.raises(ValueError, match="page_buckets"):
         make_engine(weights, page_buckets=(8,))  # 128 / 4 = 32 pages per sequence
+
+
+def test_background_compiler_stops_between_programs():
+    """``stop`` lets the program being compiled finish, compiles nothing more, and returns once
+    the thread has ended (a process must not exit while XLA compiles in a thread)."""
+    import threading
+
+    from arctic_jax.engine.background_compile import BackgroundCompiler
+
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def compile_unit(unit):
+        seen.append(unit)
+        started.set()
+        release.wait(30)
+
+    bg = BackgroundCompiler([16, 16, 32, 32], compile_unit, lambda u: u, ready_from=8).start()
+    assert started.wait(30)
+    threading.Timer(0.2, release.set).start()
+    bg.stop()
+    assert not bg._thread.is_alive() and seen == [16] and bg.pending == 3
+    assert bg.ready_tokens == 8 and not bg.done   # steps stay capped

@@ -9,39 +9,27 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
 import time
 
 import httpx
 import pytest
 
-from arctic_jax.serving.cli_commands import ServerProcess
-from helpers import server_env
+from helpers import running_server, tiny_server_args
 
 MODEL = "smollm2-test"
 API_KEY = "sk-test-7f3a"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MODEL_LEN = 256
-SERVER_ARGS = ["--model", "default", "--served-model-name", MODEL, "--api-key", API_KEY,
-               "--max-queue", "1", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-               "--max-model-len", str(MAX_MODEL_LEN), "--page-size", "16",
-               "--token-buckets", "8,64", "--page-buckets", "16",
-               "--compilation-cache-dir",
-               os.path.join(tempfile.gettempdir(), f"arctic-jax-test-xla-{os.getuid()}")]
+SERVER_ARGS = tiny_server_args(MODEL, "--api-key", API_KEY, "--max-queue", "1")
 GOOD = {"model": MODEL, "prompt": "Write a long story about a lighthouse.", "max_tokens": 64,
         "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess(SERVER_ARGS, env=server_env(), cwd=REPO_ROOT)
-    try:
-        proc.wait_ready(timeout=300)
-        yield proc
-    finally:
-        proc.stop()
+    yield from running_server(SERVER_ARGS)
 
 
 def metric(server, name: str) -> float:
@@ -99,7 +87,10 @@ BAD_REQUESTS = {
     "logprobs_too_many": ("/v1/completions", completion(logprobs=50), "logprobs"),
     "top_logprobs_without_logprobs": ("/v1/chat/completions", chat(top_logprobs=2),
                                       "top_logprobs"),
-    "presence_penalty": ("/v1/chat/completions", chat(presence_penalty=0.5), "presence_penalty"),
+    "presence_penalty_out_of_range": ("/v1/chat/completions", chat(presence_penalty=2.5),
+                                      "presence_penalty"),
+    "logit_bias_out_of_vocab": ("/v1/chat/completions", chat(logit_bias={"10000000": 1.0}),
+                                "logit_bias"),
     "stream_options_without_stream": ("/v1/completions",
                                       completion(stream_options={"include_usage": True}),
                                       "stream_options"),

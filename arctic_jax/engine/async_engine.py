@@ -58,6 +58,8 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        if self.engine.runner.background is not None:
+            self.engine.runner.background.stop()
 
     @property
     def alive(self) -> bool:
@@ -102,6 +104,7 @@ class AsyncEngine:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; leaving the iterator early aborts it."""
         self.validate_prompt(prompt_ids)
+        self.engine.validate_params(params)   # reads fixed limits only
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if not self.alive:  # checked under the lock the failure broadcast takes

@@ -39,6 +39,7 @@ class BackgroundCompiler:
         self.total = len(units)
         self.compiled = 0
         self.error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="arctic-jax-compile", daemon=True)
 
     @property
@@ -62,11 +63,20 @@ class BackgroundCompiler:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def stop(self, timeout: float = 120.0) -> None:
+        """Compile nothing more and wait for the program being compiled (a process must not
+        exit while XLA compiles in a thread: it would abort)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def _work(self) -> None:
         start = time.perf_counter()
         try:
             for bucket in sorted(self._by_bucket):
                 for unit in self._by_bucket[bucket]:
+                    if self._stop.is_set():
+                        return
                     self._compile_unit(unit)
                     self.compiled += 1
                 self._ready = max(self._ready, bucket)

@@ -118,6 +118,23 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """Raise ValueError (naming the parameter) for sampling parameters this engine cannot run:
+        ``n`` > 1 (expand with ``params.copies()``), logit-bias ids outside the vocabulary,
+        penalties or a logit bias together with speculative decoding."""
+        if params.n != 1:
+            raise ValueError(f"SamplingParams.n={params.n}: the engine runs one sequence per "
+                             "request; submit params.copies() (LLM.generate and "
+                             "arctic_jax.engine.copies do)")
+        params.check_vocab(self.cfg.vocab_size)
+        if self.speculative and params.adjusts_logits():
+            name = next(f for f, on in (("logit_bias", params.logit_bias),
+                                        ("repetition_penalty", params.repetition_penalty != 1.0),
+                                        ("frequency_penalty", params.frequency_penalty),
+                                        ("presence_penalty", params.presence_penalty)) if on)
+            raise ValueError(f"SamplingParams.{name}={getattr(params, name)!r}: penalties and "
+                             "logit_bias are not supported with speculative decoding")
+
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
         """Queue a request; raises ValueError for one that can never run."""
@@ -125,6 +142,7 @@ class LLMEngine:
             raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs "
                              f"{self.config.max_logprobs}")
         self.validate_prompt(prompt_ids)
+        self.validate_params(params)
         request_id = request_id or self.new_request_id()
         seed = params.seed if params.seed is not None else secrets.randbits(31)
         request = Request(request_id=request_id, prompt_ids=[int(t) for t in prompt_ids],

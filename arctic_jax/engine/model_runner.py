@@ -1,5 +1,5 @@
 """Runs scheduled steps on the device: owns the deployment's weights, the KV cache, the token
-buffer and the compiled programs, and launches one step at a time.
+buffer, the penalty state and the compiled programs, and launches one step at a time.
 
 Its parts each live in their own module: ``step_inputs`` (host inputs), ``programs`` (the
 jitted model and sampler), ``calibration`` (the shift threshold), ``step_result`` (unpacking).
@@ -11,6 +11,7 @@ dispatch path; a test counts compilations while serving and requires none. The o
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, NamedTuple
@@ -18,18 +19,25 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from arctic_jax.attention.dispatch import needs_page_buckets
 from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.batch import Buckets
 from arctic_jax.config import ModelConfig
 from arctic_jax.engine import calibration
 from arctic_jax.engine.background_compile import BackgroundCompiler
 from arctic_jax.engine.packing import pack
-from arctic_jax.engine.programs import jit_draft_program, jit_model_step, jit_sampler_step
+from arctic_jax.engine.programs import (
+    jit_draft_program,
+    jit_model_step,
+    jit_penalty_fill,
+    jit_sampler_step,
+)
 from arctic_jax.engine.progress import compile_progress
 from arctic_jax.engine.scheduler import ScheduledStep, SchedulerConfig
 from arctic_jax.engine.step_inputs import StepInputBuilder, StepInputs
 from arctic_jax.engine.step_result import StepResult, fetch_result
 from arctic_jax.sampling import SamplingMode
+from arctic_jax.sampling_penalties import PenaltyState, SlotFill, build_fills
 from sharding.deployment import Deployment
 from sharding.mesh import ParallelConfig
 
@@ -60,6 +68,7 @@ class WarmupUnit(NamedTuple):
     mode: SamplingMode = SamplingMode.GREEDY
     verify: bool = False
     draft: bool = False
+    penalties: bool = False
 
 
 def _shape_of(x: Any) -> Any:
@@ -122,10 +131,16 @@ class ModelRunner:
                 (m, v): jit_draft_program(self.draft_cfg, draft_tokens, m, max_rows_per_seq,
                                           result_cols if v else None)
                 for m in SamplingMode for v in (False, True)}
-        # Sampler programs by (mode, verify); the verify variants only with speculation on.
+        # Sampler programs by (mode, verify, penalties); the verify variants only with speculation
+        # on, the penalty variants (and their per-slot state) only with it off.
         self.speculative = speculative
-        self._samplers = {(m, v): jit_sampler_step(m, num_top_logprobs, v)
-                          for m in SamplingMode for v in ((False, True) if speculative else (False,))}
+        variants = ((False, False), (True, False)) if speculative else ((False, False), (False, True))
+        self._samplers = {(m, v, p): jit_sampler_step(m, num_top_logprobs, v, p)
+                          for m in SamplingMode for v, p in variants}
+        self.penalty_state = None if speculative else jax.device_put(
+            PenaltyState.zeros(sched.max_num_seqs, self.cfg.vocab_size), dep.replicated)
+        self._penalty_fill = jit_penalty_fill()
+        self._penalty_rows: dict[int, tuple[Any, int]] = {}   # slot -> (request, preemptions) loaded
         self.num_contiguous_steps = 0
         self.shift_threshold = (parallel.shift_threshold
                                 if parallel is not None and isinstance(parallel.shift_threshold, int)
@@ -133,7 +148,8 @@ class ModelRunner:
         buckets = Buckets(tokens=_covering(token_buckets, sched.max_num_batched_tokens,
                                            "token_buckets", "max_num_batched_tokens"),
                           seqs=(sched.max_num_seqs,),
-                          pages=_covering(page_buckets or defaults.pages, sched.max_pages_per_seq,
+                          pages=_covering(page_buckets or (defaults.pages if needs_page_buckets(
+                              attention_impl) else (sched.max_pages_per_seq,)), sched.max_pages_per_seq,
                                           "page_buckets",
                                           "pages per sequence (max_model_len / page_size)"),
                           max_logits_rows=max_logits_rows)
@@ -144,7 +160,8 @@ class ModelRunner:
         self.calibration: list[calibration.Row] = []
         self.background: BackgroundCompiler | None = None
         # the buffers each step donates, as shapes and shardings (what compile_unit lowers with)
-        self._donated = (_shape_of(self.cache), _shape_of(self.token_buffer), _shape_of(self.draft_q))
+        self._donated = (_shape_of(self.cache), _shape_of(self.token_buffer), _shape_of(self.draft_q),
+                         _shape_of(self.penalty_state))
 
     @property
     def buckets(self) -> Buckets:
@@ -173,14 +190,22 @@ class ModelRunner:
 
         Each program's host inputs travel as one packed int32 buffer.
         """
+        for fill in inputs.fills:
+            flat, layout = pack(fill)
+            self.penalty_state = self._penalty_fill(self.penalty_state, flat, layout)
         flat, layout = pack(inputs.model)
         program = self._programs[variant, inputs.contiguous]
         out = program(self.weights[variant], self.cache, self.token_buffer, flat, layout)
         self.cache, logits = out[:2]
         self.num_contiguous_steps += inputs.contiguous
         flat, layout = pack(inputs.sampler)
-        self.token_buffer, packed = self._samplers[inputs.mode, inputs.verify](
-            logits, self.token_buffer, self.draft_q, flat, layout)
+        # the same arguments as compile_unit's (an omitted default would be another signature)
+        sampled = self._samplers[inputs.mode, inputs.verify, inputs.penalties](
+            logits, self.token_buffer, self.draft_q, flat, layout,
+            self.penalty_state if inputs.penalties else None)
+        self.token_buffer, packed = sampled[:2]
+        if inputs.penalties:
+            self.penalty_state = sampled[2]
         if inputs.draft is not None:
             flat, layout = pack(inputs.draft)
             self.draft_q, packed = self._draft_programs[inputs.draft_mode, inputs.verify](
@@ -191,7 +216,28 @@ class ModelRunner:
         """Launch a step asynchronously (``draft``: and the draft program after it); returns the
         packed device result and the variant."""
         variant = self.variant_for(step.num_tokens)
-        return self._run(variant, self.inputs.build(step, draft and self.draft_cfg is not None)), variant
+        inputs = self.inputs.build(step, draft and self.draft_cfg is not None)
+        fills = self._penalty_fills(step)
+        if fills:
+            inputs = dataclasses.replace(inputs, fills=fills)
+        return self._run(variant, inputs), variant
+
+    def _penalty_fills(self, step: ScheduledStep) -> tuple[SlotFill, ...]:
+        """Fills loading the penalty rows of the step's requests with penalties or a logit bias
+        that took their slot since their row was last loaded (admitted, or re-admitted after a
+        preemption: then every output token is known on the host)."""
+        histories = []
+        for c in step.chunks:
+            request = c.request
+            if not request.params.adjusts_logits():
+                continue
+            loaded = self._penalty_rows.get(request.token_slot)
+            if loaded is not None and loaded[0] is request and loaded[1] == request.num_preemptions:
+                continue
+            self._penalty_rows[request.token_slot] = (request, request.num_preemptions)
+            histories.append((request.token_slot, request.prompt_ids, request.output_ids,
+                              request.params.logit_bias))
+        return tuple(build_fills(histories, self.sched.max_num_seqs)) if histories else ()
 
     def fetch(self, packed: jax.Array, num_rows: int, verify: bool = False,
               drafted: bool = False) -> StepResult:
@@ -211,15 +257,16 @@ class ModelRunner:
         for variant in self.variants:
             for R in rows:
                 T = next(t for t in self.buckets.tokens if R in self.buckets.rows_for(t))
-                for mode, verify in self._samplers:   # each draft program after its sampler
+                for mode, verify, penalties in self._samplers:   # each draft program after its sampler
                     units.append(WarmupUnit(variant, T, self.buckets.pages[0], R, False, mode,
-                                            verify, self.draft_cfg is not None))
+                                            verify, self.draft_cfg is not None, penalties))
         return units
 
     def _dummy(self, unit: WarmupUnit) -> StepInputs:
         return self.inputs.dummy(unit.tokens, unit.pages, unit.rows, mode=unit.mode,
                                  contiguous=unit.contiguous, verify=unit.verify,
-                                 draft_mode=unit.mode if unit.draft else None)
+                                 draft_mode=unit.mode if unit.draft else None,
+                                 penalties=unit.penalties)
 
     def compile_unit(self, unit: WarmupUnit) -> None:
         """Compile, without running, the programs ``_run`` launches for ``unit``.
@@ -229,20 +276,30 @@ class ModelRunner:
         then finds them compiled.
         """
         inputs = self._dummy(unit)
+        cache, token_buffer, draft_q, penalty_state = self._donated
+        for fill in inputs.fills:
+            flat, layout = pack(fill)
+            self._penalty_fill.lower(penalty_state, flat, layout).compile()
         flat, layout = pack(inputs.model)
-        cache, token_buffer, draft_q = self._donated
         model = self._programs[unit.variant, inputs.contiguous].lower(
             self.weights[unit.variant], cache, token_buffer, flat, layout)
         model.compile()
         outs = model.out_info
         flat, layout = pack(inputs.sampler)
-        sampler = self._samplers[inputs.mode, inputs.verify].lower(
-            outs[1], token_buffer, draft_q, flat, layout)
+        sampler = self._samplers[inputs.mode, inputs.verify, inputs.penalties].lower(
+            outs[1], token_buffer, draft_q, flat, layout,
+            penalty_state if inputs.penalties else None)
         sampler.compile()
         if inputs.draft is not None:
             flat, layout = pack(inputs.draft)
             self._draft_programs[inputs.draft_mode, inputs.verify].lower(
-                self.draft_weights, outs[2], sampler.out_info[1], draft_q, flat, layout).compile()
+                self.draft_weights, outs[2], self._on_mesh(sampler.out_info[1]), draft_q, flat,
+                layout).compile()
+
+    def _on_mesh(self, out: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        """A program output as the next program receives it: the real array lives on the
+        deployment's mesh (replicated), where ``out_info`` leaves the sharding open."""
+        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=self.deployment.replicated)
 
     def warmup(self, progress: bool = True, run: bool | None = None,
                upto_tokens: int | None = None) -> float:

@@ -15,8 +15,12 @@ row, drafts the next tokens and appends them to the packed result as extra colum
 one transfer); a sampled request's draft distributions q stay in a device buffer that the
 next step's sampler reads to verify them.
 
+Requests with penalties or a logit bias (``arctic_jax.sampling_penalties``) keep their history
+in per-slot device buffers: a small fill program loads a request's row when it takes a slot,
+and a sampler variant that only runs in steps with such a request applies and updates them.
+
 Model programs are compiled per deployment variant and attention route (and per bucket
-shape); the sampler, whose shape only depends on R, once per ``SamplingMode``. The host
+shape); the sampler, whose shape only depends on R, once per ``SamplingMode`` (and penalties). The host
 picks the mode from the step's requests, so no program holds a data-dependent branch: on
 a GPU such a branch makes the launching thread wait for the device, which would undo the
 engine's overlap of host work with the running step.
@@ -37,6 +41,7 @@ from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.step_options import StepOptions
 from arctic_jax.pytree import replace
 from arctic_jax.sampling import SamplingMode, sample
+from arctic_jax.sampling_penalties import PenaltyState, apply_fill, apply_penalties, record_tokens
 from arctic_jax.speculative.draft_model import DraftModelConfig
 from arctic_jax.speculative.draft_propose import propose
 from arctic_jax.speculative.rejection import verify_rows
@@ -63,9 +68,11 @@ def model_step(weights: Any, cache: KVCache, token_buffer: jax.Array, packed_inp
 
 
 def sampler_step(logits: jax.Array, token_buffer: jax.Array, draft_q: jax.Array | None,
-                 packed_inputs: jax.Array, layout: PackedLayout, *, mode: SamplingMode,
-                 num_top_logprobs: int, verify: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Sample logits [R, V]; returns the updated token buffer and the packed result.
+                 packed_inputs: jax.Array, layout: PackedLayout,
+                 penalty_state: PenaltyState | None = None, *, mode: SamplingMode,
+                 num_top_logprobs: int, verify: bool = False, penalties: bool = False) -> tuple:
+    """Sample logits [R, V]; returns the updated token buffer and the packed result (and with
+    ``penalties`` the updated penalty state).
 
     The result is int32 [R, 2 + 2 * num_top_logprobs (+ 1 when ``verify``)]: token, logprob
     bits, top ids, top logprob bits, and with ``verify`` whether the row accepted its draft.
@@ -74,9 +81,15 @@ def sampler_step(logits: jax.Array, token_buffer: jax.Array, draft_q: jax.Array 
     rows); the row's token is then the draft if accepted, else the token to emit instead.
     ``draft_q`` [Q, V] (or None): the draft model's log q rows; row r's draft was drawn from
     ``draft_q[inputs.q_row[r]]`` where ``q_row`` >= 0.
+    ``penalties`` (static): rows with ``inputs.penalties.slot`` >= 0 draw from logits adjusted by
+    ``penalty_state`` (``sampling_penalties.apply_penalties``), and their tokens are counted
+    there; not with ``verify``.
     """
     inputs = unpack(packed_inputs, layout)
-    result = sample(logits, inputs.sampling, num_top_logprobs, mode)
+    if penalties and verify:
+        raise ValueError("sampler_step: penalties cannot be combined with draft verification")
+    adjusted = apply_penalties(logits, penalty_state, inputs.penalties) if penalties else None
+    result = sample(logits, inputs.sampling, num_top_logprobs, mode, adjusted)
     tokens = result.tokens
     if verify:
         logq = has_q = None
@@ -97,6 +110,9 @@ def sampler_step(logits: jax.Array, token_buffer: jax.Array, draft_q: jax.Array 
         columns += [result.top_ids.astype(jnp.int32), bits(result.top_logprobs.astype(jnp.float32))]
     if verify:
         columns.append(accepted.astype(jnp.int32)[:, None])
+    if penalties:
+        penalty_state = record_tokens(penalty_state, inputs.penalties.slot, tokens)
+        return token_buffer, jnp.concatenate(columns, axis=1), penalty_state
     return token_buffer, jnp.concatenate(columns, axis=1)
 
 
@@ -159,13 +175,27 @@ def jit_model_step(spec: Any, dep: Deployment, variant: str, attention: Attentio
 
 
 @functools.cache
-def jit_sampler_step(mode: SamplingMode, num_top_logprobs: int, verify: bool = False) -> Callable:
+def jit_sampler_step(mode: SamplingMode, num_top_logprobs: int, verify: bool = False,
+                     penalties: bool = False) -> Callable:
     """The jitted sampler of one mode (``verify``: with rejection-sampling verify rows):
     ``(logits, token_buffer, draft_q | None, packed, layout) -> (token_buffer, result)``; the
-    token buffer is donated."""
+    token buffer is donated. ``penalties``: the variant that applies and records penalties,
+    ``(..., layout, penalty_state) -> (token_buffer, result, penalty_state)``, state donated."""
     fn = functools.partial(sampler_step, mode=mode, num_top_logprobs=num_top_logprobs,
-                           verify=verify)
-    return jax.jit(fn, donate_argnums=(1,), static_argnums=(4,))
+                           verify=verify, penalties=penalties)
+    return jax.jit(fn, donate_argnums=(1, 5), static_argnums=(4,))
+
+
+def penalty_fill(state: PenaltyState, packed_inputs: jax.Array,
+                 layout: PackedLayout) -> PenaltyState:
+    """Load requests' histories into their slots' penalty rows (``pack(SlotFill)``)."""
+    return apply_fill(state, unpack(packed_inputs, layout))
+
+
+@functools.cache
+def jit_penalty_fill() -> Callable:
+    """``(penalty_state, packed, layout) -> penalty_state``, the state donated."""
+    return jax.jit(penalty_fill, donate_argnums=(0,), static_argnums=(2,))
 
 
 @functools.cache

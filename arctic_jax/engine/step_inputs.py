@@ -16,6 +16,7 @@ from arctic_jax.batch import ALL_VISIBLE, Buckets, SequenceChunk, StepBatch, bui
 from arctic_jax.engine.scheduler import ScheduledStep
 from arctic_jax.pytree import pytree_dataclass
 from arctic_jax.sampling import SamplingMode, SamplingTensors
+from arctic_jax.sampling_penalties import PenaltyRows, SlotFill, build_fills
 
 
 @pytree_dataclass
@@ -34,6 +35,7 @@ class SamplerInputs:
     sampling: SamplingTensors  # [R] rows
     draft: jax.Array           # [R] int32 the draft token row r verifies, or -1 (none)
     q_row: jax.Array           # [R] int32 draft-q buffer row of the draft's distribution, or -1
+    penalties: PenaltyRows     # [R] rows; slot -1 where the request has no penalty or bias
 
 
 @pytree_dataclass
@@ -59,6 +61,8 @@ class StepInputs:
     verify: bool = False       # some row verifies a draft: the sampler's rejection-sampling variant
     draft: DraftInputs | None = None   # run the draft program after the sampler
     draft_mode: SamplingMode = SamplingMode.GREEDY
+    penalties: bool = False    # some row has penalties or a logit bias: the sampler's penalty variant
+    fills: tuple[SlotFill, ...] = ()   # penalty rows to load before the step (the runner adds them)
 
     @property
     def num_tokens(self) -> int:
@@ -133,13 +137,21 @@ class StepInputBuilder:
                              if i < len(c.draft) and c.draft_from_model else -1 for c, i in rows]
         draft_inputs, draft_mode = (self._draft_inputs(step, self.num_entries(R)) if draft
                                     else (None, SamplingMode.GREEDY))
+        adjusted = [p.adjusts_logits() for p in params]
+        penalties = PenaltyRows.from_values([], [], [], [], num_rows=R)
+        if any(adjusted):
+            penalties = PenaltyRows.from_values(
+                slots=[c.request.token_slot if a else -1 for (c, _), a in zip(rows, adjusted, strict=True)],
+                presence=[p.presence_penalty for p in params],
+                frequency=[p.frequency_penalty for p in params],
+                repetition=[p.repetition_penalty for p in params], num_rows=R)
         return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
                           sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling,
-                                                draft=drafts, q_row=q_row),
+                                                draft=drafts, q_row=q_row, penalties=penalties),
                           mode=SamplingMode.for_params(params),
                           contiguous=self.uses_contiguous(step, T),
                           verify=any(c.draft for c in step.chunks),
-                          draft=draft_inputs, draft_mode=draft_mode)
+                          draft=draft_inputs, draft_mode=draft_mode, penalties=any(adjusted))
 
     def num_entries(self, R: int) -> int:
         """Draft entries of a step with R logits rows: at most one per sequence."""
@@ -172,8 +184,9 @@ class StepInputBuilder:
 
     def dummy(self, T: int, MP: int, R: int | None = None, mode: SamplingMode = SamplingMode.GREEDY,
               contiguous: bool = False, verify: bool = False,
-              draft_mode: SamplingMode | None = None) -> StepInputs:
-        """All-padding inputs of one bucket shape (they write no KV slot and no buffer row)."""
+              draft_mode: SamplingMode | None = None, penalties: bool = False) -> StepInputs:
+        """All-padding inputs of one bucket shape (they write no KV slot and no buffer row);
+        ``penalties``: the penalty sampler, after an empty penalty fill."""
         S = self.buckets.seqs[0]
         R = S if R is None else R
         batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
@@ -193,9 +206,11 @@ class StepInputBuilder:
                                     [], steps=[], seeds=[], num_rows=E))
         return StepInputs(model=ModelInputs(batch=batch, token_src=np.full(T, -1, np.int32)),
                           sampler=SamplerInputs(sample_slot=none, sampling=sampling, draft=none,
-                                                q_row=none),
+                                                q_row=none, penalties=PenaltyRows.from_values(
+                                                    [], [], [], [], num_rows=R)),
                           mode=mode, contiguous=contiguous, verify=verify, draft=draft,
-                          draft_mode=draft_mode or SamplingMode.GREEDY)
+                          draft_mode=draft_mode or SamplingMode.GREEDY, penalties=penalties,
+                          fills=tuple(build_fills([], S)) if penalties else ())
 
     def shapes(self) -> list[tuple[int, int, int, bool]]:
         """Every (T, MP, R, contiguous) model-program shape a run may use."""

@@ -26,6 +26,8 @@ from typing import Any
 
 from arctic_jax.cli_args import (
     DEFAULT_MAX_EMBEDDING_INPUTS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
     EMBEDDING_ENGINE_FLAGS,
     add_embedding_only_args,
     add_model_args,
@@ -50,6 +52,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 def register(sub: Any) -> None:
     """Add ``serve`` to the subparsers ``sub``."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat, or "
@@ -65,6 +77,14 @@ def register(sub: Any) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
     p.add_argument("--max-queue", type=_positive, default=None,
                    help="most requests in flight; more get 429 (default: unlimited)")
+    p.add_argument("--max-request-bytes", type=_positive, default=DEFAULT_MAX_REQUEST_BYTES,
+                   metavar="N", help="larger request bodies get 413 before they are parsed "
+                                     f"(default {DEFAULT_MAX_REQUEST_BYTES}, 8 MiB)")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   metavar="S", help="on SIGTERM or SIGINT: /health and new requests get 503, "
+                                     "requests in flight get up to S seconds to finish, then "
+                                     "end with an error, and the server exits 0 (default "
+                                     f"{DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model name(s) clients send in 'model' and /v1/models lists; "
                         "responses carry the first (default: the checkpoint's name, e.g. "
@@ -131,7 +151,7 @@ def _first_steps(args: argparse.Namespace, runner: Any) -> int | None:
     on = args.background_compile == "on" or (args.background_compile == "auto"
                                               and jax.default_backend() == "cpu")
     tokens = runner.buckets.tokens
-    first = next((t for t in tokens if t >= FIRST_STEP_TOKENS), tokens[-1])
+    first = max((t for t in tokens if t <= FIRST_STEP_TOKENS), default=tokens[0])
     return first if on and first < tokens[-1] else None
 
 
@@ -216,16 +236,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from arctic_jax.serving.app import ServerState, create_app
+    from arctic_jax.serving.graceful_server import GracefulServer
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     state = ServerState(served_model_name=args.served_model_name or None,
-                        api_key=args.api_key or None)
+                        api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
+                        shutdown_timeout=args.shutdown_timeout)
     level = args.log_level.lower()
-    server = uvicorn.Server(uvicorn.Config(
+    server = GracefulServer(uvicorn.Config(
         create_app(state), host=args.host, port=args.port,
         log_level=level if level in ("critical", "error", "warning", "info", "debug", "trace")
-        else "warning", timeout_graceful_shutdown=5))
+        else "warning", timeout_graceful_shutdown=5), state.shutdown_gate, state.shutdown_timeout)
 
     def load() -> None:
         try:

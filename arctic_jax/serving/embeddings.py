@@ -41,6 +41,7 @@ from arctic_jax.serving.embedding_protocol import (
 )
 from arctic_jax.serving.errors import APIError, engine_error
 from arctic_jax.serving.generations import until_disconnected
+from arctic_jax.serving.openapi import error_responses, json_body
 from arctic_jax.serving.protocol import RequestParseError, parse_request
 from arctic_jax.serving.state import ServerState
 
@@ -138,7 +139,8 @@ def embeddings_router(state: ServerState) -> APIRouter:
         except ValueError as e:
             raise APIError(400, str(e), param="input") from None
 
-    @router.post("/embeddings")
+    @router.post("/embeddings", response_model=EmbeddingResponse, openapi_extra=json_body(
+        EmbeddingRequest), responses=error_responses(400, 401, 413, 429, 500, 503))
     async def embeddings(request: Request) -> Response:
         front: AsyncEmbeddingEngine = state.require("embed", "/v1/embeddings")
         raw = await request.body()
@@ -179,7 +181,8 @@ def embeddings_router(state: ServerState) -> APIRouter:
             raise APIError(400, str(e), param="input") from None
         num_tokens = sum(len(seq) for seq in seqs)
         try:
-            emb = await until_disconnected(request, front.submit(seqs, dims))
+            emb = await until_disconnected(request, front.submit(seqs, dims),
+                                           state.shutdown_gate)
         except (QueueFullError, ValueError, RuntimeError) as e:
             raise engine_error(e) from None
         if host_normalize:

@@ -15,6 +15,7 @@ from arctic_jax.engine.request import RequestOutput
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.errors import APIError, ClientDisconnected, engine_error
 from arctic_jax.serving.protocol import PromptTokensDetails, Usage
+from arctic_jax.serving.shutdown import ShutdownGate
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,14 @@ class Generations:
 
     ``start`` submits every request and waits for each one's first output, so
     that a rejected request (queue full, invalid) becomes an HTTP error before
-    any response is sent. ``close`` aborts whatever has not finished.
+    any response is sent. ``close`` aborts whatever has not finished. ``fail`` ends the
+    outputs with an error (the ``gate`` calls it when a graceful shutdown times out).
     """
 
-    def __init__(self, engine: EngineFront, jobs: Sequence[Job]):
+    def __init__(self, engine: EngineFront, jobs: Sequence[Job], gate: ShutdownGate | None = None):
         self._engine = engine
         self._jobs = list(jobs)
+        self._gate = gate
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._buffered: list[tuple[int, RequestOutput]] = []
@@ -56,13 +59,15 @@ class Generations:
             await stream.aclose()  # aborts the request if it has not finished
 
     async def start(self) -> None:
+        if self._gate is not None:
+            self._gate.track(self)
         self._tasks = [asyncio.create_task(self._pump(job)) for job in self._jobs]
         started: set[int] = set()
         try:
             while len(started) < len(self._jobs):
                 index, item = await self._queue.get()
                 if isinstance(item, BaseException):
-                    raise engine_error(item)
+                    raise _api_error(item)
                 self._buffered.append((index, item))
                 started.add(index)
         except BaseException:
@@ -77,13 +82,20 @@ class Generations:
             else:
                 index, item = await self._queue.get()
             if isinstance(item, BaseException):
-                raise engine_error(item)
+                raise _api_error(item)
             if item.finished:
                 self._unfinished.discard(index)
             yield index, item
 
+    def fail(self, error: APIError) -> None:
+        """Make ``start`` or ``outputs`` raise ``error`` next (never blocks)."""
+        self._buffered.clear()
+        self._queue.put_nowait((-1, error))
+
     def close(self) -> None:
         """Abort unfinished requests (idempotent, never blocks)."""
+        if self._gate is not None:
+            self._gate.untrack(self)
         for task in self._tasks:
             if not task.done():
                 task.cancel()
@@ -93,11 +105,17 @@ class Generations:
         self._unfinished.clear()
 
 
+def _api_error(exc: BaseException) -> APIError:
+    return exc if isinstance(exc, APIError) else engine_error(exc)
+
+
 T = TypeVar("T")
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` but give up (cancelling it) if the client disconnects meanwhile."""
+async def until_disconnected(request: Request, work: Awaitable[T],
+                             gate: ShutdownGate | None = None) -> T:
+    """Await ``work`` but give up (cancelling it) if the client disconnects meanwhile, or with
+    the gate's error if a graceful shutdown aborts what is left."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -106,6 +124,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
                 return task.result()
             if await request.is_disconnected():
                 raise ClientDisconnected()
+            if gate is not None and gate.aborted:
+                raise gate.abort_error()
     finally:
         if not task.done():
             task.cancel()

@@ -1,87 +1,19 @@
-"""Request and response bodies of the OpenAI-compatible API (pydantic models).
+"""Response bodies of the OpenAI-compatible API (pydantic models), and ``parse_request``, which
+validates a request body against its model (``schemas.py``, ``embedding_protocol.py``).
 
-Requests are validated in strict JSON mode (``parse_request``): a field of the
-wrong type is an error, never coerced ("0.5" is not a number), and unknown
-fields are rejected. ``top_k``, ``min_p``, ``ignore_eos`` and
-``stop_token_ids`` are extensions beyond the OpenAI API.
+Requests are validated in strict JSON mode: a field of the wrong type is an error, never
+coerced ("0.5" is not a number), and unknown fields are rejected. Every failure becomes one
+``RequestParseError`` naming the parameter.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, Field, ValidationError, model_serializer
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# ------------------------------------------------------------------ requests
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-
-
-class _GenerationFields(_Strict):
-    """Fields shared by completions and chat completions."""
-
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None            # extension
-    min_p: float | None = None          # extension
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension
-    ignore_eos: bool | None = None      # extension
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_GenerationFields):
-    """POST /v1/completions. ``prompt``: text, token ids, or a list of either (a batch)."""
-
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class TextContentPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(_GenerationFields):
-    """POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-
-
-RequestT = TypeVar("RequestT", bound=_Strict)
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class RequestParseError(ValueError):
@@ -92,10 +24,56 @@ class RequestParseError(ValueError):
         self.param = param
 
 
-def _describe(errors: list[dict[str, Any]]) -> RequestParseError:
+_ESCAPE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_JSON_ESCAPES = '\\" \\\\ \\/ \\b \\f \\n \\r \\t and \\uXXXX'
+
+
+def lone_surrogate(body: bytes) -> str | None:
+    """Where ``body`` holds a \\uXXXX escape that is half of a UTF-16 surrogate pair without
+    its other half (JSON text must be valid Unicode), e.g. "\\ud800 at byte 12"; else None."""
+    high: tuple[int, str] | None = None   # a high half waiting for its low half: (end, where)
+    for m in _ESCAPE.finditer(body):
+        if len(m.group(1)) % 2 == 0:       # an escaped backslash, then plain text
+            continue
+        at = m.end(1) - 1
+        where = f"\\u{m.group(2).decode()} at byte {at}"
+        adjacent = high is not None and len(m.group(1)) == 1 and m.start() == high[0]
+        if int(m.group(2), 16) >= 0xDC00:  # a low half
+            if not adjacent:
+                return where if high is None else high[1]
+            high = None
+        elif high is not None:
+            return high[1]
+        else:
+            high = (m.end(), where)
+    return high[1] if high is not None else None
+
+
+def _json_error(message: str, body: bytes) -> RequestParseError:
+    message = message.removeprefix("Invalid JSON: ")
+    if "escape" in message or "surrogate" in message:
+        half = lone_surrogate(body)
+        if half is not None:
+            message = (f"{half} is half of a UTF-16 surrogate pair: a \\uD800-\\uDBFF escape "
+                       "must be followed by a \\uDC00-\\uDFFF one")
+        elif "invalid escape" in message:
+            message = f"{message} (JSON's escapes are {_JSON_ESCAPES})"
+    return RequestParseError(f"the request body is not valid JSON: {message}", None)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _path(loc: tuple[Any, ...]) -> list[str]:
+    """A field's location without pydantic's union-member labels (e.g. "list[str]", "str")."""
+    return [str(x) for x in loc if not isinstance(x, str)
+            or (re.fullmatch(r"[a-z_][a-z0-9_]*|[0-9]+", x) and x not in _TYPE_NAMES)]
+
+
+def _describe(errors: list[dict[str, Any]], body: bytes) -> RequestParseError:
     first = errors[0]
     if first["type"] == "json_invalid":
-        return RequestParseError(f"the request body is not valid JSON: {first['msg']}", None)
+        return _json_error(first["msg"], body)
     loc = [str(x) for x in first["loc"]]
     if not loc:
         return RequestParseError(f"the request body must be a JSON object: {first['msg']}", None)
@@ -104,13 +82,14 @@ def _describe(errors: list[dict[str, Any]]) -> RequestParseError:
         return RequestParseError(f"unrecognized request argument: {'.'.join(loc)}", param)
     if first["type"] == "missing":
         return RequestParseError(f"missing required argument: {'.'.join(loc)}", param)
-    # Union members add their own entries; report every distinct reason for this field.
-    # A union field fails once per member (their locations name the member types): report the
-    # field and every distinct reason. Otherwise name the exact place, e.g. messages.0.role.
+    # A union field fails once per member type. Where the value has a member's type but breaks
+    # its limits (a too long list, a number out of range), report those reasons only, else every
+    # distinct reason. One reason names its exact place (e.g. messages.0.role), more the field.
     same_field = [e for e in errors if e["loc"] and str(e["loc"][0]) == param]
-    where = ".".join(loc) if len(same_field) == 1 else param
-    reasons = list(dict.fromkeys(e["msg"] for e in same_field))
-    got = first.get("input")
+    chosen = [e for e in same_field if not e["type"].endswith("_type")] or same_field
+    where = ".".join(_path(chosen[0]["loc"])) if len(chosen) == 1 else param
+    reasons = list(dict.fromkeys(e["msg"] for e in chosen))
+    got = chosen[0].get("input")
     shown = repr(got) if len(repr(got)) <= 80 else type(got).__name__
     return RequestParseError(f"invalid value for '{where}' ({shown}): {'; or '.join(reasons)}",
                              param)
@@ -121,7 +100,7 @@ def parse_request(model: type[RequestT], body: bytes) -> RequestT:
     try:
         return model.model_validate_json(body, strict=True)
     except ValidationError as e:
-        raise _describe(e.errors()) from None
+        raise _describe(e.errors(), body) from None
 
 
 # ----------------------------------------------------------------- responses
@@ -203,6 +182,8 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """Sends only the fields that are set."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -249,3 +230,12 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class HealthStatus(BaseModel):
+    """GET /health: 200 "ok" or "degraded" (a data-parallel replica failed, the others serve);
+    503 "loading", "failed" (start-up), "engine_failed" or "shutting_down"."""
+
+    status: Literal["ok", "degraded", "loading", "failed", "engine_failed", "shutting_down"]
+    error: str | None = None
+    failed_replicas: list[int] | None = None

@@ -6,12 +6,17 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from arctic_jax.cli_args import DEFAULT_MAX_EMBEDDING_INPUTS
+from arctic_jax.cli_args import (
+    DEFAULT_MAX_EMBEDDING_INPUTS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+)
 from arctic_jax.engine.embedding_front import AsyncEmbeddingEngine
 from arctic_jax.engine.embedding_tokenizer import EmbeddingTokenizer
 from arctic_jax.engine.front import EngineFront
 from arctic_jax.serving.errors import APIError
 from arctic_jax.serving.logprobs import TokenTexts
+from arctic_jax.serving.shutdown import ShutdownGate
 
 # The routes that serve each ``ModelSpec.task``.
 TASK_ROUTES = {"generate": "/v1/completions and /v1/chat/completions",
@@ -34,6 +39,10 @@ class ServerState:
     of them or of ``model_aliases`` (``default`` for the embedded default model), which
     /v1/models does not list. ``compilation_cache``: the start-up's
     ``CompilationCacheStats``.
+
+    ``max_request_bytes``: larger request bodies get 413 (``request_limits.py``).
+    ``shutdown_gate`` / ``shutdown_timeout``: the graceful shutdown's state and how long
+    requests in flight may run on after SIGTERM or SIGINT (``shutdown.py``).
     """
 
     served_model_name: str | Sequence[str] | None = None
@@ -48,6 +57,9 @@ class ServerState:
     other_model_names: tuple[str, ...] = ()
     model_aliases: tuple[str, ...] = ()
     compilation_cache: Any = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    shutdown_gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
 
     def __post_init__(self) -> None:
         names = self.served_model_name
