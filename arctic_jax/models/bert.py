@@ -2,9 +2,14 @@
 
 Post-LN: embeddings (word + absolute position + token type) -> LayerNorm; each layer
 x = LN(x + attn(x)); x = LN(x + mlp(x)). Attention is bidirectional within each sequence of
-a packed ``EncoderBatch`` (``arctic_jax.attention.bidirectional``). Matmuls run in the
-weights' dtype with float32 accumulation; LayerNorm, the residual sums and the activation
-run in float32.
+a packed ``EncoderBatch`` (``arctic_jax.attention.bidirectional``).
+
+Precision, as transformers' half-precision models: activations between ops, the matmul
+outputs and the residual stream are in the weights' dtype (the matmuls accumulate in float32);
+LayerNorm statistics and the activation function are computed in float32 inside their
+element-wise fusions, so no float32 copy of an activation is written to memory (on a GPU the
+float32 intermediates were most of the encoder's memory traffic). The encoder's output is
+float32. With float32 weights everything is float32.
 """
 from __future__ import annotations
 
@@ -31,41 +36,44 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """x [..., H] (float32) normalised over H; float32 out."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
+    """x [..., H] normalised over H (statistics in float32); out in x's dtype."""
+    h = x.astype(_F32)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    centred = h - mean
     var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(var + eps) * weight.astype(_F32) + bias.astype(_F32)
+    out = centred * jax.lax.rsqrt(var + eps) * weight.astype(_F32) + bias.astype(_F32)
+    return out.astype(x.dtype)
 
 
 def embed(cfg: BertConfig, weights: BertWeights, batch: EncoderBatch) -> jax.Array:
-    """Token ids, positions and token types [T] -> normed embeddings [T, H] (float32)."""
+    """Token ids, positions and token types [T] -> normed embeddings [T, H] (weights' dtype;
+    the three are summed in float32)."""
     x = (weights.word_embed[batch.token_ids].astype(_F32)
          + weights.position_embed[batch.positions].astype(_F32)
          + weights.type_embed[batch.token_types].astype(_F32))
-    return layer_norm(x, weights.embed_norm, weights.embed_norm_bias, cfg.layer_norm_eps)
+    out = layer_norm(x, weights.embed_norm, weights.embed_norm_bias, cfg.layer_norm_eps)
+    return out.astype(weights.word_embed.dtype)
 
 
 def attention_block(cfg: BertConfig, layer: BertLayerWeights, x: jax.Array, batch: EncoderBatch,
                     attention_impl: str) -> jax.Array:
-    """x [T, H] (float32) -> LN(x + attention(x)) [T, H] (float32)."""
-    dtype = layer.qkv.dtype
-    qkv = jnp.einsum("th,hcnd->tcnd", x.astype(dtype), layer.qkv, preferred_element_type=_F32)
-    qkv = (qkv + layer.qkv_bias.astype(_F32)).astype(dtype)
-    attn = segment_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch, scale=cfg.head_dim ** -0.5,
-                             impl=attention_impl)
-    out = jnp.einsum("tnd,ndh->th", attn.astype(dtype), layer.o_proj, preferred_element_type=_F32)
-    return layer_norm(x + out + layer.o_bias.astype(_F32), layer.attn_norm, layer.attn_norm_bias,
+    """x [T, H] -> LN(x + attention(x)) [T, H] (weights' dtype). q, k and v are three
+    matmuls, so each enters the attention kernel contiguous."""
+    q, k, v = (jnp.einsum("th,hnd->tnd", x, layer.qkv[:, c]) + layer.qkv_bias[c]
+               for c in range(3))
+    attn = segment_attention(q, k, v, batch, scale=cfg.head_dim ** -0.5, impl=attention_impl)
+    out = jnp.einsum("tnd,ndh->th", attn.astype(x.dtype), layer.o_proj)
+    return layer_norm(x + out + layer.o_bias, layer.attn_norm, layer.attn_norm_bias,
                       cfg.layer_norm_eps)
 
 
 def mlp_block(cfg: BertConfig, layer: BertLayerWeights, x: jax.Array) -> jax.Array:
-    """x [T, H] (float32) -> LN(x + down(act(up(x)))) [T, H] (float32)."""
-    dtype = layer.up.dtype
-    h = jnp.dot(x.astype(dtype), layer.up, preferred_element_type=_F32)
-    h = activation(cfg.hidden_act)(h + layer.up_bias.astype(_F32)).astype(dtype)
-    out = jnp.dot(h, layer.down, preferred_element_type=_F32)
-    return layer_norm(x + out + layer.down_bias.astype(_F32), layer.mlp_norm, layer.mlp_norm_bias,
+    """x [T, H] -> LN(x + down(act(up(x)))) [T, H] (weights' dtype; the activation in
+    float32)."""
+    h = jnp.dot(x, layer.up) + layer.up_bias
+    h = activation(cfg.hidden_act)(h.astype(_F32)).astype(x.dtype)
+    out = jnp.dot(h, layer.down)
+    return layer_norm(x + out + layer.down_bias, layer.mlp_norm, layer.mlp_norm_bias,
                       cfg.layer_norm_eps)
 
 
@@ -79,14 +87,13 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def encode(weights: BertWeights, batch: EncoderBatch, *, cfg: BertConfig,
            attention_impl: str = "reference") -> jax.Array:
-    """The last hidden state [T, H] float32 of a packed batch (the residual stream's own
-    precision, so pooling adds no rounding; padding rows: unspecified). ``attention_impl``:
-    "reference" or "pallas"."""
+    """The last hidden state [T, H] float32 of a packed batch (padding rows: unspecified).
+    ``attention_impl``: "reference" or "pallas"."""
     x = embed(cfg, weights, batch)
     for layer in weights.layers:
         x = attention_block(cfg, layer, x, batch, attention_impl)
         x = mlp_block(cfg, layer, x)
-    return x
+    return x.astype(_F32)
 
 
 def head(weights: Any, hidden: Any, *, cfg: BertConfig, sharding: Any = None) -> Any:
