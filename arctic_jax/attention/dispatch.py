@@ -1,6 +1,10 @@
 """Selects the paged-attention implementation by name.
 
-- ``"reference"``: pure jnp (``arctic_jax.attention.reference``); the CPU default.
+- ``"blocked"``: pure jnp in query and key blocks (``arctic_jax.attention.query_blocks``):
+  reads only the keys each token sees; the CPU default. Its loops depend on the batch, so it is
+  not for a GPU, where a data-dependent loop stalls the launching thread.
+- ``"reference"``: pure jnp without control flow (``arctic_jax.attention.reference``); its cost
+  grows with the step's page bucket.
 - ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (the GPU default): prefill
   through Mosaic GPU on Hopper where it applies, else Triton; decode through Triton;
   ``interpret=True`` off the GPU.
@@ -28,17 +32,25 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from arctic_jax.attention.query_blocks import query_block_attention
 from arctic_jax.attention.reference import reference_attention
 from arctic_jax.batch import StepBatch
 from sharding import logical_axes as ax
 from sharding.rules import ActivationSharding, partition_spec
 
-ATTENTION_IMPLS = ("reference", "pallas", "pallas-triton")
+ATTENTION_IMPLS = ("blocked", "reference", "pallas", "pallas-triton")
 PALLAS_IMPLS = ("pallas", "pallas-triton")
 
 
 def default_attention_impl() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if jax.default_backend() == "gpu" else "blocked"
+
+
+def needs_page_buckets(impl: str) -> bool:
+    """Whether steps of this implementation should be padded to several page-table widths.
+    "blocked" reads only the key pages a step's tokens see, so its cost does not grow with the
+    width: one bucket (the longest sequence's pages) then spares a program per bucket."""
+    return impl != "blocked"
 
 
 def check_attention_impl(impl: str) -> None:
@@ -63,6 +75,8 @@ def _over_local_heads(fn: Callable[..., jax.Array], sharding: ActivationSharding
 def _local_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, batch: StepBatch,
                      scale: float, impl: str) -> jax.Array:
     check_attention_impl(impl)
+    if impl == "blocked":
+        return query_block_attention(q, k_cache, v_cache, batch, scale)
     if impl == "reference":
         return reference_attention(q, k_cache, v_cache, batch, scale)
     from arctic_jax.attention.pallas import paged_attention_pallas

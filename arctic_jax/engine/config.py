@@ -22,7 +22,8 @@ class EngineConfig:
     """Engine limits. ``num_pages`` None sizes the cache from ``kv_cache_memory_fraction``."""
 
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
+    # None: DEFAULT_MAX_NUM_BATCHED_TOKENS, on a CPU CPU_MAX_NUM_BATCHED_TOKENS (at least max_num_seqs)
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     page_size: int = 16
     num_pages: int | None = None
@@ -102,6 +103,21 @@ def _weight_copies_per_device(ec: EngineConfig, weight_bytes: int) -> int:
 
 
 DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+# A CPU step's time grows with its tokens and their context, and a running stream waits one step
+# per token. SmolLM2-135M on 2 cores (benchmarks/cpu_prefill.py, RESULTS.md, issue 16), longest
+# wait of a stream next to a 2,000 / 4,000-token prefill: 128 -> 0.60 / 0.60 s, 256 -> 0.79 /
+# 1.20 s, 512 -> 1.36 s; prefill of 2,000 tokens: 398 / 440 / 481 tok/s.
+CPU_MAX_NUM_BATCHED_TOKENS = 128
+
+
+def default_max_num_batched_tokens(max_num_seqs: int) -> int:
+    """The step token budget when none is given: the backend's default, at least
+    ``max_num_seqs`` (every running sequence must be able to decode in one step)."""
+    cpu = jax.default_backend() == "cpu"
+    return max(max_num_seqs, CPU_MAX_NUM_BATCHED_TOKENS if cpu else DEFAULT_MAX_NUM_BATCHED_TOKENS)
+
+
 # A CPU has no device memory to measure: without num_pages the KV cache holds every sequence
 # at full length if that fits in this many bytes, else as many pages as fit (at least one
 # full-length sequence); the scheduler preempts when they run out. 512 MiB is ~11k tokens of
@@ -138,7 +154,8 @@ def resolve_contiguous_prefill(ec: EngineConfig, attention_impl: str, dtype: Any
 
 def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
                              weight_bytes: int = 0) -> SchedulerConfig:
-    """Scheduler limits; ``max_model_len`` defaults to min(the model's, 4096).
+    """Scheduler limits; ``max_model_len`` defaults to min(the model's, 4096) and
+    ``max_num_batched_tokens`` to ``default_max_num_batched_tokens``.
 
     Without ``num_pages`` the cache takes ``kv_cache_memory_fraction`` of the least free
     device memory, after the sharded weight copies still to be placed (``weight_bytes``:
@@ -167,7 +184,10 @@ def resolve_scheduler_config(cfg: ModelConfig, ec: EngineConfig, dtype: Any,
         raise ValueError(
             f"a KV cache of {num_pages} pages x {ec.page_size} tokens cannot hold one sequence of "
             f"max_model_len={max_model_len} tokens; lower max_model_len or give the cache more pages")
+    budget = ec.max_num_batched_tokens
+    if budget is None:
+        budget = default_max_num_batched_tokens(ec.max_num_seqs)
     return SchedulerConfig(max_num_seqs=ec.max_num_seqs,
-                           max_num_batched_tokens=ec.max_num_batched_tokens,
+                           max_num_batched_tokens=budget,
                            max_model_len=max_model_len, page_size=ec.page_size,
                            num_pages=num_pages, enable_prefix_caching=ec.enable_prefix_caching)

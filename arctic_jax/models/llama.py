@@ -38,6 +38,13 @@ def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
     return x if bias is None else x + bias.astype(x.dtype)
 
 
+def out_projection(attn: jax.Array, o_proj: jax.Array) -> jax.Array:
+    """attn [T, N, D] x o_proj [N, D, H] -> [T, H], contracting (N, D) in the weights' own
+    order (``jnp.einsum`` contracts them as (D, N), and XLA then copies the weights into that
+    order on every step)."""
+    return jax.lax.dot_general(attn, o_proj, (((1, 2), (0, 1)), ((), ())))
+
+
 def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x: jax.Array,
                     cache_k: jax.Array, cache_v: jax.Array, batch: StepBatch,
                     cos: jax.Array, sin: jax.Array
@@ -59,7 +66,7 @@ def attention_block(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x:
     attn = opts.attention(q, k, kv[:, 1], cache_k, cache_v, batch, scale=cfg.head_dim ** -0.5,
                           sharding=sh)
     attn = constrain(sh, attn, ax.HEADS_OUT_AXES)  # back to the token layout
-    out = add_bias(jnp.einsum("tnd,ndh->th", attn, layer.o_proj), layer.o_bias)
+    out = add_bias(out_projection(attn, layer.o_proj), layer.o_bias)
     return constrain(sh, out, ax.HIDDEN_AXES), cache_k, cache_v
 
 

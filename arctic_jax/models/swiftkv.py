@@ -103,7 +103,7 @@ def late_layer(cfg: SwiftKVConfig, opts: StepOptions, layer: LateLayerWeights, x
     attn = paged_attention(q, cache_k, cache_v, rows, scale=cfg.head_dim ** -0.5,
                            impl=opts.attention.impl, sharding=sh)
     attn = constrain(sh, attn, ROW_HEADS_AXES)
-    x = x + constrain(sh, add_bias(jnp.einsum("rnd,ndh->rh", attn, layer.o_proj), layer.o_bias),
+    x = x + constrain(sh, add_bias(llama.out_projection(attn, layer.o_proj), layer.o_bias),
                       ROWS_AXES)
     return x + constrain(sh, llama.mlp_block(cfg, layer, x), ROWS_AXES)
 
