@@ -37,6 +37,7 @@ import numpy as np
 
 from arctic_jax.attention.strategy import ContiguousCausalAttention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.bench.report import append_results
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models import llama
 from arctic_jax.models.step_options import StepOptions
@@ -212,9 +213,8 @@ def main(argv: list[str] | None = None) -> str:
     table = "\n".join(lines)
     print(table)
     if args.append_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + table + "\n")
+        append_results(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                       "\n" + table + "\n")
     return table
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from arctic_jax.attention.strategy import ContiguousCausalAttention, PagedAttention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.bench.report import append_results
 from arctic_jax.bench.runner import RANDOM_MODEL_SHAPES
 from arctic_jax.engine.engine import resolve_kv_cache_dtype
 from arctic_jax.engine.programs import jit_forward
@@ -229,9 +230,8 @@ def main(argv=None) -> str:
     table = "\n".join(lines)
     print(table)
     if args.append_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + table + "\n")
+        append_results(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                       "\n" + table + "\n")
     return table
 
 

@@ -171,3 +171,15 @@ def swiftkv_forward_hf(tensors, cfg, tokens) -> np.ndarray:
     h = _rms_norm(x, t["model.norm.weight"], eps)
     head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     return h @ head.T
+
+
+def paged_causal_attention(q, k_cache, v_cache, chunks) -> tuple[np.ndarray, int]:
+    """Dense causal attention of each chunk's tokens over its sequence's KV gathered
+    contiguously from its pages; (outputs of the real tokens, their count)."""
+    outs, t = [], 0
+    for c in chunks:
+        n, end = len(c.tokens), c.start + len(c.tokens)
+        k, v = (gather_sequence_kv(cache, c.pages, end) for cache in (k_cache, v_cache))
+        outs.append(dense_causal_attention(q[t:t + n], k, v, np.arange(c.start, end)))
+        t += n
+    return np.concatenate(outs), t

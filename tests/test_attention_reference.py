@@ -16,7 +16,7 @@ from arctic_jax.attention import reference
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from arctic_jax.pytree import replace
 from helpers import deal_pages
-from oracles import dense_causal_attention, gather_sequence_kv, rel_err
+from oracles import dense_causal_attention, paged_causal_attention, rel_err
 
 NUM_KV_HEADS = 2
 TOL = 2e-5
@@ -57,17 +57,6 @@ def _make_case(rng, specs, ps, ratio, head_dim, buckets, extra_pages=3):
     return q, k_cache, v_cache, batch, chunks
 
 
-def _oracle(q, k_cache, v_cache, chunks, ps):
-    """Dense attention per sequence over its KV gathered contiguously from its pages."""
-    outs, t = [], 0
-    for c in chunks:
-        n, end = len(c.tokens), c.start + len(c.tokens)
-        k, v = (gather_sequence_kv(cache, c.pages, end) for cache in (k_cache, v_cache))
-        outs.append(dense_causal_attention(q[t:t + n], k, v, np.arange(c.start, end)))
-        t += n
-    return np.concatenate(outs), t
-
-
 @functools.cache
 def _jitted(name: str, scale: float):
     fn = getattr(reference, name)
@@ -78,7 +67,7 @@ def _check(name, q, k_cache, v_cache, batch, chunks, ps):
     head_dim = q.shape[-1]
     out = np.asarray(_jitted(name, head_dim ** -0.5)(q, k_cache, v_cache, batch))
     assert out.shape == q.shape
-    want, num_real = _oracle(q, k_cache, v_cache, chunks, ps)
+    want, num_real = paged_causal_attention(q, k_cache, v_cache, chunks)
     err = rel_err(out[:num_real], want)
     assert err <= TOL, f"{name}: rel err {err:.3g}"
     assert num_real < q.shape[0], "the case should include padding tokens"
@@ -135,7 +124,7 @@ def test_reference_attention_picks_each_formulation(monkeypatch, specs, tokens, 
     q, k_cache, v_cache, batch, chunks = case
     out = np.asarray(reference.reference_attention(q, k_cache, v_cache, batch, 64 ** -0.5))
     assert called == [want]
-    want_out, num_real = _oracle(q, k_cache, v_cache, chunks, ps)
+    want_out, num_real = paged_causal_attention(q, k_cache, v_cache, chunks)
     assert rel_err(out[:num_real], want_out) <= TOL
     assert np.isfinite(out).all()
 
@@ -185,5 +174,5 @@ def test_pallas_impls_match_the_oracle(impl):
         Buckets(tokens=(32,), seqs=(4,), pages=(8,)))
     out = paged_attention(q, k_cache, v_cache, jax.tree_util.tree_map(np.asarray, batch),
                           head_dim ** -0.5, impl=impl)
-    want, num_real = _oracle(q, k_cache, v_cache, chunks, ps)
+    want, num_real = paged_causal_attention(q, k_cache, v_cache, chunks)
     assert rel_err(np.asarray(out[:num_real]), want) <= TOL

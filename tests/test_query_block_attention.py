@@ -21,7 +21,7 @@ from arctic_jax.attention.dispatch import default_attention_impl, needs_page_buc
 from arctic_jax.attention.query_blocks import query_block_attention
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
 from helpers import deal_pages
-from oracles import dense_causal_attention, gather_sequence_kv, rel_err
+from oracles import paged_causal_attention, rel_err
 
 KV_HEADS = 2
 TOL = 2e-5
@@ -57,17 +57,6 @@ def _case(rng, specs, ps, ratio, head_dim, buckets, extra_pages=3, dtype=np.floa
     return q, k_cache, v_cache, batch, chunks
 
 
-def _oracle(q, k_cache, v_cache, chunks):
-    """Dense causal attention of each sequence over its KV gathered contiguously from its pages."""
-    outs, t = [], 0
-    for c in chunks:
-        n, end = len(c.tokens), c.start + len(c.tokens)
-        k, v = (gather_sequence_kv(cache, c.pages, end) for cache in (k_cache, v_cache))
-        outs.append(dense_causal_attention(q[t:t + n], k, v, np.arange(c.start, end)))
-        t += n
-    return np.concatenate(outs), t
-
-
 @functools.cache
 def _jitted(scale: float, **blocks):
     return jax.jit(functools.partial(query_block_attention, scale=scale, **blocks))
@@ -87,7 +76,7 @@ def test_mixed_step_matches_oracle(order, blocks, ps, ratio):
     buckets = Buckets(tokens=(96,), seqs=(12,), pages=(16,))
     q, k_cache, v_cache, batch, chunks = _case(rng, specs, ps, ratio, 16, buckets)
     out = _run(q, k_cache, v_cache, batch, blocks)
-    want, num_real = _oracle(q, k_cache, v_cache, chunks)
+    want, num_real = paged_causal_attention(q, k_cache, v_cache, chunks)
     assert num_real < q.shape[0], "the case should include padding tokens"
     assert rel_err(out[:num_real], want) <= TOL
     assert np.isfinite(out).all(), "padding rows must stay finite"
@@ -125,11 +114,11 @@ def test_low_precision_cache_and_queries():
     q, k_cache, v_cache, batch, chunks = _case(rng, specs, 4, 3, 16, buckets)
     q16, k16, v16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k_cache, v_cache))
     out = np.asarray(_jitted(0.25, **SMALL)(q16, k16, v16, batch).astype(jnp.float32))
-    want, n = _oracle(*(np.asarray(x, np.float32) for x in (q16, k16, v16)), chunks)
+    want, n = paged_causal_attention(*(np.asarray(x, np.float32) for x in (q16, k16, v16)), chunks)
     assert rel_err(out[:n], want) <= 2e-2
     k8, v8 = (jnp.asarray(x, jnp.float8_e4m3fn) for x in (k_cache, v_cache))
     out = np.asarray(_jitted(0.25, **SMALL)(jnp.asarray(q), k8, v8, batch))
-    want, n = _oracle(q, np.asarray(k8, np.float32), np.asarray(v8, np.float32), chunks)
+    want, n = paged_causal_attention(q, np.asarray(k8, np.float32), np.asarray(v8, np.float32), chunks)
     assert out.dtype == np.float32 and rel_err(out[:n], want) <= TOL
 
 
@@ -147,7 +136,7 @@ def test_dispatch_routes_blocked_and_cpu_default():
     q, k_cache, v_cache, batch, chunks = _case(rng, _specs(4, "chunks first"), 4, 3, 16,
                                                Buckets((96,), (12,), (8,)))
     out = np.asarray(paged_attention(q, k_cache, v_cache, batch, 0.25, impl="blocked"))
-    want, n = _oracle(q, k_cache, v_cache, chunks)
+    want, n = paged_causal_attention(q, k_cache, v_cache, chunks)
     assert rel_err(out[:n], want) <= TOL
     assert default_attention_impl() == "blocked"          # these tests run on the CPU
     assert not needs_page_buckets("blocked") and needs_page_buckets("reference")

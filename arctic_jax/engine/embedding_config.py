@@ -33,6 +33,13 @@ def _powers_of_eight(hi: int) -> tuple[int, ...]:
     return (*out, hi)
 
 
+def _limit(given: int | None, buckets: tuple[int, ...] | None, default) -> int:
+    """A limit as given, else the largest of its buckets, else ``default()``."""
+    if given is not None:
+        return given
+    return buckets[-1] if buckets is not None else default()
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddingEngineConfig:
     """Limits of the embedding engine; None picks a default from the model and the backend.
@@ -94,12 +101,8 @@ class EmbeddingEngineConfig:
             raise ConfigError(f"max_model_len {max_model_len} exceeds the model's "
                               f"max_position_embeddings {max_position_embeddings}")
 
-        budget = self.max_num_batched_tokens
-        if budget is None:
-            if self.token_buckets is not None:
-                budget = self.token_buckets[-1]
-            else:
-                budget = max(16384 if gpu else 2048, 1 << (max_model_len - 1).bit_length())
+        budget = _limit(self.max_num_batched_tokens, self.token_buckets,
+                        lambda: max(16384 if gpu else 2048, 1 << (max_model_len - 1).bit_length()))
         if budget < max_model_len:
             raise ConfigError(f"the token budget {budget} (max_num_batched_tokens, the largest "
                               f"token bucket) is below max_model_len {max_model_len}: a sequence "
@@ -109,12 +112,8 @@ class EmbeddingEngineConfig:
             raise ConfigError(f"the largest token bucket ({token_buckets[-1]}) must equal "
                               f"max_num_batched_tokens ({budget})")
 
-        max_num_seqs = self.max_num_seqs
-        if max_num_seqs is None:
-            if self.seq_buckets is not None:
-                max_num_seqs = self.seq_buckets[-1]
-            else:
-                max_num_seqs = min(1024 if gpu else 128, budget)
+        max_num_seqs = _limit(self.max_num_seqs, self.seq_buckets,
+                              lambda: min(1024 if gpu else 128, budget))
         seq_buckets = self.seq_buckets or _powers_of_eight(max_num_seqs)
         if seq_buckets[-1] != max_num_seqs:
             raise ConfigError(f"the largest sequence bucket ({seq_buckets[-1]}) must equal "
