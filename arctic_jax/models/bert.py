@@ -62,7 +62,9 @@ def attention_block(cfg: BertConfig, layer: BertLayerWeights, x: jax.Array, batc
     q, k, v = (jnp.einsum("th,hnd->tnd", x, layer.qkv[:, c]) + layer.qkv_bias[c]
                for c in range(3))
     attn = segment_attention(q, k, v, batch, scale=cfg.head_dim ** -0.5, impl=attention_impl)
-    out = jnp.einsum("tnd,ndh->th", attn.astype(x.dtype), layer.o_proj)
+    # contract (N, D) in the weights' order: an einsum contracts (D, N) and XLA then copies
+    # o_proj into that order on every call
+    out = jax.lax.dot_general(attn.astype(x.dtype), layer.o_proj, (((1, 2), (0, 1)), ((), ())))
     return layer_norm(x + out + layer.o_bias, layer.attn_norm, layer.attn_norm_bias,
                       cfg.layer_norm_eps)
 
