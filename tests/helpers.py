@@ -7,10 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
+from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.llama import make_step_fn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny random Llama of the engine tests (a program compiles in well under a second).
+TINY_ENGINE_CFG = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=12,
+                              max_position_embeddings=256, eos_token_ids=())
+
+
+class CharTokenizer:
+    """Test tokenizer: token i decodes to one printable character."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(33 + int(i) % 90) for i in ids)
 
 
 def running_server(args: list[str]):

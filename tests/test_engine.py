@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from arctic_jax.batch import Buckets, SequenceChunk, build_step_batch
-from arctic_jax.config import ModelConfig
 from arctic_jax.engine.compile_counter import CompileCounter
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.kv_cache import KVCache
@@ -17,18 +16,9 @@ from arctic_jax.models.llama import make_step_fn
 from arctic_jax.models.llama_weights import random_weights
 from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingParams
+from helpers import TINY_ENGINE_CFG, CharTokenizer
 
-CFG = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=12, max_position_embeddings=256, eos_token_ids=())
-
-
-class CharTokenizer:
-    """Test tokenizer: token i decodes to one printable character."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(33 + int(i) % 90) for i in ids)
+CFG = TINY_ENGINE_CFG
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +122,7 @@ def test_preemption_with_tiny_page_pool(weights, preemptions):
     preemptions["n"] = 0
     got, reasons = run_all(engine, prompts, params)
     assert preemptions["n"] > 0
+    assert engine.metrics.preemptions._value.get() == preemptions["n"]   # the /metrics counter
     assert got == expected
     assert reasons == ["length"] * len(prompts)
     assert engine.metrics.finished.labels("length")._value.get() == len(prompts)

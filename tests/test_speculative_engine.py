@@ -15,6 +15,7 @@ from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.models.registry import LLAMA
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.speculative.config import SpeculativeConfig
+from helpers import CharTokenizer
 from oracles import chi2_pvalue
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
@@ -163,13 +164,6 @@ def test_stop_string_and_max_tokens_inside_an_accepted_run(smollm2, smol_specula
 # ------------------------------------------------------------- scripted drafts
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=512)
-
-
-class CharTokenizer:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(33 + int(i) % 90) for i in ids)
 
 
 class StatelessProposer:

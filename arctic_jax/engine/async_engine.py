@@ -3,6 +3,10 @@
 The engine thread owns the engine; other threads talk to it only through a
 command queue. Each request gets an asyncio queue of ``RequestOutput``s.
 ``AsyncEngine`` implements ``arctic_jax.engine.front.EngineFront``.
+
+A failed model step (``StepFailed``) ends only its requests, with a ``RequestFailed`` error
+each (the server answers 500); the loop goes on. Any other exception in the loop stops the
+engine: every waiting client gets the error and ``alive`` turns false.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from arctic_jax.engine.engine import LLMEngine
 from arctic_jax.engine.front import EngineLimits, QueueFullError
 from arctic_jax.engine.request import RequestOutput
+from arctic_jax.engine.step_failure import StepFailed
 from arctic_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -162,6 +167,15 @@ class AsyncEngine:
                 items.append((stream, out))
         self._deliver_all(items)
 
+    def _on_step_failed(self, failure: StepFailed) -> None:
+        """Deliver the other requests' outputs of the failed ``step()`` call, then an error to
+        each aborted request's stream (the engine counted the failure in its metrics)."""
+        log.error("%s: %s", failure, ", ".join(failure.request_ids), exc_info=failure.cause)
+        self._deliver_outputs(failure.outputs)
+        streams = (self._live.pop(rid, None) for rid in failure.request_ids)
+        items = [(stream, failure.request_error()) for stream in streams if stream is not None]
+        self._deliver_all(items)
+
     def _drain_commands(self) -> None:
         while True:
             try:
@@ -189,7 +203,11 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except StepFailed as failure:
+                    self._on_step_failed(failure)
+                    continue
                 if outputs:
                     self._deliver_outputs(outputs)
         except BaseException as e:  # report to every waiting client

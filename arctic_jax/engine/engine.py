@@ -29,6 +29,7 @@ from arctic_jax.engine.metrics import EngineMetrics
 from arctic_jax.engine.model_runner import ModelRunner
 from arctic_jax.engine.request import FinishReason, Request, RequestOutput
 from arctic_jax.engine.scheduler import ScheduledStep, Scheduler, StepUpdate
+from arctic_jax.engine.step_failure import StepFailed
 from arctic_jax.kv_cache import bytes_per_page
 from arctic_jax.pytree import tree_nbytes
 from arctic_jax.sampling import SamplingParams
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CONTIGUOUS_PREFILL_MIN_TOKENS", "EngineConfig", "LLMEngine",
            "resolve_contiguous_prefill", "resolve_kv_cache_dtype", "resolve_scheduler_config"]
+
+
+def _live(step: ScheduledStep) -> list[Request]:
+    """The requests of ``step`` not finished yet (those a failure of the step would end)."""
+    return [c.request for c in step.chunks if not c.request.finished]
 
 
 class LLMEngine:
@@ -125,7 +131,7 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError(f"SamplingParams.n={params.n}: the engine runs one sequence per "
                              "request; submit params.copies() (LLM.generate and "
-                             "arctic_jax.engine.copies do)")
+                             "the server do)")
         params.check_vocab(self.cfg.vocab_size)
         if self.speculative and params.adjusts_logits():
             name = next(f for f, on in (("logit_bias", params.logit_bias),
@@ -183,29 +189,119 @@ class LLMEngine:
         decides the next positions, so when the step in flight samples for such a request
         its tokens are read first (see ``_read_first``); detokenization and the outputs
         still run after the next launch, while the device computes.
+
+        A step whose model execution or host post-processing raises fails alone: its requests
+        are aborted and ``StepFailed`` is raised (see ``_contain``); the engine goes on.
         """
         outputs: list[RequestOutput] = []
-        read = None
+        read = read_live = None
         if self._inflight is not None and self._read_first(self._inflight[0]):
-            read = self._read_step(*self._inflight)   # tokens only; the rest after the launch
-            self._inflight = None
+            inflight, self._inflight = self._inflight, None
+            read_live = _live(inflight[0])
+            try:
+                read = self._read_step(*inflight)   # tokens only; the rest after the launch
+            except Exception as e:
+                raise self._contain(read_live, e) from e
         self._propose()
         self.scheduler.token_cap = self.runner.token_cap()
         step = self.scheduler.schedule()
         if self.scheduler.capped:
             self.metrics.steps_waiting_for_compilation.inc()
+        self.metrics.preemptions.inc(len(step.preempted))
         launched = None
         if step.chunks:
             drafted = self.runner.draft_cfg is not None and bool(self._drafters())
-            packed, variant = self.runner.dispatch(step, drafted)
+            try:
+                packed, variant = self.runner.dispatch(step, drafted)
+            except Exception as e:
+                raise self._contain(_live(step), e, (read, read_live)) from e
             launched = (step, packed, variant, drafted)
+        previous, self._inflight = self._inflight, launched
         if read is not None:
-            outputs = self._emit(*read)
-        if self._inflight is not None:
-            outputs = self._emit(*self._read_step(*self._inflight))
-        self._inflight = launched
+            try:
+                outputs = self._emit(*read)
+            except Exception as e:
+                raise self._contain(read_live, e) from e
+        if previous is not None:
+            live = _live(previous[0])
+            try:
+                outputs = self._emit(*self._read_step(*previous))
+            except Exception as e:
+                raise self._contain(live, e) from e
         self.metrics.on_step(self.scheduler)
         return outputs
+
+    def _contain(self, failed: list[Request], cause: Exception,
+                 unemitted: tuple[Any, list[Request] | None] = (None, None)) -> StepFailed:
+        """Fail one step alone (``failed``: its requests that were live when it failed);
+        returns the ``StepFailed`` to raise.
+
+        The requests are aborted (pages and token slots freed; see ``_fail``). ``unemitted``:
+        a step whose tokens were applied but not yet detokenized, and its live requests
+        (emitted now); ``self._inflight``: a step launched but not read. When the failure left
+        the buffers carried between steps intact (it came before the programs consumed them,
+        or after), that step stays in flight. When it did not (the KV cache was donated to a
+        call that failed, or holds a failed computation's error), no KV in the cache can be
+        trusted: the step in flight is read if its result survived (else its sampled tokens
+        are rewound, to be computed again), every running request is preempted (recomputed
+        from its host tokens), the prefix cache forgets its pages, and the runner re-allocates
+        the buffers.
+        """
+        failed_ids: list[str] = []
+        self._fail(failed, failed_ids)
+        outputs: list[RequestOutput] = []
+        read, read_live = unemitted
+        if read is not None:
+            outputs += self._settle(read_live, failed_ids, lambda: self._emit(*read))
+        lost = self.runner.device_state_lost()
+        if lost:
+            unread, self._inflight = self._inflight, None
+            if unread is not None:
+                outputs += self._salvage(unread, failed_ids)
+            self.scheduler.preempt_all()
+            self.scheduler.allocator.forget_cached_pages()
+            self.runner.reset_device_state()
+        self.metrics.step_failures.inc()
+        self.metrics.on_step(self.scheduler)
+        return StepFailed(failed_ids, cause, outputs, device_state_lost=lost)
+
+    def _fail(self, requests: list[Request], failed_ids: list[str]) -> None:
+        """End the live requests of a failed step and add their ids to ``failed_ids``: an
+        unfinished one is aborted; one that finished in the failed step (its final output
+        never returned) is closed as finished."""
+        for request in requests:
+            if request.request_id in failed_ids:
+                continue
+            if not request.finished:
+                self.abort(request.request_id)
+            elif request.request_id in self._detok:
+                self._on_finish(request)
+            failed_ids.append(request.request_id)
+
+    def _settle(self, live: list[Request], failed_ids: list[str], finish: Any) -> list[RequestOutput]:
+        """``finish()``: the host work of another step during containment; if it raises too,
+        that step's ``live`` requests fail as well."""
+        try:
+            return finish()
+        except Exception:
+            log.exception("finishing a step after another step failed")
+            self._fail(live, failed_ids)
+            return []
+
+    def _salvage(self, inflight: tuple, failed_ids: list[str]) -> list[RequestOutput]:
+        """Read a launched step after the device state was lost: its outputs if its result
+        survived; else its sampled tokens are rewound (``pending``) to be computed again."""
+        step, packed = inflight[0], inflight[1]
+        try:
+            jax.block_until_ready(packed)
+        except Exception:
+            log.warning("dropped the result of a step launched on the lost device state")
+            for c in step.chunks:
+                if c.sample and not c.request.finished:
+                    c.request.pending -= 1
+            return []
+        live = _live(step)
+        return self._settle(live, failed_ids, lambda: self._emit(*self._read_step(*inflight)))
 
     def _may_speculate(self, request: Request) -> bool:
         """Every request speculates when speculation is configured: verification is exact for

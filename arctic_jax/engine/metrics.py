@@ -38,6 +38,14 @@ class EngineMetrics:
             "Steps held to a smaller token budget because the larger steps' programs were still "
             "compiling in the background (requests waited in the scheduler, not in a step)",
             registry=r)
+        self.step_failures = Counter(
+            "arctic_engine_step_failures",
+            "Model steps that failed (their requests aborted with an error; the engine ran on)",
+            registry=r)
+        self.preemptions = Counter(
+            "arctic_num_preemptions",
+            "Running requests preempted for KV pages (their KV freed, recomputed when resumed)",
+            registry=r)
         self.finished = Counter("arctic_requests_finished", "Finished requests", ["reason"],
                                 registry=r)
         # Speculative decoding (present, at zero, when speculation is off).

@@ -76,6 +76,12 @@ def _shape_of(x: Any) -> Any:
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), x)
 
 
+def _zeros_of(shape: Any) -> Any:
+    """Zero arrays of ``_shape_of``'s shapes, placed with their shardings."""
+    return None if shape is None else jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), shape)
+
+
 class ModelRunner:
     """Owns the placed weights, the KV cache and the compiled step programs.
 
@@ -211,6 +217,31 @@ class ModelRunner:
             self.draft_q, packed = self._draft_programs[inputs.draft_mode, inputs.verify](
                 self.draft_weights, out[2], packed, self.draft_q, flat, layout)
         return packed
+
+    def _carried(self) -> tuple:
+        """The buffers each step donates and the next one receives (``None`` where unused)."""
+        return self.cache, self.token_buffer, self.draft_q, self.penalty_state
+
+    def device_state_lost(self) -> bool:
+        """Whether a carried buffer is gone: deleted (donated to a call that then failed) or
+        holding a failed computation's error. Waits for the launched steps (failure path only)."""
+        leaves = jax.tree.leaves(self._carried())
+        if any(a.is_deleted() for a in leaves):
+            return True
+        try:
+            jax.block_until_ready(leaves)
+        except Exception:
+            return True
+        return False
+
+    def reset_device_state(self) -> None:
+        """Re-allocate the carried buffers as zeros (the KV cache's content, the token buffer's
+        pending tokens and the penalty rows are lost: the engine preempts every running
+        request first, so each recomputes from its host tokens and reloads its penalty row)."""
+        self.cache = self.token_buffer = self.draft_q = self.penalty_state = None   # free first
+        self.cache, self.token_buffer, self.draft_q, self.penalty_state = (
+            _zeros_of(s) for s in self._donated)
+        self._penalty_rows.clear()
 
     def dispatch(self, step: ScheduledStep, draft: bool = False) -> tuple[jax.Array, str]:
         """Launch a step asynchronously (``draft``: and the draft program after it); returns the

@@ -291,6 +291,15 @@ class PageAllocator:
             self._page_hash[p] = h
             self._cached.setdefault(h, p)
 
+    def forget_cached_pages(self) -> None:
+        """Drop every page's cached content (after the KV cache was lost): evictable pages
+        return to the free list and no prefix matches until pages are registered again.
+        Pages in use stay in use (as private pages)."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._page_hash.clear()
+
     # ------------------------------------------------------------------ checks
 
     def _check_page(self, page: int) -> int:

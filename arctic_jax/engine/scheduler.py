@@ -323,6 +323,15 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def preempt_all(self) -> list[str]:
+        """Preempt every running request (after the KV cache was lost); they wait, oldest first,
+        to be recomputed. Returns their ids."""
+        ids = []
+        for request in reversed(list(self.running)):   # newest first: each goes to the queue's front
+            ids.append(request.request_id)
+            self._preempt(request)
+        return ids[::-1]
+
     def _release_slot(self, request: Request) -> None:
         if request.token_slot >= 0:
             self._free_slots.append(request.token_slot)

@@ -6,6 +6,7 @@ import re
 from fastapi.responses import JSONResponse
 
 from arctic_jax.engine.front import QueueFullError
+from arctic_jax.engine.step_failure import RequestFailed
 from arctic_jax.serving.protocol import ErrorInfo, ErrorResponse
 
 RETRY_AFTER_S = 1                    # Retry-After sent with 429 (queue full)
@@ -41,6 +42,8 @@ def engine_error(exc: BaseException) -> APIError:
                         code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
+    if isinstance(exc, RequestFailed):   # one step failed; the engine runs on
+        return APIError(500, str(exc), type="server_error", code="step_failed")
     return APIError(500, f"engine failure: {exc}", type="server_error", code="engine_failure")
 
 
