@@ -346,9 +346,11 @@ def test_llm_generate_n_copies_share_the_prompt_pages(weights):
     assert len({tuple(o.token_ids) for o in outs[:3]}) == 3
 
 
-def test_generate_copies_on_the_async_front(weights):
+def test_copies_of_one_prompt_share_its_pages_on_the_async_front(weights):
+    """The server's n choices: copy i is the request seeded seed + i; copies 1.. start after
+    copy 0's first output and find its full prompt pages in the prefix cache."""
     from arctic_jax.engine.async_engine import AsyncEngine
-    from arctic_jax.engine.copies import copy_request_ids, generate_copies
+    from arctic_jax.serving.generations import Generations, copy_jobs
 
     rng = np.random.default_rng(24)
     prompt = [int(t) for t in rng.integers(0, CFG.vocab_size, size=22)]
@@ -357,23 +359,30 @@ def test_generate_copies_on_the_async_front(weights):
     front.start()
 
     async def collect(p, rid):
+        jobs = copy_jobs(0, rid, prompt, p)
+        gens = Generations(front, jobs)
         tokens, last = {}, {}
-        async for i, out in generate_copies(front, prompt, p, rid):
-            tokens.setdefault(i, []).extend(out.new_token_ids)
-            last[i] = out
-        return tokens, last
+        try:
+            await gens.start()
+            async for i, out in gens.outputs():
+                tokens.setdefault(i, []).extend(out.new_token_ids)
+                last[i] = out
+        finally:
+            gens.close()
+        return jobs, tokens, last
 
     try:
-        tokens, last = asyncio.run(collect(params, "r"))
+        jobs, tokens, last = asyncio.run(collect(params, "r"))
+        assert [j.request_id for j in jobs] == ["r-0", "r-1", "r-2", "r-3"]
         assert sorted(tokens) == [0, 1, 2, 3] and all(o.finished for o in last.values())
         assert [last[i].num_cached_tokens for i in range(4)] == [0, 20, 20, 20]
         assert {last[i].num_prompt_tokens for i in range(4)} == {22}
-        single, _ = asyncio.run(collect(SamplingParams(max_tokens=6, temperature=1.0, seed=11,
-                                                       presence_penalty=1.0), "s"))
+        one, single, _ = asyncio.run(collect(SamplingParams(
+            max_tokens=6, temperature=1.0, seed=11, presence_penalty=1.0), "s"))
+        assert [j.request_id for j in one] == ["s"]
         assert single[0] == tokens[2]   # copy 2 is the request seeded 9 + 2
     finally:
         front.shutdown()
-    assert copy_request_ids("x", 1) == ["x"] and copy_request_ids("x", 2) == ["x-0", "x-1"]
 
 
 @pytest.mark.parametrize("mode", list(SamplingMode))

@@ -153,9 +153,11 @@ def test_readme_requests_work_as_written(server):
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["model"] == MODEL
-        choice = out["choices"][0]
-        assert (choice["message"]["content"] if "chat" in path else choice["text"]).strip()
-        assert 0 < out["usage"]["completion_tokens"] <= body["max_tokens"]
+        n = body.get("n", 1)
+        assert [c["index"] for c in out["choices"]] == list(range(n))
+        for choice in out["choices"]:
+            assert (choice["message"]["content"] if "chat" in path else choice["text"]).strip()
+        assert 0 < out["usage"]["completion_tokens"] <= n * body["max_tokens"]
     r = httpx.post(server.url + "/v1/chat/completions", json={**requests[0][1], "model": "nope"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
     assert f"'{MODEL}' (also accepted: 'default')" in r.json()["error"]["message"]
@@ -232,6 +234,39 @@ def test_completion_batch_of_prompts(client):
     assert [c.index for c in batch.choices] == [0, 1]
     assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
     assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+
+
+def test_n_choices_are_the_seeded_copies_and_count_the_prompt_once(client):
+    """n choices per prompt: choice p*n + i is prompt p sampled with seed + i (each equal to
+    that request alone), with penalties applied; usage counts each prompt once."""
+    prompts = ["The harbor at dawn was", "My favourite soup is made with"]
+    kw = dict(model=MODEL, max_tokens=8, temperature=1.0, presence_penalty=0.7,
+              frequency_penalty=0.3)
+    batch = client.completions.create(prompt=prompts, n=3, seed=50, **kw)
+    assert [c.index for c in batch.choices] == list(range(6))
+    alone = [[client.completions.create(prompt=p, seed=50 + i, **kw) for i in range(3)]
+             for p in prompts]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for row in alone for a in row]
+    assert len({c.text for c in batch.choices}) > 2   # the copies sample differently
+    assert batch.usage.prompt_tokens == sum(row[0].usage.prompt_tokens for row in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens
+                                                for row in alone for a in row)
+    # chat, streamed: each choice's deltas add up to the non-streamed choice
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, n=2, seed=7,
+                                          temperature=1.0, max_completion_tokens=8)
+    assert [c.index for c in full.choices] == [0, 1]
+    texts = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, n=2, seed=7,
+                                                temperature=1.0, max_completion_tokens=8,
+                                                stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert [texts[0], texts[1]] == [c.message.content for c in full.choices]
+    one = client.chat.completions.create(model=MODEL, messages=messages, seed=8,
+                                         temperature=1.0, max_completion_tokens=8)
+    assert one.choices[0].message.content == full.choices[1].message.content
+    assert full.usage.prompt_tokens == one.usage.prompt_tokens
 
 
 def test_completion_logprobs(client):

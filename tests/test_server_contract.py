@@ -185,8 +185,8 @@ def test_document_states_the_served_limits_and_what_is_not_supported_yet(fake):
         props = doc["components"]["schemas"][name]["properties"]
         assert props["model"]["enum"] == ["fake", "default"]
         assert props["max_tokens"]["anyOf"][0]["maximum"] == LIMITS.max_model_len - 1
-        assert props["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 1}
-        # the penalties and logit_bias are served with OpenAI's ranges (n is not yet)
+        assert props["n"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 16}
+        # the penalties, logit_bias and n are served with their declared ranges
         assert props["presence_penalty"]["anyOf"][0] == {"type": "number", "minimum": -2,
                                                          "maximum": 2}
         assert "maxProperties" not in props["logit_bias"]["anyOf"][0]
@@ -439,7 +439,7 @@ def test_live_document_agrees_with_the_server(live):
     assert "/v1/embeddings" not in doc["paths"]
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     cases = [{}, {"model": "default"}, {"model": "gpt-4"}, {"seed": 3.0}, {"seed": 3.5},
-             {"temperature": 2}, {"temperature": 2.5}, {"top_p": 0}, {"n": 1}, {"n": 2},
+             {"temperature": 2}, {"temperature": 2.5}, {"top_p": 0}, {"n": 1}, {"n": 2}, {"n": 17},
              {"presence_penalty": 0}, {"presence_penalty": 0.1}, {"logprobs": True,
                                                                   "top_logprobs": 5},
              {"logprobs": True, "top_logprobs": 6}, {"top_logprobs": 1},

@@ -22,7 +22,7 @@ from arctic_jax.serving.errors import APIError, sampling_error
 from arctic_jax.serving.generations import (
     SSE_HEADERS,
     Generations,
-    Job,
+    copy_jobs,
     finish_reason_of,
     sse,
     sse_with_errors,
@@ -111,7 +111,7 @@ def completions_router(state: ServerState, run_in_pool: RunInPool) -> APIRouter:
                 min_p=0.0 if body.min_p is None else body.min_p,
                 seed=body.seed, stop=body.stop or (),
                 stop_token_ids=tuple(body.stop_token_ids or ()),
-                ignore_eos=bool(body.ignore_eos), logprobs=logprobs,
+                ignore_eos=bool(body.ignore_eos), logprobs=logprobs, n=body.n or 1,
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=body.repetition_penalty or 1.0,
@@ -173,9 +173,10 @@ def completions_router(state: ServerState, run_in_pool: RunInPool) -> APIRouter:
             check_prompt(ids, eng, "prompt")
             max_tokens = resolve_max_tokens(body.max_tokens, "max_tokens", len(ids), eng,
                                             DEFAULT_COMPLETION_MAX_TOKENS)
-            jobs.append(Job(i, f"{request_id}-{i}", ids,
-                             sampling(body, max_tokens, "max_tokens", body.logprobs, eng)))
+            params = sampling(body, max_tokens, "max_tokens", body.logprobs, eng)
+            jobs += copy_jobs(i * params.n, f"{request_id}-{i}", ids, params)
         gens = Generations(eng, jobs, gate)
+        n = body.n or 1
         model = state.served_model_name
         tt = state.token_texts
         want_lp = body.logprobs is not None
@@ -190,7 +191,7 @@ def completions_router(state: ServerState, run_in_pool: RunInPool) -> APIRouter:
                 choices.append(CompletionChoice(index=i, text=a.text, logprobs=lp,
                                                 finish_reason=finish_reason_of(a.last)))
             return CompletionResponse(id=request_id, model=model, choices=choices,
-                                      usage=usage_of([acc[i].last for i in range(len(jobs))]))
+                                      usage=usage_of([acc[i].last for i in range(len(jobs))], n))
 
         async def events() -> AsyncIterator[str]:
             offsets = [0] * len(jobs)
@@ -208,7 +209,7 @@ def completions_router(state: ServerState, run_in_pool: RunInPool) -> APIRouter:
                                                   finish_reason=finish_reason_of(out))]))
             if include_usage:
                 yield sse(CompletionResponse(id=request_id, model=model, choices=[],
-                                              usage=usage_of([lasts[i] for i in range(len(jobs))])))
+                                              usage=usage_of([lasts[i] for i in range(len(jobs))], n)))
 
         return await run(request, gens, bool(body.stream), events, respond)
 
@@ -236,39 +237,45 @@ def completions_router(state: ServerState, run_in_pool: RunInPool) -> APIRouter:
         max_tokens = resolve_max_tokens(requested, param, len(ids), eng, None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         params = sampling(body, max_tokens, param, n_top if body.logprobs else None, eng)
-        gens = Generations(eng, [Job(0, request_id, ids, params)], gate)
+        jobs = copy_jobs(0, request_id, ids, params)
+        gens = Generations(eng, jobs, gate)
         model = state.served_model_name
         tt = state.token_texts
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def respond(acc: dict[int, CollectedOutput]) -> ChatCompletionResponse:
-            a = acc[0]
-            lp = chat_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs) if body.logprobs \
-                else None
-            choice = ChatChoice(index=0, message=AssistantMessage(content=a.text),
-                                logprobs=lp, finish_reason=finish_reason_of(a.last))
-            return ChatCompletionResponse(id=request_id, model=model, choices=[choice],
-                                          usage=usage_of([a.last]))
+            choices = []
+            for i in range(len(jobs)):
+                a = acc[i]
+                lp = chat_logprobs(tt, a.token_ids, a.logprobs, a.top_logprobs) \
+                    if body.logprobs else None
+                choices.append(ChatChoice(index=i, message=AssistantMessage(content=a.text),
+                                          logprobs=lp, finish_reason=finish_reason_of(a.last)))
+            return ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                          usage=usage_of([acc[i].last for i in range(len(jobs))],
+                                                         len(jobs)))
 
         async def events() -> AsyncIterator[str]:
-            def chunk(delta: DeltaMessage, lp: ChatLogprobs | None = None,
+            def chunk(i: int, delta: DeltaMessage, lp: ChatLogprobs | None = None,
                       finish: str | None = None) -> str:
                 return sse(ChatCompletionChunk(id=request_id, model=model, choices=[
-                    ChatChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)]))
+                    ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)]))
 
-            yield chunk(DeltaMessage(role="assistant", content=""))
-            last = None
-            async for _, out in gens.outputs():
-                last = out
+            for i in range(len(jobs)):
+                yield chunk(i, DeltaMessage(role="assistant", content=""))
+            lasts: dict[int, RequestOutput] = {}
+            async for i, out in gens.outputs():
+                lasts[i] = out
                 if out.new_text or (body.logprobs and out.new_token_ids):
                     lp = chat_logprobs(tt, out.new_token_ids, out.new_logprobs,
                                         out.new_top_logprobs) if body.logprobs else None
-                    yield chunk(DeltaMessage(content=out.new_text), lp)
+                    yield chunk(i, DeltaMessage(content=out.new_text), lp)
                 if out.finished:
-                    yield chunk(DeltaMessage(), finish=finish_reason_of(out))
+                    yield chunk(i, DeltaMessage(), finish=finish_reason_of(out))
             if include_usage:
                 yield sse(ChatCompletionChunk(id=request_id, model=model, choices=[],
-                                               usage=usage_of([last])))
+                                               usage=usage_of([lasts[i] for i in range(len(jobs))],
+                                                              len(jobs))))
 
         return await run(request, gens, bool(body.stream), events, respond)
 

@@ -28,6 +28,23 @@ class Job:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    after: int | None = None   # start once the job of this index gave its first output
+
+
+def copy_jobs(first_index: int, request_id: str, prompt_ids: list[int],
+              params: SamplingParams) -> list[Job]:
+    """The ``params.n`` choices of one prompt as jobs (``params.copies()``: copy i seeded
+    seed + i), indices ``first_index`` + i, request ids ``request_id``-i.
+
+    Copy 0 starts at once; the others once copy 0 gave its first output: by then the prompt's
+    full KV pages are in the prefix cache, so each other copy computes only the prompt's last
+    partial page (started together, every copy would compute the whole prompt).
+    """
+    copies = params.copies()
+    if len(copies) == 1:
+        return [Job(first_index, request_id, prompt_ids, copies[0])]
+    return [Job(first_index + i, f"{request_id}-{i}", prompt_ids, p,
+                after=None if i == 0 else first_index) for i, p in enumerate(copies)]
 
 
 class Generations:
@@ -35,7 +52,8 @@ class Generations:
 
     ``start`` submits every request and waits for each one's first output, so
     that a rejected request (queue full, invalid) becomes an HTTP error before
-    any response is sent. ``close`` aborts whatever has not finished. ``fail`` ends the
+    any response is sent; a job with ``after`` set is submitted when that job's first output
+    arrives. ``close`` aborts whatever has not finished. ``fail`` ends the
     outputs with an error (the ``gate`` calls it when a graceful shutdown times out).
     """
 
@@ -61,7 +79,12 @@ class Generations:
     async def start(self) -> None:
         if self._gate is not None:
             self._gate.track(self)
-        self._tasks = [asyncio.create_task(self._pump(job)) for job in self._jobs]
+        waiting: dict[int, list[Job]] = {}
+        for job in self._jobs:
+            if job.after is None:
+                self._tasks.append(asyncio.create_task(self._pump(job)))
+            else:
+                waiting.setdefault(job.after, []).append(job)
         started: set[int] = set()
         try:
             while len(started) < len(self._jobs):
@@ -69,7 +92,10 @@ class Generations:
                 if isinstance(item, BaseException):
                     raise _api_error(item)
                 self._buffered.append((index, item))
-                started.add(index)
+                if index not in started:
+                    started.add(index)
+                    self._tasks += [asyncio.create_task(self._pump(job))
+                                    for job in waiting.pop(index, [])]
         except BaseException:
             self.close()
             raise
@@ -131,10 +157,12 @@ async def until_disconnected(request: Request, work: Awaitable[T],
             task.cancel()
 
 
-def usage_of(lasts: Sequence[RequestOutput]) -> Usage:
-    prompt = sum(o.num_prompt_tokens for o in lasts)
+def usage_of(lasts: Sequence[RequestOutput], n: int = 1) -> Usage:
+    """Usage of the final outputs ``lasts`` (by choice index; ``n`` choices per prompt): each
+    prompt counted once (its first choice's), the completion tokens of every choice."""
+    prompt = sum(o.num_prompt_tokens for o in lasts[::n])
     completion = sum(o.num_output_tokens for o in lasts)
-    cached = sum(o.num_cached_tokens for o in lasts)
+    cached = sum(o.num_cached_tokens for o in lasts[::n])
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
                  total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

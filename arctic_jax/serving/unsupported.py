@@ -33,8 +33,6 @@ class NeutralOnly:
 
 
 RULES: tuple[NeutralOnly, ...] = (
-    NeutralOnly("n", (1,), "n={value} is not supported: this server returns one choice per prompt "
-                           "(n=1)", {"maximum": 1}),
     NeutralOnly("echo", (False,), "echo is not supported", {"const": False},
                 only=("CompletionRequest",)),
     NeutralOnly("suffix", ("",), "suffix is not supported", {"maxLength": 0},
