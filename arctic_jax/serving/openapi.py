@@ -29,7 +29,9 @@ from arctic_jax.serving.unsupported import narrow_schema
 
 REF = "#/components/schemas/{model}"
 ERROR_DESCRIPTIONS = {
-    400: "Invalid request: the message names the parameter (`param`)",
+    400: "Invalid request: the message names the parameter (`param`). Two limits depend on the "
+         "prompt's tokens, so no schema states them: a prompt longer than the model's context "
+         "(`code` context_length_exceeded) and a text with no tokens (`code` empty_prompt)",
     401: "Missing or wrong API key (servers started with --api-key)",
     413: "Request body larger than --max-request-bytes",
     429: "Too many requests in flight (--max-queue); retry after `Retry-After` seconds",
@@ -58,14 +60,26 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
         "schema": {"$ref": REF.format(model=model.__name__)}}}}}
 
 
+def sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
+    """The schema of one server-sent event of a ``stream: true`` response (an Open API 3.1
+    text/event-stream ``schema`` describes each event: its fields ``data``, ``event``, ``id``,
+    ``retry``): ``data`` is a ``chunk`` JSON object, an error body (the request failed after
+    the stream began), or the last event's ``[DONE]``."""
+    payload = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": REF.format(model=chunk.__name__)}, {"$ref": REF.format(model="ErrorResponse")}]}}
+    return {"type": "object", "required": ["data"], "description": (
+        f"stream: true: server-sent events, each `data: ` line a {chunk.__name__} JSON object "
+        "(or an error body if the request fails after the stream began), then `data: [DONE]`"),
+        "properties": {"data": {"type": "string", "if": {"const": "[DONE]"}, "else": payload},
+                       "event": {"const": "message"}}}
+
+
 def generation_route_docs(request: type[BaseModel], response: type[BaseModel],
                           chunk: type[BaseModel]) -> dict[str, Any]:
     """Decorator arguments documenting a generation route: its body, its JSON response, its
     SSE stream of ``chunk`` objects (``stream: true``), and its errors."""
-    stream = {"schema": {"type": "string", "description": (
-        f"stream: true: server-sent events, each `data: ` line a {chunk.__name__} JSON object "
-        "(or an error body if the request fails after the stream began), then `data: [DONE]`")},
-        "x-sse-data": {"$ref": REF.format(model=chunk.__name__)}}
+    stream = {"schema": sse_event_schema(chunk),
+              "x-sse-data": {"$ref": REF.format(model=chunk.__name__)}}
     responses: dict[int | str, dict[str, Any]] = {
         200: {"content": {"text/event-stream": stream},
               "description": f"{response.__name__}, or a stream of {chunk.__name__} objects"}}
@@ -102,6 +116,34 @@ def _non_null(prop: dict[str, Any]) -> list[dict[str, Any]]:
     return [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
 
 
+def decimal_below_pattern(limit: int) -> str:
+    """A regular expression matching the decimal integers in [0, ``limit``) and nothing else
+    (leading zeros allowed, as ``int()`` reads them): JSON object keys that are token ids."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+
+    def digits(low: int, high: int) -> str:
+        return str(low) if low == high else f"[{low}-{high}]"
+
+    def repeat(atom: str, low: int, high: int) -> str:
+        if high == 0:
+            return ""
+        return atom + ("" if low == high == 1 else f"{{{low}}}" if low == high else f"{{{low},{high}}}")
+
+    top = str(limit - 1)
+    forms = ["0"]
+    if len(top) > 1:   # fewer digits than the largest
+        forms.append("[1-9]" + repeat("[0-9]", 0, len(top) - 2))
+    for i, digit in enumerate(top):   # as many digits: a prefix of ``top``, then a smaller digit
+        low = 1 if i == 0 else 0
+        if int(digit) > low:
+            rest = len(top) - i - 1
+            forms.append(top[:i] + digits(low, int(digit) - 1) + repeat("[0-9]", rest, rest))
+    if top != "0":
+        forms.append(top)
+    return "^0*(?:" + "|".join(forms) + ")$"
+
+
 def _served_limits(schemas: dict[str, Any], state: Any) -> None:
     """State the running server's limits in the request schemas (in place)."""
     names = [*state.model_names, *state.model_aliases]
@@ -120,6 +162,8 @@ def _served_limits(schemas: dict[str, Any], state: Any) -> None:
             for branch in _non_null(props.get(field, {})):
                 if branch.get("type") == "integer":
                     branch["maximum"] = limits.max_logprobs
+        for branch in _non_null(props["logit_bias"]):   # token ids of the vocabulary
+            branch["propertyNames"] = {"pattern": decimal_below_pattern(limits.vocab_size)}
     for token in _integers(schemas["CompletionRequest"]["properties"]["prompt"]):
         token["maximum"] = limits.vocab_size - 1
 
