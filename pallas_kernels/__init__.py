@@ -19,12 +19,18 @@ from pallas_kernels.ragged_prefill import (
     ragged_prefill_attention,
     ragged_prefill_reference,
 )
-from pallas_kernels.ragged_prefill_mgpu import (
-    MosaicPrefillConfig,
-    is_hopper,
-    ragged_prefill_attention_mgpu,
-    unsupported_reason,
-)
+
+# The Mosaic GPU kernel's names load on first use: importing jax's Mosaic GPU support takes a
+# third of a second, which every CPU process (and every import of a sibling kernel) would pay.
+_MOSAIC_NAMES = ("MosaicPrefillConfig", "is_hopper", "ragged_prefill_attention_mgpu",
+                 "unsupported_reason")
+
+
+def __getattr__(name: str):
+    if name in _MOSAIC_NAMES:
+        from pallas_kernels import ragged_prefill_mgpu
+        return getattr(ragged_prefill_mgpu, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DecodeConfig", "MosaicPrefillConfig", "PrefillConfig", "block_schedule", "default_num_splits",

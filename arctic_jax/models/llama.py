@@ -4,8 +4,8 @@
 decode, mixed, speculative verify): it writes the step's K/V into the paged
 cache and returns the final-normed hidden states of ``batch.logits_indices``
 only. ``head`` turns those rows into logits; the runner composes the two, so a
-draft model can read the same hidden rows. The blocks (``embed``,
-``decoder_layer``, ``final_norm``, ``head``) are exported for models built
+draft model can read the same hidden rows. The blocks (``embed``, ``decoder_layer`` and its
+jitted form ``shared_decoder_layer``, ``final_norm``, ``head``) are exported for models built
 from them.
 """
 from __future__ import annotations
@@ -93,6 +93,13 @@ def decoder_layer(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x: j
     return x, cache_k, cache_v
 
 
+# The layers of a step share one traced program: every layer has the same shapes, so the step
+# traces (and lowers) one layer, not num_layers copies of it; XLA inlines the calls, so the
+# compiled step is the same. Tracing the 30 layers of SmolLM2 twice (the CPU's blocked attention
+# has loops and conditionals) was most of a warm `generate`'s start-up.
+shared_decoder_layer = jax.jit(decoder_layer, static_argnums=(0, 1))
+
+
 def final_norm(cfg: ModelConfig, weights: LlamaWeights, x: jax.Array) -> jax.Array:
     """Residual stream x [R, H] -> final-normed hidden states [R, H]."""
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
@@ -120,8 +127,8 @@ def step(weights: LlamaWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: Mod
     x = embed(weights, batch.tokens, sh)
     new_k, new_v = [], []
     for i, layer in enumerate(weights.layers):
-        x, ck, cv = decoder_layer(cfg, opts, layer, x, kv_cache.k[i], kv_cache.v[i], batch,
-                                  cos, sin)
+        x, ck, cv = shared_decoder_layer(cfg, opts, layer, x, kv_cache.k[i], kv_cache.v[i],
+                                         batch, cos, sin)
         new_k.append(ck)
         new_v.append(cv)
     rows = constrain(sh, x[batch.logits_indices], (ax.LOGITS_ROWS, ax.EMBED))

@@ -118,7 +118,8 @@ def step(weights: SwiftKVWeights, kv_cache: KVCache, batch: StepBatch, *, cfg: S
     ks, vs = list(kv_cache.k), list(kv_cache.v)
     x = llama.embed(weights, batch.tokens, sh)
     for i, layer in enumerate(weights.layers):
-        x, ks[i], vs[i] = llama.decoder_layer(cfg, opts, layer, x, ks[i], vs[i], batch, cos, sin)
+        x, ks[i], vs[i] = llama.shared_decoder_layer(cfg, opts, layer, x, ks[i], vs[i], batch, cos,
+                                                     sin)
     rows_x = constrain(sh, x[batch.logits_indices], ROWS_AXES)
     if weights.late_layers:
         Lkv = cfg.num_key_value_layers
