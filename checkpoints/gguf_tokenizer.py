@@ -16,8 +16,8 @@ other model (e.g. "llama", SentencePiece) or pre-tokenizer raises a ``Checkpoint
 Reading and building take about half a second, so ``gguf_tokenizer_dir`` saves the result once as an ordinary
 HF tokenizer directory (``tokenizer.json``, ``tokenizer_config.json``) in a cache keyed by the
 file's size, modification time and first bytes and by the versions of this format, ``tokenizers``
-and ``transformers``; a later start loads that directory with
-``PreTrainedTokenizerFast.from_pretrained``. Entries are written to a temporary folder and
+and ``transformers``; a later start reads that directory with ``checkpoints.plain_tokenizer``
+(no transformers import). Entries are written to a temporary folder and
 renamed into place; one that is incomplete or unreadable is rebuilt. Nothing here imports torch.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import mmap
@@ -38,6 +39,7 @@ from typing import Any
 
 from arctic_jax.cache_root import cache_dir
 from checkpoints.errors import CheckpointError
+from checkpoints.plain_tokenizer import PlainTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -393,11 +395,9 @@ def save_tokenizer_dir(tokenizer: Any, directory: str) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def load_tokenizer_dir(directory: str) -> Any:
-    """A directory written by ``save_tokenizer_dir`` as a ``PreTrainedTokenizerFast``."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(directory)
+def load_tokenizer_dir(directory: str) -> PlainTokenizer:
+    """A directory written by ``save_tokenizer_dir``, read without importing transformers."""
+    return PlainTokenizer(directory)
 
 
 def default_cache_root() -> str:
@@ -409,12 +409,12 @@ def cache_key(gguf_path: str | os.PathLike) -> str:
     """Hex key of the file (size, modification time, SHA-256 of its first
     ``HEADER_HASH_BYTES``) and of the versions of this format, tokenizers and transformers."""
     import tokenizers
-    import transformers
 
     st = os.stat(gguf_path)
     with open(gguf_path, "rb") as f:
         head = hashlib.sha256(f.read(HEADER_HASH_BYTES)).hexdigest()
-    blob = json.dumps([FORMAT_VERSION, tokenizers.__version__, transformers.__version__,
+    blob = json.dumps([FORMAT_VERSION, tokenizers.__version__, importlib.metadata.version(
+        "transformers"),
                        st.st_size, st.st_mtime_ns, head])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

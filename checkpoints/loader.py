@@ -35,15 +35,15 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     """The HF tokenizer of a checkpoint directory, or of a GGUF file inside ``path``.
 
     A GGUF file's tokenizer is read without PyTorch (``checkpoints.gguf_tokenizer``) and kept
-    as a HF tokenizer directory under the cache root (``arctic_jax.cache_root``) for later
-    starts.
+    as a HF tokenizer directory under the cache root (``arctic_jax.cache_root``), which later
+    starts read without transformers (``checkpoints.plain_tokenizer.PlainTokenizer``).
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     if gguf_file:
         return load_gguf_tokenizer(os.path.join(path, gguf_file))
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
 
     return AutoTokenizer.from_pretrained(path)
 

@@ -2,6 +2,7 @@
 against transformers' own GGUF tokenizer (which needs torch; the test environment has it)."""
 import copy
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import pytest
 from checkpoints import gguf_tokenizer as gt
 from checkpoints.errors import CheckpointError
 from checkpoints.loader import DEFAULT_GGUF, default_model_path
+from checkpoints.plain_tokenizer import PlainTokenizer
 
 N_STRINGS = 4000
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>",
@@ -178,6 +180,15 @@ def ours(gguf_path):
 
 
 @pytest.fixture(scope="module")
+def plain(gguf_path, tmp_path_factory):
+    """The embedded tokenizer as later starts read it: from its cache entry, without
+    transformers (``checkpoints.plain_tokenizer``)."""
+    tok = gt.load_gguf_tokenizer(gguf_path, cache_root=tmp_path_factory.mktemp("tokcache"))
+    assert isinstance(tok, PlainTokenizer)
+    return tok
+
+
+@pytest.fixture(scope="module")
 def smol_data(gguf_path):
     return gt.read_gguf_tokenizer(gguf_path)
 
@@ -327,15 +338,45 @@ def test_vocabulary_and_special_tokens_match_transformers(ours, reference):
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-def test_chat_template_matches_transformers(ours, reference, conversation):
+def test_chat_template_matches_transformers(ours, plain, reference, conversation):
     for prompt in (True, False):
         kw = {"add_generation_prompt": prompt}
-        text = ours.apply_chat_template(conversation, tokenize=False, **kw)
-        assert text == reference.apply_chat_template(conversation, tokenize=False, **kw)
+        text = reference.apply_chat_template(conversation, tokenize=False, **kw)
         assert text.startswith("<|im_start|>")
-        mine = ours.apply_chat_template(conversation, tokenize=True, **kw)
-        theirs = reference.apply_chat_template(conversation, tokenize=True, **kw)
-        assert list(mine["input_ids"]) == list(theirs["input_ids"])
+        theirs = list(reference.apply_chat_template(conversation, tokenize=True, **kw)["input_ids"])
+        for tok in (ours, plain):
+            assert tok.apply_chat_template(conversation, tokenize=False, **kw) == text
+            mine = tok.apply_chat_template(conversation, tokenize=True, **kw)
+            assert list(mine["input_ids"]) == theirs
+
+
+def test_plain_tokenizer_matches_transformers(plain, reference, corpus):
+    """The cached tokenizer read without transformers encodes, decodes and names its special
+    tokens as the transformers tokenizer does."""
+    assert_same_tokenizer(plain, reference, corpus)
+    assert plain.get_vocab() == reference.get_vocab() and len(plain) == len(reference)
+    for attr in ("bos_token", "eos_token", "bos_token_id", "eos_token_id", "unk_token_id",
+                 "pad_token_id"):
+        assert getattr(plain, attr) == getattr(reference, attr), attr
+    ids = list(range(0, len(reference), 7))
+    assert plain.convert_ids_to_tokens(ids) == reference.convert_ids_to_tokens(ids)
+    text = "Hello, world"
+    assert plain.encode(text) == reference.encode(text)
+    assert plain.decode(plain.encode(text), skip_special_tokens=True) == text
+
+
+def test_plain_tokenizer_errors_name_the_problem(tmp_path, plain):
+    with pytest.raises(CheckpointError, match="not a readable tokenizer directory"):
+        PlainTokenizer(tmp_path)
+    copy = tmp_path / "copy"
+    plain.save_pretrained(copy)
+    os.remove(copy / "chat_template.jinja")
+    no_template = PlainTokenizer(copy)
+    if no_template.chat_template is None:
+        with pytest.raises(ValueError, match="no chat template"):
+            no_template.apply_chat_template([{"role": "user", "content": "hi"}])
+    else:   # an older transformers kept the template in tokenizer_config.json
+        assert no_template.chat_template == plain.chat_template
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +543,29 @@ def test_load_tokenizer_needs_no_torch(tmp_path, gguf_path):
         entries = os.listdir(os.path.join(os.environ["ARCTIC_JAX_CACHE"], "tokenizer"))
         assert len(entries) == 1, entries
         print("torch imported:", "torch" in sys.modules)
+        print("transformers imported:", "transformers" in sys.modules)
     """)
     env = dict(os.environ, ARCTIC_JAX_CACHE=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch imported: False" in out.stdout
+    assert "transformers imported: True" in out.stdout   # the first load builds with it
+
+
+def test_warm_load_tokenizer_imports_no_transformers(tmp_path, gguf_path):
+    """Once the tokenizer is cached, a start reads it without importing transformers (about a
+    second of every start)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from checkpoints.loader import load_tokenizer
+        tok = load_tokenizer({os.path.dirname(gguf_path)!r}, {os.path.basename(gguf_path)!r})
+        print(type(tok).__name__, "transformers" in sys.modules)
+    """)
+    env = dict(os.environ, ARCTIC_JAX_CACHE=str(tmp_path))
+    run = functools.partial(subprocess.run, [sys.executable, "-c", code], env=env,
+                            capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    cold, warm = run(), run()
+    assert cold.returncode == 0 and warm.returncode == 0, (cold.stderr + warm.stderr)[-3000:]
+    assert warm.stdout.split() == ["PlainTokenizer", "False"]
