@@ -31,6 +31,7 @@ from arctic_jax.serving.errors import APIError, ClientDisconnected
 from arctic_jax.serving.openapi import error_responses, openapi_document
 from arctic_jax.serving.protocol import HealthStatus, ModelCard, ModelList
 from arctic_jax.serving.request_limits import BodySizeLimit
+from arctic_jax.serving.server_replicas import ReplicaHeader
 from arctic_jax.serving.shutdown import DrainMiddleware
 from arctic_jax.serving.state import ServerState
 
@@ -58,6 +59,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="arctic-jax", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=state.max_request_bytes)
     app.add_middleware(DrainMiddleware, gate=state.shutdown_gate)   # outermost: refuses first
+    if state.replica is not None:
+        app.add_middleware(ReplicaHeader, replica=state.replica)
     app.openapi = lambda: openapi_document(app, state)  # type: ignore[method-assign]
 
     # ------------------------------------------------------- error handlers

@@ -36,6 +36,7 @@ from arctic_jax.cli_args import (
     llm_only_flags_given,
     parse_dtype,
 )
+from arctic_jax.serving.server_replicas import REPLICA_ENV, reuse_port_socket, run_replicas
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,13 @@ def register(sub: Any) -> None:
                    help="N one-device engine replicas (devices 0..N-1) behind a router that "
                         "balances requests in flight and keeps shared prefixes together "
                         "(text-generation models)")
+    p.add_argument("--replicas-per-gpu", type=_positive, default=1, metavar="N",
+                   help="run N whole servers (each its own model copy and engine, 1/N of the "
+                        "device memory) on one port with SO_REUSEPORT: the kernel spreads "
+                        "connections over them, so one replica's host work (HTTP, JSON, "
+                        "tokenization) overlaps another's device work. Responses carry "
+                        "X-Arctic-Replica; /health and /metrics describe the replica that "
+                        "answers (default 1)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -240,9 +248,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.replicas_per_gpu > 1:
+        return _serve_replicas(args)
     state = ServerState(served_model_name=args.served_model_name or None,
                         api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
-                        shutdown_timeout=args.shutdown_timeout)
+                        shutdown_timeout=args.shutdown_timeout,
+                        replica=os.environ.get(REPLICA_ENV))
     level = args.log_level.lower()
     server = GracefulServer(uvicorn.Config(
         create_app(state), host=args.host, port=args.port,
@@ -271,10 +282,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loader = threading.Thread(target=load, name="arctic-load", daemon=True)
     loader.start()
     try:
-        server.run()
+        # a replica of --replicas-per-gpu shares the port with its siblings
+        server.run(sockets=None if state.replica is None
+                   else [reuse_port_socket(args.host, args.port)])
     finally:
         state.shutdown()
     return 1 if state.startup_error else 0
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    if args.port == 0:
+        raise ValueError("--replicas-per-gpu needs a fixed --port (the replicas share it)")
+    if args.data_parallel_size != 1:
+        raise ValueError("--replicas-per-gpu and --data-parallel-size cannot be combined: "
+                         "replicas share one device, data-parallel engines take one each")
+    argv = list(args.argv)
+    return run_replicas(argv[argv.index("serve") + 1:], args.replicas_per_gpu)
 
 
 # ------------------------------------------------------------- child process

@@ -42,7 +42,9 @@ class ServerState:
 
     ``max_request_bytes``: larger request bodies get 413 (``request_limits.py``).
     ``shutdown_gate`` / ``shutdown_timeout``: the graceful shutdown's state and how long
-    requests in flight may run on after SIGTERM or SIGINT (``shutdown.py``).
+    requests in flight may run on after SIGTERM or SIGINT (``shutdown.py``). ``replica``:
+    this server's index when it is one of ``--replicas-per-gpu`` (``server_replicas.py``);
+    every response then carries it in ``X-Arctic-Replica``.
     """
 
     served_model_name: str | Sequence[str] | None = None
@@ -60,6 +62,7 @@ class ServerState:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     shutdown_gate: ShutdownGate = dataclasses.field(default_factory=ShutdownGate)
+    replica: str | None = None   # this process's index among --replicas-per-gpu servers
 
     def __post_init__(self) -> None:
         names = self.served_model_name
