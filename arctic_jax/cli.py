@@ -34,8 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_malloc_arena() -> None:
+    """On glibc, one malloc arena for every thread (``M_ARENA_MAX`` = 1, as
+    ``MALLOC_ARENA_MAX=1``): the threads that load programs, tokenize or serve would otherwise
+    each grow an arena of their own, and memory freed in one is never reused by another (for
+    the embedded model's ``generate``, 1.54 GiB peak instead of 1.34). Does nothing elsewhere,
+    or when ``MALLOC_ARENA_MAX`` is set."""
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)   # M_ARENA_MAX
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if argv is None:   # a process of its own (the console script), not a library call
+        _one_malloc_arena()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

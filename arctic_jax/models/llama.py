@@ -94,9 +94,9 @@ def decoder_layer(cfg: ModelConfig, opts: StepOptions, layer: LayerWeights, x: j
 
 
 # The layers of a step share one traced program: every layer has the same shapes, so the step
-# traces (and lowers) one layer, not num_layers copies of it; XLA inlines the calls, so the
-# compiled step is the same. Tracing the 30 layers of SmolLM2 twice (the CPU's blocked attention
-# has loops and conditionals) was most of a warm `generate`'s start-up.
+# traces (and lowers) one layer, not num_layers copies of it, and XLA inlines the calls (same
+# speed on an H100, benchmarks/RESULTS.md). Tracing the 30 layers of SmolLM2 twice (the CPU's
+# blocked attention has loops and conditionals) was most of a warm `generate`'s start-up.
 shared_decoder_layer = jax.jit(decoder_layer, static_argnums=(0, 1))
 
 
