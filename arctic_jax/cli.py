@@ -38,9 +38,11 @@ def _one_malloc_arena() -> None:
     """On glibc, one malloc arena for every thread (``M_ARENA_MAX`` = 1, as
     ``MALLOC_ARENA_MAX=1``): the threads that load programs, tokenize or serve would otherwise
     each grow an arena of their own, and memory freed in one is never reused by another (for
-    the embedded model's ``generate``, 1.54 GiB peak instead of 1.34). Does nothing elsewhere,
-    or when ``MALLOC_ARENA_MAX`` is set."""
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+    the embedded model's ``generate``, 1.54 GiB peak instead of 1.34). Only on a machine without
+    an NVIDIA GPU (where the host's memory is the model's, and no serving throughput was
+    measured with one arena); nothing elsewhere, or when ``MALLOC_ARENA_MAX`` is set."""
+    if (not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ
+            or os.path.exists("/dev/nvidiactl")):
         return
     import ctypes
 
