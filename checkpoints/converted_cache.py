@@ -18,7 +18,6 @@ inside array data are not detected (no checksums).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -98,8 +97,10 @@ def abstract_weights(spec: ModelSpec, cfg: ModelConfig, dtype: Any) -> Any:
     The default device honours ``jax.default_device`` (data-parallel replicas load there).
     """
     sharding = default_sharding()
-    shapes = jax.eval_shape(functools.partial(spec.random_weights, cfg, dtype=jnp.dtype(dtype)),
-                            jax.random.key(0))
+    # the key too is made under eval_shape: made eagerly, it would run (and, the first time,
+    # compile) a program on every start
+    shapes = jax.eval_shape(lambda: spec.random_weights(cfg, jax.random.key(0),
+                                                       dtype=jnp.dtype(dtype)))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                         shapes)
 
