@@ -349,4 +349,4 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 # The CLI on SmolLM2 end to end (data, training, report, checkpoint served by the engine) runs in
-# tests/test_readme_commands.py (the README's quick command) and tests/test_notebook.py.
+# tests/test_readme_commands.py (the README's quick command) and tests/test_notebook_training.py.
