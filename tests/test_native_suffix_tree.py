@@ -224,3 +224,126 @@ def test_bad_input_fails_loudly():
         nat.sequence(9)
     assert nat.seq_len(9) == 0 and nat.seq_tail(9, 3) == [] and 9 not in nat and "x" not in nat
     assert nat.seq_len("x") == 0
+
+
+# ---- the proposer's calls: sync and speculate_pair ------------------------------------------------
+def _proposer_parts():
+    from arctic_jax.speculative.native_tree import native_draft_tree_class, native_speculate_pair
+    from arctic_jax.speculative.suffix_proposer import _python_speculate_pair, _PythonTree
+    return native_draft_tree_class(NativeTree), native_speculate_pair(), _PythonTree, _python_speculate_pair
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sync_matches_python_tree(seed):
+    """sync appends the missing tail when the stored sequence agrees on its last `check` tokens,
+    else returns -1 and changes nothing; the same answers and states as the Python twin."""
+    _, _, PyTree, _ = _proposer_parts()
+    rng = random.Random(100 + seed)
+    depth, alphabet = rng.choice([(3, 3), (5, 4), (8, 2)])
+    py, nat = PyTree(depth), NativeTree(depth)
+    targets = {sid: [] for sid in range(3)}
+    for sid in targets:
+        py.extend(sid, [])
+        nat.extend(sid, [])
+    results = []
+    for step in range(200):
+        sid = rng.randrange(4)   # 3 is never stored: -1
+        want = targets.setdefault(sid, []) if sid < 3 else [rng.randrange(alphabet)]
+        r = rng.random()
+        if sid < 3 and r < 0.5:
+            want.extend(rng.randrange(alphabet) for _ in range(rng.randrange(4)))
+        elif sid < 3 and r < 0.6 and want:
+            want[rng.randrange(len(want))] = rng.randrange(alphabet)   # an edit, maybe outside `check`
+        elif sid < 3 and r < 0.7:
+            del want[rng.randrange(len(want) + 1):]   # shorter than stored: -1 unless nothing cut
+        cut = rng.randrange(len(want) + 1)
+        head, tail = want[:cut], want[cut:]
+        check = rng.choice([0, 1, depth, 100])
+        before = nat.sequence(sid) if sid in nat else None
+        a = py.sync(sid, head, tail, check)
+        b = nat.sync(sid, tuple(head), tail, check)
+        assert a == b, (seed, step)
+        results.append(a)
+        if a < 0:
+            assert (nat.sequence(sid) if sid in nat else None) == before
+        else:   # the checked window agreed, the rest was appended
+            lo = max(0, len(before) - check)
+            assert nat.sequence(sid) == before + want[len(before):] and before[lo:] == want[lo:len(before)]
+        if sid < 3:
+            assert nat.sequence(sid) == py.sequence(sid)
+    assert {-1, 0} <= set(results) and max(results) > 0   # every branch was taken
+    assert nat.num_tokens == py.num_tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_speculate_pair_matches_python_pair(seed):
+    """speculate_pair (context read from the local sequence, hints from the global sequence's active
+    suffixes, the global draft only when it scores higher) gives the Python pair's Draft exactly."""
+    NatDraftTree, pair, PyTree, py_pair = _proposer_parts()
+    rng = random.Random(200 + seed)
+    depth, alphabet = rng.choice([(4, 3), (6, 4), (9, 3)])
+    py_g, nat_g = PyTree(depth), NatDraftTree(depth)
+    for sid in range(6):   # finished responses, some evicted
+        toks = [rng.randrange(alphabet) for _ in range(rng.randrange(12))]
+        py_g.extend(sid, toks)
+        nat_g.extend(sid, toks)
+    for sid in rng.sample(range(6), 2):
+        py_g.remove(sid)
+        nat_g.remove(sid)
+    for req in range(6):
+        prompt = [rng.randrange(alphabet + 2) for _ in range(rng.randrange(1, 10))]
+        py_l, nat_l = PyTree(depth), NatDraftTree(depth)
+        py_l.extend(0, prompt)
+        nat_l.extend(0, prompt)
+        key = 10 + req
+        py_g.extend(key, [])
+        nat_g.extend(key, [])
+        for _ in range(12):
+            new = [rng.randrange(alphabet) for _ in range(rng.randrange(1, 4))]
+            for t in (py_l, nat_l):
+                t.extend(0, new)
+            for t in (py_g, nat_g):
+                t.extend(key, new)
+            for k, factor, offset, min_prob in rng.sample(SETTINGS, 3):
+                for tree in (False, True):
+                    for hint, globs in ((key, (py_g, nat_g)), (None, (py_g, nat_g)), (None, (None, None))):
+                        args = (k, factor, offset, min_prob, tree, Draft)
+                        want = py_pair(py_l, 0, globs[0], hint, *args)
+                        got = pair(nat_l, 0, globs[1], hint, *args)
+                        assert type(got) is Draft and got == want, (seed, req, args, hint)
+
+
+def test_speculate_pair_and_sync_bad_input():
+    NatDraftTree, pair, _, _ = _proposer_parts()
+    a, b, c = NatDraftTree(4), NatDraftTree(4), NatDraftTree(5)
+    a.extend(0, [1, 2, 1, 2])
+    b.extend(5, [1, 2, 3] * 3)
+    b.extend(3, [1, 2])   # the request's response: ends with the context
+    # local [1, 2] -> 1, 2 (probs 0.5, 0.5); global [1, 2] -> 3, 1 (probs 0.75, 0.75 * 2/3): global wins
+    d = pair(a, 0, b, 3, 4, 1.0, 0.0, 0.1, False, Draft)
+    assert (d.token_ids, d.parents, d.match_len) == ((3, 1), (-1, 0), 2) and d.score == pytest.approx(1.25)
+    d = pair(a, 0, None, None, 4, 1.0, 0.0, 0.1, False, Draft)
+    assert d == Draft((1, 2), (-1, 0), (0.5, 0.5), 1.0, 2)
+    # budget 0: every draft is empty and the longest match wins
+    assert pair(a, 0, None, None, 0, 1.0, 0.0, 0.1, True, Draft) == Draft((), (), (), 0.0, 3)
+    assert isinstance(a.speculate([1, 2], 4), Draft)
+    for args, match in (((a, 1, b, 3), "unknown local sequence id"), ((a, 0, a, 0), "another tree"),
+                        ((a, 0, c, None), "same max_depth"), ((a, "x", b, 3), "int64 sequence ids")):
+        with pytest.raises(ValueError, match=match):
+            pair(*args, 4, 1.0, 0.0, 0.1, False, Draft)
+    with pytest.raises(ValueError, match="draft_type"):
+        pair(a, 0, b, 3, 4, 1.0, 0.0, 0.1, False, "Draft")
+    with pytest.raises(ValueError, match="max_spec_tokens"):
+        pair(a, 0, b, 3, -1, 1.0, 0.0, 0.1, False, Draft)
+    with pytest.raises(ValueError, match="min_token_prob"):
+        pair(a, 0, b, 3, 4, 1.0, 0.0, math.nan, False, Draft)
+    with pytest.raises(TypeError):
+        pair([1, 2], 0, b, 3, 4, 1.0, 0.0, 0.1, False, Draft)
+    with pytest.raises(ValueError, match="token ids"):
+        a.sync(0, [1, 2, 1, 2], [5, "x"], 4)
+    with pytest.raises(ValueError, match="check"):
+        a.sync(0, [1, 2, 1, 2], [], -1)
+    assert a.sequence(0) == [1, 2, 1, 2] and a.num_tokens == 4   # failed calls changed nothing
+    assert a.sync(0, [1, 2, 1, 2], [5], 4) == 1 and a.sequence(0) == [1, 2, 1, 2, 5]
+    assert a.sync(0, [1, 2, 1], [9, 5], 4) == -1 and a.sync(0, [1, 2, 1], [9, 5], 1) == 0
+    assert a.sync(7, [], [], 4) == -1 and 7 not in a

@@ -21,8 +21,9 @@ suffixes (``SuffixTree.speculate_stored``); the global tree is only searched for
 that beats the per-request one.
 
 ``backend``: "native" runs both trees in the compiled ``arctic_jax_native`` extension
-(``native_tree.NativeSuffixTree``; the same drafts at a fraction of the host cost), "python"
-in ``suffix_tree.SuffixTree``, "auto" (default) the compiled one when it is installed.
+(``native_tree``; the same drafts at a fraction of the host cost: a sync is one call per tree, a
+draft one call for both trees), "python" in ``suffix_tree.SuffixTree``, "auto" (default) the
+compiled one when it is installed.
 """
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from arctic_jax.speculative.native_tree import NativeSuffixTree, native_suffix_tree_class
+from arctic_jax.speculative.native_tree import (
+    native_draft_tree_class,
+    native_speculate_pair,
+    native_suffix_tree_class,
+)
 from arctic_jax.speculative.suffix_tree import Draft, SuffixTree, as_draft, check_int, check_real
 
 if TYPE_CHECKING:
@@ -42,11 +47,10 @@ BACKENDS = ("auto", "native", "python")   # auto: the compiled tree when install
 
 
 class _RequestState:
-    __slots__ = ("tree", "tokens", "prompt_len", "global_key")
+    __slots__ = ("tree", "prompt_len", "global_key")
 
-    def __init__(self, tree: SuffixTree, prompt_len: int, global_key: int | None) -> None:
-        self.tree = tree
-        self.tokens = tree.tokens_view(_LOCAL)   # its stored prompt + output (no copy)
+    def __init__(self, tree, prompt_len: int, global_key: int | None) -> None:
+        self.tree = tree               # its prompt + output, sequence _LOCAL
         self.prompt_len = prompt_len
         self.global_key = global_key   # its response's sequence in the global tree (None = not cached)
 
@@ -73,6 +77,43 @@ def _agrees(prompt: Sequence[int], output: Sequence[int], stored: list[int], lo:
     return _as_list(prompt[lo:]) == stored[lo:n] and _as_list(output[:hi - n]) == stored[n:]
 
 
+class _PythonTree(SuffixTree):
+    """``SuffixTree`` with the native tree's ``sync`` (the proposer drives both backends alike)."""
+
+    __slots__ = ()
+
+    def sync(self, seq_id: int, head: Sequence[int], tail: Sequence[int], check: int) -> int:
+        """Append (head + tail)[have:] when the stored sequence (have tokens) is no longer and its last
+        ``check`` tokens agree with head + tail, returning how many; else (or when seq_id is
+        absent) -1, nothing changed."""
+        if seq_id not in self:
+            return -1
+        stored = self.tokens_view(seq_id)
+        have, total = len(stored), len(head) + len(tail)
+        if have > total or not _agrees(head, tail, stored, max(0, have - check)):
+            return -1
+        if have < total:
+            self.extend(seq_id, _concat_from(head, tail, have))
+        return total - have
+
+
+def _python_speculate_pair(local: SuffixTree, local_seq: int, glob: SuffixTree | None,
+                           glob_seq: int | None, k: int, factor: float, offset: float,
+                           min_prob: float, use_tree: bool, draft_type: type) -> Draft:
+    """``arctic_jax_native.speculate_pair`` on Python trees: the context is the last max_depth
+    stored tokens of local_seq (the local tree's active suffixes); the global draft only when
+    it scores higher (ties to local)."""
+    tokens = local.tokens_view(local_seq)
+    n = min(len(tokens), local.max_depth)
+    best = local.speculate_stored(tokens, n, local_seq, k, factor, offset, min_prob, use_tree, -1.0)
+    if glob is not None:
+        other = glob.speculate_stored(tokens, n, glob_seq, k, factor, offset, min_prob, use_tree,
+                                      0.0 if best is None else best[3])
+        if other is not None:
+            best = other
+    return draft_type() if best is None else as_draft(best)
+
+
 class SuffixProposer:
     """Suffix-decoding proposer (module docstring). Not thread-safe."""
 
@@ -93,12 +134,17 @@ class SuffixProposer:
         self.use_tree_spec = use_tree_spec
         if backend not in BACKENDS:
             raise ValueError(f"SuffixProposer: backend must be one of {BACKENDS}, got {backend!r}")
-        native = native_suffix_tree_class() is not None
-        if backend == "native" and not native:
+        native_class = native_suffix_tree_class()
+        native_pair = native_speculate_pair() if native_class is not None else None
+        if backend == "native" and native_pair is None:
             raise ValueError("SuffixProposer: backend 'native' needs the compiled suffix tree "
                              "(pip install ./native)")
-        self.backend = "native" if backend == "native" or (backend == "auto" and native) else "python"
-        self._tree_class = NativeSuffixTree if self.backend == "native" else SuffixTree
+        self.backend = "native" if backend == "native" or (backend == "auto" and native_pair) else "python"
+        if self.backend == "native":
+            self._tree_class = native_draft_tree_class(native_class)
+            self._speculate_pair = native_pair
+        else:
+            self._tree_class, self._speculate_pair = _PythonTree, _python_speculate_pair
         self._requests: dict[str, _RequestState] = {}
         self._global = self._tree_class(self.max_depth) if self.max_cached_requests != 0 else None
         self._fifo: OrderedDict[int, str | None] = OrderedDict()   # global key -> live request id
@@ -131,24 +177,15 @@ class SuffixProposer:
 
     def propose_drafts(self, requests: Sequence[ProposerRequest], k: int) -> list[Draft]:
         """One ``Draft`` (at most k tokens) per request, in order."""
-        k = check_int("SuffixProposer.propose: k", k, 0)
+        if type(k) is not int or k < 0:
+            k = check_int("SuffixProposer.propose: k", k, 0)
         states = [self._sync(req) for req in requests]   # all first: the global tree sees every response
         glob = self._global if self._global is not None and len(self._global) else None
-        args = (k, self.max_spec_factor, self.max_spec_offset, self.min_token_prob, self.use_tree_spec)
-        depth = self.max_depth
-        out = []
-        for state in states:
-            # the context is the last max_depth stored tokens: the local tree's active suffixes
-            tokens = state.tokens
-            n = min(len(tokens), depth)
-            best = state.tree.speculate_stored(tokens, n, _LOCAL, *args, -1.0)
-            if glob is not None:   # the global draft only when it scores higher (ties to local)
-                other = glob.speculate_stored(tokens, n, state.global_key, *args,
-                                              0.0 if best is None else best[3])
-                if other is not None:
-                    best = other
-            out.append(Draft() if best is None else as_draft(best))
-        return out
+        spec, factor, offset = self._speculate_pair, self.max_spec_factor, self.max_spec_offset
+        min_prob, use_tree = self.min_token_prob, self.use_tree_spec
+        # the context is the last max_depth stored tokens: the local tree's active suffixes
+        return [spec(s.tree, _LOCAL, glob, s.global_key, k, factor, offset, min_prob, use_tree, Draft)
+                for s in states]
 
     def on_tokens(self, request: ProposerRequest, new_tokens: Sequence[int]) -> None:
         """The request accepted new_tokens; its state is brought up to prompt_ids + output_ids."""
@@ -166,35 +203,21 @@ class SuffixProposer:
     # ---- internals --------------------------------------------------------------------------
     def _sync(self, req: ProposerRequest) -> _RequestState:
         rid, prompt, output = req.request_id, req.prompt_ids, req.output_ids
-        n_prompt, expected = len(prompt), len(prompt) + len(output)
         state = self._requests.get(rid)
         if state is not None:
-            have = len(state.tokens)
-            if (state.prompt_len == n_prompt and have <= expected
-                    and _agrees(prompt, output, state.tokens, max(0, have - self.max_depth))):
-                if have < expected:
-                    state.tree.extend(_LOCAL, _concat_from(prompt, output, have))
-                self._sync_global(state, output)
+            depth = self.max_depth
+            if state.prompt_len == len(prompt) and state.tree.sync(_LOCAL, prompt, output, depth) >= 0:
+                key = state.global_key
+                if key is not None and self._global.sync(key, (), output, depth) < 0:
+                    live = self._fifo[key]
+                    self._drop_global(state)
+                    state.global_key = self._add_global(live, output)
                 return state
             self._drop_global(state)
         tree = self._tree_class(self.max_depth)
         tree.extend(_LOCAL, _concat_from(prompt, output, 0))
-        state = self._requests[rid] = _RequestState(tree, n_prompt, self._add_global(rid, output))
+        state = self._requests[rid] = _RequestState(tree, len(prompt), self._add_global(rid, output))
         return state
-
-    def _sync_global(self, state: _RequestState, output: Sequence[int]) -> None:
-        key = state.global_key
-        if key is None or self._global is None:
-            return
-        stored = self._global.tokens_view(key)
-        have = len(stored)
-        if have <= len(output) and _agrees((), output, stored, max(0, have - self.max_depth)):
-            if have < len(output):
-                self._global.extend(key, output[have:])
-            return
-        rid = self._fifo[key]
-        self._drop_global(state)
-        state.global_key = self._add_global(rid, output)
 
     def _add_global(self, rid: str, output: Sequence[int]) -> int | None:
         if self._global is None:

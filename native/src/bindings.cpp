@@ -93,40 +93,52 @@ int64_t seq_id_of(const char* where, nb::handle h) {
     return v;
 }
 
-// Token ids of items[first:] into out (int32 each, else ValueError naming `where`).
-void read_tokens(const char* where, PyObject* obj, std::vector<int32_t>& out, size_t keep_last) {
-    PyObject* fast = PySequence_Fast(obj, "token ids must be given as a sequence or iterable");
-    if (!fast) throw nb::python_error();
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject** items = PySequence_Fast_ITEMS(fast);
-    const Py_ssize_t first = (keep_last && static_cast<size_t>(n) > keep_last)
-                                 ? n - static_cast<Py_ssize_t>(keep_last) : 0;
-    out.resize(static_cast<size_t>(n - first));
-    for (Py_ssize_t i = first; i < n; ++i) {
-        PyObject* o = items[i];
-        int32_t v;
-        if (PyLong_CheckExact(o)) {
-            int overflow = 0;
-            long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
-            if (overflow || x < INT32_MIN || x > INT32_MAX) {
-                std::string msg = std::string(where) + ": token ids must fit in int32, got " + repr(o);
-                Py_DECREF(fast);
-                value_error(msg);
-            }
-            v = static_cast<int32_t>(x);
-        } else {
-            bool ok;
-            int64_t x = as_int(o, INT32_MIN, INT32_MAX, ok);
-            if (!ok) {
-                std::string msg = std::string(where) + ": token ids must be int32 integers, got " + repr(o);
-                Py_DECREF(fast);
-                value_error(msg);
-            }
-            v = static_cast<int32_t>(x);
-        }
-        out[static_cast<size_t>(i - first)] = v;
+PyObject* checked(PyObject* o) {
+    if (!o) throw nb::python_error();
+    return o;
+}
+
+// The int32 token id o (else ValueError naming `where`).
+inline int32_t token_of(const char* where, PyObject* o) {
+    if (PyLong_CheckExact(o)) {
+        int overflow = 0;
+        const long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow || x < INT32_MIN || x > INT32_MAX)
+            value_error(std::string(where) + ": token ids must fit in int32, got " + repr(o));
+        return static_cast<int32_t>(x);
     }
-    Py_DECREF(fast);
+    bool ok;
+    const int64_t x = as_int(o, INT32_MIN, INT32_MAX, ok);
+    if (!ok) value_error(std::string(where) + ": token ids must be int32 integers, got " + repr(o));
+    return static_cast<int32_t>(x);
+}
+
+// A list or tuple as is (no copy), anything else iterable as a new list; items() / size().
+class FastSeq {
+  public:
+    explicit FastSeq(PyObject* obj) {
+        PyObject* fast = PySequence_Fast(obj, "token ids must be given as a sequence or iterable");
+        if (!fast) throw nb::python_error();
+        own_ = nb::steal(fast);
+        n_ = PySequence_Fast_GET_SIZE(fast);
+        items_ = PySequence_Fast_ITEMS(fast);
+    }
+    size_t size() const { return static_cast<size_t>(n_); }
+    PyObject* operator[](size_t i) const { return items_[i]; }
+
+  private:
+    nb::object own_;
+    Py_ssize_t n_ = 0;
+    PyObject** items_ = nullptr;
+};
+
+// Token ids of the last keep_last items of obj (all when keep_last is 0) into out.
+void read_tokens(const char* where, PyObject* obj, std::vector<int32_t>& out, size_t keep_last) {
+    const FastSeq seq(obj);
+    const size_t n = seq.size();
+    const size_t first = (keep_last && n > keep_last) ? n - keep_last : 0;
+    out.resize(n - first);
+    for (size_t i = first; i < n; ++i) out[i - first] = token_of(where, seq[i]);
 }
 
 // score = sum(probs) exactly as this interpreter's builtin sum() adds floats (from int 0):
@@ -188,6 +200,26 @@ class PySuffixTree {
         const int64_t sid = seq_id_of("SuffixTree.extend", seq_id);
         read_tokens("SuffixTree.extend", tokens.ptr(), buf_, 0);
         tree_.extend(sid, buf_.data(), buf_.size());
+    }
+
+    int64_t sync(nb::handle seq_id, nb::handle head, nb::handle tail, nb::handle check) {
+        const char* where = "SuffixTree.sync";
+        const int64_t sid = seq_id_of(where, seq_id);
+        const int64_t chk = check_int("SuffixTree.sync: check", check, 0);
+        const FastSeq h(head.ptr()), t(tail.ptr());
+        const ajn::SuffixTree::SeqState* st = tree_.seq_state(sid);
+        if (!st) return -1;
+        const std::vector<int32_t>& stored = st->buf->toks;
+        const size_t nh = h.size(), total = nh + t.size(), have = stored.size();
+        if (have > total) return -1;
+        const size_t lo = have > static_cast<size_t>(chk) ? have - static_cast<size_t>(chk) : 0;
+        for (size_t i = lo; i < have; ++i)
+            if (token_of(where, i < nh ? h[i] : t[i - nh]) != stored[i]) return -1;
+        if (have == total) return 0;
+        buf_.resize(total - have);
+        for (size_t i = have; i < total; ++i) buf_[i - have] = token_of(where, i < nh ? h[i] : t[i - nh]);
+        tree_.extend(sid, buf_.data(), buf_.size());
+        return static_cast<int64_t>(total - have);
     }
 
     void remove(nb::handle seq_id) {
@@ -259,6 +291,14 @@ class PySuffixTree {
         return nb::steal(int_list(s->data(), s->size()));
     }
 
+    nb::object seq_ids() const {
+        const std::vector<int64_t> ids = tree_.seq_ids();
+        nb::object out = nb::steal(checked(PyList_New(static_cast<Py_ssize_t>(ids.size()))));
+        for (size_t i = 0; i < ids.size(); ++i)
+            PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), checked(PyLong_FromLongLong(ids[i])));
+        return out;
+    }
+
     bool contains(nb::handle seq_id) const {
         bool ok;
         const int64_t sid = as_int(seq_id.ptr(), INT64_MIN, INT64_MAX, ok);
@@ -286,16 +326,83 @@ class PySuffixTree {
     }
 
     const ajn::SuffixTree& tree() const { return tree_; }
+    ajn::SuffixTree& tree() { return tree_; }
 
   private:
     ajn::SuffixTree tree_;
     std::vector<int32_t> buf_;
 };
 
+// Interned attribute names of a draft object (made once, at import).
+PyObject* g_names[5];
+PyObject* g_empty_tuple;
+
+// cls.__new__-free construction, as object.__new__(cls) then object.__setattr__ of the five fields
+// (works for frozen dataclasses such as arctic_jax.speculative.suffix_tree.Draft).
+nb::object make_draft(PyObject* cls, const ajn::Draft* d, bool path) {
+    nb::object obj = nb::steal(checked(PyBaseObject_Type.tp_new(reinterpret_cast<PyTypeObject*>(cls),
+                                                                 g_empty_tuple, nullptr)));
+    const size_t n = d ? d->token_ids.size() : 0;
+    nb::object toks = nb::steal(checked(PyTuple_New(static_cast<Py_ssize_t>(n))));
+    nb::object parents = nb::steal(checked(PyTuple_New(static_cast<Py_ssize_t>(n))));
+    nb::object probs = nb::steal(checked(PyTuple_New(static_cast<Py_ssize_t>(n))));
+    for (size_t i = 0; i < n; ++i) {
+        const Py_ssize_t j = static_cast<Py_ssize_t>(i);
+        PyTuple_SET_ITEM(toks.ptr(), j, checked(PyLong_FromLong(d->token_ids[i])));
+        PyTuple_SET_ITEM(parents.ptr(), j,
+                         checked(PyLong_FromLong(path ? static_cast<long>(i) - 1 : d->parents[i])));
+        PyTuple_SET_ITEM(probs.ptr(), j, checked(PyFloat_FromDouble(d->probs[i])));
+    }
+    nb::object score = nb::steal(checked(PyFloat_FromDouble(d ? d->score : 0.0)));
+    nb::object m = nb::steal(checked(PyLong_FromLongLong(d ? d->match_len : 0)));
+    PyObject* vals[5] = {toks.ptr(), parents.ptr(), probs.ptr(), score.ptr(), m.ptr()};
+    for (int i = 0; i < 5; ++i)
+        if (PyObject_GenericSetAttr(obj.ptr(), g_names[i], vals[i]) < 0) throw nb::python_error();
+    return obj;
+}
+
+nb::object speculate_pair(PySuffixTree& local, nb::handle local_seq, PySuffixTree* global,
+                          nb::handle global_seq, nb::handle max_spec_tokens, nb::handle max_spec_factor,
+                          nb::handle max_spec_offset, nb::handle min_token_prob, nb::handle use_tree_spec,
+                          nb::handle draft_type) {
+    const char* where = "speculate_pair";
+    const int64_t max_spec = check_int("speculate_pair: max_spec_tokens", max_spec_tokens, 0);
+    const double factor = check_real("speculate_pair: max_spec_factor", max_spec_factor);
+    const double offset = check_real("speculate_pair: max_spec_offset", max_spec_offset);
+    const double min_prob = check_real("speculate_pair: min_token_prob", min_token_prob);
+    const int tree = PyObject_IsTrue(use_tree_spec.ptr());
+    if (tree < 0) throw nb::python_error();
+    if (!PyType_Check(draft_type.ptr()))
+        value_error("speculate_pair: draft_type must be a class, got " + repr(draft_type.ptr()));
+    ajn::SuffixTree& lt = local.tree();
+    const ajn::SuffixTree::SeqState* st = lt.seq_state(seq_id_of(where, local_seq));
+    if (!st) value_error("speculate_pair: unknown local sequence id " + repr(local_seq.ptr()));
+    if (global == &local) value_error("speculate_pair: the global tree must be another tree");
+    if (global && global->tree().max_depth() != lt.max_depth())
+        value_error("speculate_pair: both trees need the same max_depth");
+    const std::vector<int32_t>& toks = st->buf->toks;
+    const size_t n = std::min(toks.size(), static_cast<size_t>(lt.max_depth()));
+    const int32_t* ctx = toks.data() + (toks.size() - n);
+    const ajn::Draft* best = lt.speculate_above(ctx, n, st, max_spec, factor, offset, min_prob, tree != 0,
+                                                -1.0, &py_sum);
+    if (global) {
+        ajn::SuffixTree& gt = global->tree();
+        const ajn::SuffixTree::SeqState* hint =
+            global_seq.is_none() ? nullptr : gt.seq_state(seq_id_of(where, global_seq));
+        const ajn::Draft* other = gt.speculate_above(ctx, n, hint, max_spec, factor, offset, min_prob,
+                                                     tree != 0, best ? best->score : 0.0, &py_sum);
+        if (other) best = other;
+    }
+    return make_draft(draft_type.ptr(), best, tree == 0);
+}
+
 }  // namespace
 
 NB_MODULE(_suffix_tree, m) {
     m.doc() = "Compiled suffix tree for arctic-jax suffix decoding (see arctic_jax_native).";
+    const char* names[5] = {"token_ids", "parents", "probs", "score", "match_len"};
+    for (int i = 0; i < 5; ++i) g_names[i] = checked(PyUnicode_InternFromString(names[i]));
+    g_empty_tuple = checked(PyTuple_New(0));
     nb::class_<PySuffixTree>(m, "SuffixTree",
         "Depth-bounded, path-compressed suffix tree of int32 token sequences keyed by int64 ids;\n"
         "the drafts of arctic_jax.speculative.suffix_tree.SuffixTree. Not thread-safe.")
@@ -309,6 +416,12 @@ NB_MODULE(_suffix_tree, m) {
         .def("__contains__", &PySuffixTree::contains, nb::arg("seq_id").none())
         .def("extend", &PySuffixTree::extend, nb::arg("seq_id").none(), nb::arg("tokens").none(),
              "Append tokens to sequence seq_id (created when new), adding their suffixes.")
+        .def("sync", &PySuffixTree::sync, nb::arg("seq_id").none(), nb::arg("head").none(),
+             nb::arg("tail").none(), nb::arg("check").none(),
+             "Bring seq_id up to head + tail when it is a prefix of it: when the stored length is\n"
+             "<= len(head) + len(tail) and its last `check` stored tokens equal head + tail there,\n"
+             "append the rest and return how many; else change nothing and return -1 (also when\n"
+             "seq_id is absent).")
         .def("remove", &PySuffixTree::remove, nb::arg("seq_id").none(),
              "Remove sequence seq_id and all its suffix counts (ValueError when absent).")
         .def("speculate", &PySuffixTree::speculate, nb::arg("context").none(),
@@ -321,6 +434,7 @@ NB_MODULE(_suffix_tree, m) {
              "Stored length of seq_id (0 when absent).")
         .def("seq_tail", &PySuffixTree::seq_tail, nb::arg("seq_id").none(), nb::arg("n").none(),
              "The last min(n, length) stored tokens of seq_id (a list).")
+        .def("seq_ids", &PySuffixTree::seq_ids, "The stored sequence ids (a list, ascending).")
         .def("sequence", &PySuffixTree::sequence, nb::arg("seq_id").none(),
              "A copy of the stored tokens of seq_id (KeyError when absent).")
         .def("count", &PySuffixTree::count, nb::arg("path").none(),
@@ -329,4 +443,14 @@ NB_MODULE(_suffix_tree, m) {
              "(token, count) of path's children, best first (ties to the smaller token).")
         .def("best_child", &PySuffixTree::best_child, nb::arg("path").none(),
              "Token of path's best child (None when it has none).");
+    m.def("speculate_pair", &speculate_pair, nb::arg("local_tree"), nb::arg("local_seq").none(),
+          nb::arg("global_tree").none(), nb::arg("global_seq").none(), nb::arg("max_spec_tokens").none(),
+          nb::arg("max_spec_factor").none(), nb::arg("max_spec_offset").none(),
+          nb::arg("min_token_prob").none(), nb::arg("use_tree_spec").none(), nb::arg("draft_type").none(),
+          "Suffix decoding's draft for one request, as draft_type (a class built as object.__new__\n"
+          "then object.__setattr__ of token_ids, parents, probs (tuples), score (float), match_len\n"
+          "(int); no match gives the empty draft). The context is the last max_depth tokens of\n"
+          "local_seq in local_tree; the global tree's draft (None: no global tree) is taken only\n"
+          "when it scores higher. global_seq is None or a sequence of the global tree that ends\n"
+          "with the context (the request's response), used only to find matches faster.");
 }

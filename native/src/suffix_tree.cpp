@@ -368,6 +368,51 @@ std::vector<std::pair<int32_t, int64_t>> SuffixTree::children(const int32_t* pat
 }
 
 // ---- speculation ------------------------------------------------------------------------------
+namespace {
+constexpr double kSlack = 1.0 + 1e-9;   // room for rounding in the score bounds
+}  // namespace
+
+const SuffixTree::SeqState* SuffixTree::seq_state(int64_t seq_id) const {
+    auto it = seqs_.find(seq_id);
+    return it == seqs_.end() ? nullptr : &it->second;
+}
+
+std::vector<int64_t> SuffixTree::seq_ids() const {
+    std::vector<int64_t> out;
+    out.reserve(seqs_.size());
+    for (const auto& kv : seqs_) out.push_back(kv.first);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+void SuffixTree::budget_table(int64_t max_spec, double factor, double offset) {
+    if (table_ok_ && table_spec_ == max_spec && table_factor_ == factor && table_offset_ == offset) return;
+    const int64_t depth = depth_;
+    budgets_.assign(static_cast<size_t>(depth), 0);
+    caps_.assign(static_cast<size_t>(depth), 0.0);
+    order_m_.clear();
+    for (int64_t m = 0; m < depth; ++m) {
+        // budget = max(0, min(max_spec, floor(m * factor + offset + 1e-6)))
+        const double raw = std::floor(static_cast<double>(m) * factor + offset + 1e-6);
+        int64_t budget;
+        if (!(raw > 0.0)) budget = 0;
+        else if (raw >= static_cast<double>(max_spec)) budget = max_spec;
+        else budget = static_cast<int64_t>(raw);
+        budgets_[static_cast<size_t>(m)] = budget;
+        caps_[static_cast<size_t>(m)] = static_cast<double>(std::min(budget, depth - m)) * kSlack;
+        if (m >= 1) order_m_.push_back(static_cast<int32_t>(m));
+    }
+    const std::vector<double>& caps = caps_;
+    std::sort(order_m_.begin(), order_m_.end(), [&caps](int32_t a, int32_t b) {
+        return caps[static_cast<size_t>(a)] > caps[static_cast<size_t>(b)] ||
+               (caps[static_cast<size_t>(a)] == caps[static_cast<size_t>(b)] && a > b);
+    });
+    table_ok_ = true;
+    table_spec_ = max_spec;
+    table_factor_ = factor;
+    table_offset_ = offset;
+}
+
 const Draft& SuffixTree::speculate(const int32_t* ctx, size_t n, int64_t max_spec, double factor,
                                    double offset, double min_prob, bool tree, SumFn sum_probs) {
     const size_t depth = static_cast<size_t>(depth_);
@@ -375,26 +420,80 @@ const Draft& SuffixTree::speculate(const int32_t* ctx, size_t n, int64_t max_spe
         ctx += n - depth;
         n = depth;
     }
-    best_.clear();
-    for (size_t m = 1; m < n; ++m) {
-        auto [node, off] = locate(ctx + (n - m), m);
-        if (!node) break;
-        // budget = max(0, min(max_spec, floor(m * factor + offset + 1e-6)))
-        const double raw = std::floor(static_cast<double>(m) * factor + offset + 1e-6);
-        int64_t budget;
-        if (!(raw > 0.0)) budget = 0;
-        else if (raw >= static_cast<double>(max_spec)) budget = max_spec;
-        else budget = static_cast<int64_t>(raw);
+    if (!speculate_above(ctx, n, nullptr, max_spec, factor, offset, min_prob, tree, -1.0, sum_probs))
+        best_.clear();
+    return best_;
+}
+
+const Draft* SuffixTree::speculate_above(const int32_t* ctx, size_t n, const SeqState* hint,
+                                         int64_t max_spec, double factor, double offset,
+                                         double min_prob, bool tree, double floor, SumFn sum_probs) {
+    if (n < 2) return nullptr;
+    const size_t na = hint ? hint->active.size() : 0;
+    const size_t known = std::min(na, n - 1);   // m <= known: ctx's last m tokens end at an active node
+    size_t longest = known;
+    walked_.clear();
+    while (longest < n - 1) {   // longer matches: walk from the root
+        auto found = locate(ctx + (n - longest - 1), longest + 1);
+        if (!found.first) break;
+        walked_.push_back(found);
+        ++longest;
+    }
+    if (longest == 0) return nullptr;
+    budget_table(max_spec, factor, offset);
+    const double depth = static_cast<double>(depth_);
+    // the best is the highest (score, m): a floor is beaten by a higher score only
+    double best_score = floor;
+    size_t best_m = n;
+    bool found = false;
+    for (const int32_t mi : order_m_) {
+        const size_t m = static_cast<size_t>(mi);
+        const double cap = caps_[m];
+        if (cap < best_score) break;   // caps only decrease from here
+        if (m > longest || (cap <= best_score && m < best_m)) continue;
+        Node* node;
+        int32_t off;
+        if (m <= known) {
+            size_t idx = hint->head + na - m;
+            if (idx >= na) idx -= na;
+            node = hint->active[idx];
+            off = node->length;
+        } else {
+            node = walked_[m - known - 1].first;
+            off = walked_[m - known - 1].second;
+        }
+        const int64_t budget = budgets_[m];
+        if (off == node->length) {
+            // every prob is <= the first step's, and a level's probs sum to <= the children's share
+            // of the count: tighter bounds
+            Node* child = best_child(node);
+            const double total = static_cast<double>(node->count);
+            const double p1 = child ? static_cast<double>(child->count) / total : 0.0;
+            const double room = depth - static_cast<double>(m);
+            double bound = tree ? std::min(static_cast<double>(budget) * p1, room) * kSlack : cap * p1;
+            if (bound < best_score || (bound <= best_score && m < best_m)) continue;
+            if (tree && node->kids.n > 0 && !node->kids.hashed()) {
+                int64_t sum = 0;
+                node->kids.for_each([&](Node* c) { sum += c->count; });
+                const double share = static_cast<double>(sum) / total;
+                bound = std::min(bound, room * share * kSlack);
+                if (bound < best_score || (bound <= best_score && m < best_m)) continue;
+            }
+        }
         cur_.clear();
         if (tree) draft_tree(node, off, budget, min_prob, cur_);
         else draft_path(node, off, budget, min_prob, cur_);
-        cur_.score = sum_probs(cur_.probs.data(), cur_.probs.size());
-        if (cur_.score >= best_.score) {
+        const double score = sum_probs(cur_.probs.data(), cur_.probs.size());
+        if (score > best_score || (score == best_score && m > best_m)) {
+            cur_.score = score;
             cur_.match_len = static_cast<int64_t>(m);
             std::swap(cur_, best_);
+            best_score = score;
+            best_m = m;
+            found = true;
         }
     }
-    return best_;
+    return found ? &best_ : nullptr;
 }
 
 void SuffixTree::draft_path(Node* node, int32_t off, int64_t budget, double min_prob, Draft& out) {

@@ -92,18 +92,31 @@ class SuffixTree {
     int64_t count(const int32_t* path, size_t n) const;
     std::vector<std::pair<int32_t, int64_t>> children(const int32_t* path, size_t n) const;
 
+    // A stored sequence: its tokens and the nodes where its last min(len, max_depth) suffixes end.
+    struct SeqState {
+        SeqBuf* buf;
+        std::vector<Node*> active;   // ring of the suffixes still growing, oldest at `head`
+        size_t head = 0;
+    };
+    const SeqState* seq_state(int64_t seq_id) const;   // null when absent
+    std::vector<int64_t> seq_ids() const;               // the stored sequence ids, ascending
+
     // The best draft continuing ctx (its last max_depth tokens are used). sum_probs(p, n) must
     // return the score of a draft from its probs (the caller's summation rule).
     using SumFn = double (*)(const double*, size_t);
     const Draft& speculate(const int32_t* ctx, size_t n, int64_t max_spec, double factor,
                            double offset, double min_prob, bool tree, SumFn sum_probs);
 
+    // speculate's best draft for ctx (n <= max_depth tokens) when its score beats `floor`
+    // (-1.0: whenever some suffix of ctx matches), else null. `hint` is null or a sequence of this
+    // tree that ends with ctx's last min(n, its length) tokens: its active suffixes give those
+    // match positions without a walk from the root. Match lengths are visited by decreasing
+    // score bound and skipped when the bound cannot beat the best so far (same result).
+    const Draft* speculate_above(const int32_t* ctx, size_t n, const SeqState* hint, int64_t max_spec,
+                                 double factor, double offset, double min_prob, bool tree,
+                                 double floor, SumFn sum_probs);
+
   private:
-    struct SeqState {
-        SeqBuf* buf;
-        std::vector<Node*> active;   // ring of the suffixes still growing, oldest at `head`
-        size_t head = 0;
-    };
     struct Cand {   // a tree-mode candidate: position (node, off + 1)
         double prob;
         uint64_t order;
@@ -131,7 +144,18 @@ class SuffixTree {
     Draft best_, cur_;
     std::vector<Cand> heap_;
     std::vector<Node*> kids_scratch_;
+    std::vector<std::pair<Node*, int32_t>> walked_;
     uint64_t order_ = 0;
+    // budget table of speculate_above for (max_spec, factor, offset): per match length m < depth
+    // the budget, its score cap min(budget, depth - m) (with room for rounding), and the m's by
+    // decreasing cap, then decreasing m
+    void budget_table(int64_t max_spec, double factor, double offset);
+    bool table_ok_ = false;
+    int64_t table_spec_ = 0;
+    double table_factor_ = 0.0, table_offset_ = 0.0;
+    std::vector<int64_t> budgets_;
+    std::vector<double> caps_;
+    std::vector<int32_t> order_m_;
 };
 
 }  // namespace ajn
