@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from arctic_jax.engine.choice_jobs import Job, copy_jobs, start_order
 from arctic_jax.engine.compilation_cache import AUTO, configure_compilation_cache
 from arctic_jax.engine.engine import EngineConfig, LLMEngine
 from arctic_jax.engine.request import CollectedOutput
@@ -94,44 +95,37 @@ class LLM:
 
     def _generate_ids(self, prompt_ids: list[list[int]],
                       params: list[SamplingParams]) -> list[CompletionOutput]:
-        """Copy 0 of each prompt starts at once, its other copies after its first output, when
-        the prompt's KV pages are in the prefix cache (``arctic_jax.engine.copies``)."""
-        copies = [p.copies() for p in params]
-        for ids, cs in zip(prompt_ids, copies, strict=True):  # reject bad input before queueing any
+        """Every prompt's ``n`` choices as jobs (``engine.choice_jobs``: copy 0 at once, the
+        others after its first output, when the prompt's KV pages are in the prefix cache);
+        the outputs in prompt and copy order."""
+        for ids, p in zip(prompt_ids, params, strict=True):  # reject bad input before queueing any
             self.engine.validate_prompt(ids)
-            self.engine.validate_params(cs[0])
-        jobs: dict[str, tuple[int, int]] = {}      # request id -> (prompt, copy)
-        later: dict[str, list[tuple[int, int]]] = {}   # copy 0's id -> the copies it starts
-
-        def add(i: int, j: int) -> str:
-            rid = self.engine.add_request(prompt_ids[i], copies[i][j])
-            jobs[rid] = (i, j)
-            return rid
-
-        for i, cs in enumerate(copies):
-            later[add(i, 0)] = [(i, j) for j in range(1, len(cs))]
-        collected = {rid: CollectedOutput() for rid in jobs}
-        pending = set(jobs)
+            self.engine.validate_params(p.copies()[0])
+        jobs: list[Job] = []
+        for ids, p in zip(prompt_ids, params, strict=True):
+            jobs += copy_jobs(len(jobs), self.engine.new_request_id(), ids, p)
+        now, waiting = start_order(jobs)
+        of_request = {job.request_id: job for job in jobs}
+        collected = {job.index: CollectedOutput() for job in jobs}
+        pending = {self.engine.add_request(job.prompt_ids, job.params, job.request_id) for job in now}
         while pending:
             if not self.engine.has_unfinished():
                 raise RuntimeError("the engine stopped with requests unfinished")
             for out in self.engine.step():
-                c = collected.get(out.request_id)
-                if c is None:
+                job = of_request.get(out.request_id)
+                if job is None:
                     continue
-                c.add(out)
+                collected[job.index].add(out)
                 if out.finished:
                     pending.discard(out.request_id)
-                for i, j in later.pop(out.request_id, ()):
-                    rid = add(i, j)
-                    collected[rid] = CollectedOutput()
-                    pending.add(rid)
-        order = sorted(jobs, key=jobs.__getitem__)
-        return [CompletionOutput(prompt_token_ids=prompt_ids[jobs[rid][0]], text=collected[rid].text,
-                                 token_ids=collected[rid].token_ids,
-                                 finish_reason=collected[rid].finish_reason,
-                                 logprobs=collected[rid].logprobs, index=jobs[rid][1])
-                for rid in order]
+                pending.update(self.engine.add_request(j.prompt_ids, j.params, j.request_id)
+                               for j in waiting.pop(job.index, ()))
+        return [CompletionOutput(prompt_token_ids=job.prompt_ids, text=collected[job.index].text,
+                                 token_ids=collected[job.index].token_ids,
+                                 finish_reason=collected[job.index].finish_reason,
+                                 logprobs=collected[job.index].logprobs,
+                                 index=job.index - (job.after if job.after is not None else job.index))
+                for job in jobs]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
         """Yield text pieces of one generation as they are produced."""

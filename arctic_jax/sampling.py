@@ -104,7 +104,7 @@ class SamplingParams:
 
     ``n`` in [1, MAX_N]: choices per prompt. The engine runs one sequence per request:
     ``copies`` expands a request into its n copies (``LLM.generate`` and
-    the server (``serving.generations.copy_jobs``) do).
+    the server do, through ``engine.choice_jobs``).
     """
 
     max_tokens: int = 16

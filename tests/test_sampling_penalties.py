@@ -350,7 +350,8 @@ def test_copies_of_one_prompt_share_its_pages_on_the_async_front(weights):
     """The server's n choices: copy i is the request seeded seed + i; copies 1.. start after
     copy 0's first output and find its full prompt pages in the prefix cache."""
     from arctic_jax.engine.async_engine import AsyncEngine
-    from arctic_jax.serving.generations import Generations, copy_jobs
+    from arctic_jax.engine.choice_jobs import copy_jobs
+    from arctic_jax.serving.generations import Generations
 
     rng = np.random.default_rng(24)
     prompt = [int(t) for t in rng.integers(0, CFG.vocab_size, size=22)]

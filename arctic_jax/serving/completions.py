@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from arctic_jax.engine.choice_jobs import copy_jobs
 from arctic_jax.engine.front import EngineFront
 from arctic_jax.engine.request import CollectedOutput, RequestOutput
 from arctic_jax.sampling import SamplingParams
@@ -22,7 +23,6 @@ from arctic_jax.serving.errors import APIError, sampling_error
 from arctic_jax.serving.generations import (
     SSE_HEADERS,
     Generations,
-    copy_jobs,
     finish_reason_of,
     sse,
     sse_with_errors,

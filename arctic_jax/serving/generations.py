@@ -3,16 +3,15 @@ and Server-Sent Events framing for streamed responses."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
 
+from arctic_jax.engine.choice_jobs import Job, start_order
 from arctic_jax.engine.front import EngineFront
 from arctic_jax.engine.request import RequestOutput
-from arctic_jax.sampling import SamplingParams
 from arctic_jax.serving.errors import APIError, ClientDisconnected, engine_error
 from arctic_jax.serving.protocol import PromptTokensDetails, Usage
 from arctic_jax.serving.shutdown import ShutdownGate
@@ -20,31 +19,6 @@ from arctic_jax.serving.shutdown import ShutdownGate
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.2              # how often a non-streaming request checks its client
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    index: int            # choice index in the response
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    after: int | None = None   # start once the job of this index gave its first output
-
-
-def copy_jobs(first_index: int, request_id: str, prompt_ids: list[int],
-              params: SamplingParams) -> list[Job]:
-    """The ``params.n`` choices of one prompt as jobs (``params.copies()``: copy i seeded
-    seed + i), indices ``first_index`` + i, request ids ``request_id``-i.
-
-    Copy 0 starts at once; the others once copy 0 gave its first output: by then the prompt's
-    full KV pages are in the prefix cache, so each other copy computes only the prompt's last
-    partial page (started together, every copy would compute the whole prompt).
-    """
-    copies = params.copies()
-    if len(copies) == 1:
-        return [Job(first_index, request_id, prompt_ids, copies[0])]
-    return [Job(first_index + i, f"{request_id}-{i}", prompt_ids, p,
-                after=None if i == 0 else first_index) for i, p in enumerate(copies)]
 
 
 class Generations:
@@ -79,12 +53,8 @@ class Generations:
     async def start(self) -> None:
         if self._gate is not None:
             self._gate.track(self)
-        waiting: dict[int, list[Job]] = {}
-        for job in self._jobs:
-            if job.after is None:
-                self._tasks.append(asyncio.create_task(self._pump(job)))
-            else:
-                waiting.setdefault(job.after, []).append(job)
+        now, waiting = start_order(self._jobs)
+        self._tasks += [asyncio.create_task(self._pump(job)) for job in now]
         started: set[int] = set()
         try:
             while len(started) < len(self._jobs):
