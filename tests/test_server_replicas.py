@@ -1,19 +1,18 @@
 """``serve --replicas-per-gpu N``: N whole servers behind one port (SO_REUSEPORT), each naming
 itself in ``X-Arctic-Replica``; the same input gets the same answer from either; SIGTERM to
-the parent drains them all and exits 0; impossible flag combinations fail loudly."""
+the parent drains them all and exits 0 (``examples/embedding_replicas.ipynb`` runs the README's
+command and checks each step); impossible flag combinations fail loudly."""
 from __future__ import annotations
 
 import os
-import time
+import re
 
-import httpx
-import numpy as np
 import pytest
 
 from arctic_jax import cli
-from arctic_jax.serving.cli_commands import ServerProcess
-from arctic_jax.serving.server_replicas import REPLICA_HEADER, child_argv, child_env
+from arctic_jax.serving.server_replicas import child_argv, child_env
 from helpers import REPO_ROOT, server_env
+from notebooks import run_notebook
 
 MODEL = "minilm-replicas"
 
@@ -35,37 +34,30 @@ ARGS = [*readme_replicas_command(), "--served-model-name", MODEL, "--max-model-l
         "--seq-buckets", "8"]
 
 
-def embed(url: str, text: str) -> tuple[str, np.ndarray]:
-    """One request on a new connection: (the replica that answered, the vector)."""
-    r = httpx.post(url + "/v1/embeddings", json={"model": MODEL, "input": text}, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.headers[REPLICA_HEADER], np.asarray(r.json()["data"][0]["embedding"])
+def notebook_command() -> list[str]:
+    """The flags of the ``serve`` command in ``examples/embedding_replicas.ipynb``."""
+    import nbformat
+
+    nb = nbformat.read(os.path.join(REPO_ROOT, "examples", "embedding_replicas.ipynb"), as_version=4)
+    source = next(c.source for c in nb.cells if c.cell_type == "code" and '"serve"' in c.source)
+    start = source.index('"serve"')
+    return re.findall(r'"([^"]+)"', source[start:source.index("]", start)])[1:]
 
 
-def test_two_replicas_share_the_port_and_answer_alike():
-    proc = ServerProcess(ARGS, env=server_env(), cwd=REPO_ROOT)
-    try:
-        ready: set[str] = set()
-        deadline = time.monotonic() + 300
-        while ready != {"0", "1"}:   # each new connection may land on either replica
-            assert proc.proc.poll() is None and time.monotonic() < deadline, proc.log_tail()
-            try:
-                r = httpx.get(proc.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    ready.add(r.headers[REPLICA_HEADER])
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        by_replica: dict[str, list[np.ndarray]] = {"0": [], "1": []}
-        for _ in range(40):
-            replica, vector = embed(proc.url, "the same sentence, twice over")
-            by_replica[replica].append(vector)
-        assert all(by_replica.values()), {k: len(v) for k, v in by_replica.items()}
-        np.testing.assert_allclose(by_replica["0"][0], by_replica["1"][0], atol=1e-6)
-    finally:
-        code = proc.stop(timeout=60)
-    assert code == 0, proc.log_tail()
-    assert proc.log_tail(20000).count("arctic-jax serve: ready") == 2
+def test_the_notebook_runs_the_readme_command():
+    """The notebook's server is the README's command (its port aside) with the small limits above."""
+    flags = notebook_command()
+    i = flags.index("--port")
+    assert flags[:i] + flags[i + 1:] == [a for a in ARGS if a not in ("--served-model-name", MODEL)]
+
+
+def test_two_replicas_share_the_port_and_answer_alike(monkeypatch):
+    """The notebook (it asserts every step): both replicas answer on one port, with the same
+    vector for the same input; SIGTERM to the parent drains them and exits 0."""
+    monkeypatch.setenv("XLA_FLAGS", server_env()["XLA_FLAGS"])   # one CPU device per server
+    out = run_notebook("embedding_replicas.ipynb")
+    assert "replicas ready: ['0', '1']" in out
+    assert "replicas notebook: two replicas behind one port answered alike and stopped cleanly" in out
 
 
 def test_replica_arguments_and_memory_share(monkeypatch):
