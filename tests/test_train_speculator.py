@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arctic_jax.batch import Buckets
 from arctic_jax.speculative.draft_model import (
     DraftModelConfig,
     greedy_draft,
@@ -18,10 +17,10 @@ from arctic_jax.speculative.draft_model import (
     teacher_forced_logits,
 )
 from arctic_jax.training import data, prompts, trainer
-from arctic_jax.training.hidden_states import BaseModel, token_buckets
+from arctic_jax.training.hidden_states import BaseModel, hidden_states, packs, step_size
 
 # The command's own prompt choice for these settings: 11 short instructions and one HumanEval
-# problem (123 tokens), so the sequences fall into more than one length bucket.
+# problem (123 tokens), so the sequences' lengths differ widely.
 SETTINGS = data.GenerationSettings(model="default", num_prompts=12, max_tokens=40,
                                    sampled_fraction=0.5, temperature=0.8, seed=1)
 
@@ -50,11 +49,33 @@ def test_prompt_pool_is_varied_and_seeded():
         prompts.conversations(10**6, seed=0)
 
 
-def test_token_buckets_cover_the_longest_sequence():
-    assert token_buckets(1) == (64,)
-    assert token_buckets(100) == (64, 96, 128)
-    assert token_buckets(385) == (64, 96, 128, 192, 256, 384, 512)
-    assert all(b % 16 == 0 for b in token_buckets(5000))
+def test_sequences_pack_into_steps_of_one_size():
+    assert step_size([10, 20]) == 64                  # all of them, rounded up to 64
+    assert step_size([100] * 30) == 2048              # STEP_TOKENS when they need more
+    assert step_size([3000, 5]) == 3008               # never less than the longest
+    assert packs([50, 60, 40, 30], step=128, max_seqs=2) == [[0, 1], [2, 3]]
+    assert packs([50, 60, 40, 30], step=128, max_seqs=4) == [[0, 1], [2, 3]]
+    assert packs([100, 100, 100], step=128) == [[0], [1], [2]]
+    rng = np.random.default_rng(3)
+    lengths = [int(n) for n in rng.integers(1, 300, size=200)]
+    groups = packs(lengths, step_size(lengths, 512), max_seqs=7)
+    assert [i for g in groups for i in g] == list(range(200))
+    assert all(len(g) <= 7 and sum(lengths[i] for i in g) <= 512 for g in groups)
+
+
+def test_smaller_packed_steps_give_the_same_states(llm, distilled):
+    """The data set's states came from one step holding every sequence; steps of 256 tokens
+    (several, with other neighbours per step) give each sequence the same rows."""
+    from arctic_jax.tokenizer import encode_chat
+
+    d = distilled
+    convs = prompts.conversations(SETTINGS.num_prompts, SETTINGS.seed)
+    seqs = [encode_chat(llm.tokenizer, c) + d.tokens[d.offsets[s]:d.offsets[s + 1]].tolist()
+            for s, c in enumerate(convs)]
+    first = [int(n) - 1 for n in d.prompt_lens]
+    assert len(packs([len(x) for x in seqs], 256)) > 2
+    states = hidden_states(BaseModel.of_llm(llm), seqs, first, step_tokens=256)
+    np.testing.assert_allclose(np.concatenate([h for h, _ in states]), d.hidden, atol=1e-4)
 
 
 def test_hidden_states_reproduce_the_generation(llm, distilled):
@@ -64,8 +85,6 @@ def test_hidden_states_reproduce_the_generation(llm, distilled):
     assert d.num_sequences == SETTINGS.num_prompts and int(d.sampled.sum()) == 6
     assert d.hidden.shape == (d.tokens.shape[0], llm.config.hidden_size)
     assert d.greedy_agreement == 1.0
-    lengths = d.prompt_lens + np.diff(d.offsets)
-    assert len({Buckets.pick(n, token_buckets(lengths.max()), "") for n in lengths}) > 1
     model = BaseModel.of_llm(llm)
     logits = np.asarray(model.spec.head(model.weights, jnp.asarray(d.hidden), cfg=model.cfg))
     for s in range(d.num_sequences):

@@ -1,8 +1,9 @@
 """The base model's final-normed hidden states at every position of whole sequences.
 
-Each sequence runs as one prefill step of the model's own ``step`` function (its ``ModelSpec``),
-over a fresh paged KV cache, asking for the hidden row of every position it needs. Sequence
-lengths are padded to a few token buckets, so a run compiles one program per bucket used.
+Sequences run as prefill steps of the model's own ``step`` function (its ``ModelSpec``) over a
+fresh paged KV cache, asking for the hidden row of every position they need. Consecutive
+sequences are packed into steps of one padded size (``STEP_TOKENS``, or the total of all of
+them when smaller, or the longest when larger), so a run compiles one program.
 """
 from __future__ import annotations
 
@@ -23,20 +24,32 @@ from arctic_jax.kv_cache import KVCache
 from arctic_jax.models.step_options import StepOptions
 
 PAGE_SIZE = 16
+STEP_TOKENS = 2048      # tokens per packed step (at least the longest sequence)
+MAX_SEQS = 32           # sequences per packed step
 
 
-def token_buckets(longest: int, smallest: int = 64) -> tuple[int, ...]:
-    """Padded step lengths: 64, 96, 128, 192, 256, ... (steps of x1.5 / x1.33), up to the first
-    that holds ``longest`` tokens; each is a multiple of the page size."""
+def step_size(lengths: Sequence[int], step_tokens: int = STEP_TOKENS) -> int:
+    """Padded tokens per step: a multiple of 64 that holds the longest sequence, and
+    ``step_tokens`` unless all sequences together need fewer."""
+    longest, total = max(lengths), sum(lengths)
     if longest < 1:
-        raise ValueError(f"sequences must hold at least one token, longest has {longest}")
-    out, b = [], smallest
-    while True:
-        for size in (b, b * 3 // 2):
-            out.append(size)
-            if size >= longest:
-                return tuple(out)
-        b *= 2
+        raise ValueError(f"sequences must hold at least one token, the longest has {longest}")
+    want = max(longest, min(total, step_tokens))
+    return -(-want // 64) * 64
+
+
+def packs(lengths: Sequence[int], step: int, max_seqs: int = MAX_SEQS) -> list[list[int]]:
+    """Consecutive sequence indices grouped so that each group's tokens fit one step of
+    ``step`` tokens and at most ``max_seqs`` sequences."""
+    out: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not out or used + n > step or len(out[-1]) == max_seqs:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +89,7 @@ def _program(step: Callable, head: Callable, cfg: ModelConfig, opts: StepOptions
 
 
 def hidden_states(model: BaseModel, sequences: Sequence[Sequence[int]], first: Sequence[int], *,
-                  attention_impl: str | None = None
+                  attention_impl: str | None = None, step_tokens: int = STEP_TOKENS
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each sequence x (token ids) and its ``first`` row f: (hidden [len(x) - 1 - f, H]
     float32, argmax [len(x) - 1 - f] int32), the base model's final-normed hidden state at
@@ -93,19 +106,29 @@ def hidden_states(model: BaseModel, sequences: Sequence[Sequence[int]], first: S
                              f"{model.cfg.max_position_embeddings} positions")
     if not sequences:
         return []
-    sizes = token_buckets(max(len(s) for s in sequences))
-    num_pages = sizes[-1] // PAGE_SIZE
+    lengths = [len(s) for s in sequences]
+    step = step_size(lengths, step_tokens)
+    groups = packs(lengths, step)
+    seqs = max(len(g) for g in groups)
+    max_pages = -(-max(lengths) // PAGE_SIZE)
+    buckets = Buckets(tokens=(step,), seqs=(seqs,), pages=(max_pages,))
     dtype = jax.tree_util.tree_leaves(model.weights)[0].dtype
     opts = StepOptions(attention=PagedAttention(attention_impl or default_attention_impl()))
-    program = _program(model.spec.step, model.spec.head, model.cfg, opts, num_pages, dtype)
+    program = _program(model.spec.step, model.spec.head, model.cfg, opts,
+                       step // PAGE_SIZE + seqs, dtype)
     out = []
-    for seq, f in zip(sequences, first, strict=True):
-        size = Buckets.pick(len(seq), sizes, "tokens")
-        pages = size // PAGE_SIZE
-        buckets = Buckets(tokens=(size,), seqs=(1,), pages=(pages,))
-        chunk = SequenceChunk(tokens=[int(t) for t in seq], start=0, pages=list(range(pages)),
-                              logits_at=list(range(f, len(seq) - 1)))
-        batch, rows = build_step_batch([chunk], PAGE_SIZE, buckets)
+    for group in groups:
+        chunks, next_page = [], 0
+        for s in group:
+            pages = -(-lengths[s] // PAGE_SIZE)
+            chunks.append(SequenceChunk(tokens=[int(t) for t in sequences[s]], start=0,
+                                        pages=list(range(next_page, next_page + pages)),
+                                        logits_at=list(range(first[s], lengths[s] - 1))))
+            next_page += pages
+        batch, rows = build_step_batch(chunks, PAGE_SIZE, buckets)
         hidden, argmax = program(model.weights, batch)
-        out.append((np.asarray(hidden[:rows]), np.asarray(argmax[:rows])))
+        hidden, argmax = np.asarray(hidden[:rows]), np.asarray(argmax[:rows])
+        ends = np.cumsum([lengths[s] - 1 - first[s] for s in group])
+        out += [(h, a) for h, a in zip(np.split(hidden, ends[:-1]), np.split(argmax, ends[:-1]),
+                                        strict=True)]
     return out
