@@ -7,6 +7,7 @@ T tokens, S sequences, R logits rows, MP page-table columns.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -178,7 +179,8 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     ends = starts + lens
     need = -(-ends // page_size)
     n = int(lens.sum())                                              # real tokens
-    num_logits = sum(len(c.wanted()) for c in chunks)
+    wanted = [c.wanted() for c in chunks]
+    num_logits = sum(len(w) for w in wanted)
     T = Buckets.pick(n, buckets.tokens, "tokens")
     S = Buckets.pick(len(chunks), buckets.seqs, "sequences")
     # One logits row per sequence unless a sequence wants several (speculative verify).
@@ -186,11 +188,17 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     MP = Buckets.pick(int(need.max()), buckets.pages, "pages per sequence")
 
     page_tables = np.zeros((S, MP), np.int32)
-    for s, c in enumerate(chunks):
-        if len(c.pages) < need[s]:
-            raise ValueError(f"sequence {s} needs {need[s]} pages for {ends[s]} positions, "
-                             f"has {len(c.pages)}")
-        page_tables[s, :need[s]] = c.pages[:need[s]]
+    have = np.fromiter((len(c.pages) for c in chunks), np.int64, len(chunks))
+    if (have < need).any():
+        s = int(np.argmax(have < need))
+        raise ValueError(f"sequence {s} needs {need[s]} pages for {ends[s]} positions, "
+                         f"has {have[s]}")
+    # one scatter of every sequence's first need[s] pages (row s, columns 0..need[s]-1)
+    page_rows = np.repeat(np.arange(len(chunks)), need)
+    page_cols = np.arange(int(need.sum())) - np.repeat(np.cumsum(need) - need, need)
+    page_tables[page_rows, page_cols] = np.fromiter(
+        itertools.chain.from_iterable(c.pages[:k] for c, k in zip(chunks, need.tolist(), strict=True)),
+        np.int32, len(page_rows))
     if (page_tables < 0).any():
         s = int(np.argmax((page_tables < 0).any(axis=1)))
         bad = page_tables[s][page_tables[s] < 0]
@@ -211,16 +219,17 @@ def build_step_batch(chunks: Sequence[SequenceChunk], page_size: int,
     query_start[:len(chunks)] = first
     kv_lens = np.zeros(S, np.int32)
     kv_lens[:len(chunks)] = ends
+    per_seq = np.fromiter((len(w) for w in wanted), np.int64, len(chunks))
+    at = np.fromiter(itertools.chain.from_iterable(wanted), np.int64, num_logits)
+    seq_of_row = np.repeat(np.arange(len(chunks)), per_seq)
+    bad = (at < 0) | (at >= lens[seq_of_row])
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise ValueError(f"logits index {at[r]} outside the chunk of {lens[seq_of_row[r]]} tokens")
     logits_indices = np.zeros(R, np.int32)
+    logits_indices[:num_logits] = first[seq_of_row] + at
     logits_start = np.full(S + 1, num_logits, np.int32)
-    r = 0
-    for s, c in enumerate(chunks):
-        logits_start[s] = r
-        for i in c.wanted():
-            if not 0 <= i < lens[s]:
-                raise ValueError(f"logits index {i} outside the chunk of {lens[s]} tokens")
-            logits_indices[r] = first[s] + i
-            r += 1
+    logits_start[:len(chunks)] = np.cumsum(per_seq) - per_seq
     lookback = None
     if tree:
         lookback = np.full(T, ALL_VISIBLE, np.int32)

@@ -434,10 +434,12 @@ class LLMEngine:
         plain = sum(1 for c in step.chunks
                     if c.sample and not c.draft and id(c.request) in kept
                     and c.start >= len(c.request.prompt_ids) and self._may_speculate(c.request))
+        runs = []
         for v in update.verified:
             emitted = min(v.emitted, kept.get(id(v.request), v.emitted))
             self.spec_stats.on_verified(v.drafted, v.accepted, emitted, v.depth)
-            self.metrics.on_verified(v.drafted, v.accepted, emitted, v.depth)
+            runs.append((v.drafted, v.accepted, emitted, v.depth))
+        self.metrics.on_verified_runs(runs)
         if plain:
             self.spec_stats.on_plain_decode(plain)
             self.metrics.on_plain_decode(plain)

@@ -80,18 +80,28 @@ class EngineMetrics:
         self.steps.labels(variant).inc()
         self.step_tokens.labels(variant).inc(num_step_tokens)
 
-    def on_verified(self, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
-        """One request-step verified ``drafted`` drafts (offering ``depth`` positions: a tree's
-        depth, default ``drafted``), accepted ``accepted``, kept ``emitted``."""
-        self.spec_drafts.inc()
-        self.spec_draft_tokens.inc(drafted)
-        self.spec_accepted_tokens.inc(accepted)
-        for i in range(drafted if depth is None else depth):
-            self.spec_drafted_per_pos.labels(str(i)).inc()
-        for i in range(accepted):
-            self.spec_accepted_per_pos.labels(str(i)).inc()
-        self.spec_request_steps.inc()
-        self.spec_emitted_tokens.inc(emitted)
+    def on_verified_runs(self, runs: list[tuple[int, int, int, int]]) -> None:
+        """The request-steps one step verified, each (drafted, accepted, emitted, depth):
+        ``drafted`` drafts offering ``depth`` positions (a tree's depth, else ``drafted``),
+        ``accepted`` accepted, ``emitted`` kept. One increment per counter and position."""
+        if not runs:
+            return
+        offered: list[int] = []    # offered[i]: runs offering draft position i
+        taken: list[int] = []
+        for _, accepted, _, depth in runs:
+            for counts, n in ((offered, depth), (taken, accepted)):
+                if len(counts) < n:
+                    counts.extend([0] * (n - len(counts)))
+                for i in range(n):
+                    counts[i] += 1
+        self.spec_drafts.inc(len(runs))
+        self.spec_draft_tokens.inc(sum(r[0] for r in runs))
+        self.spec_accepted_tokens.inc(sum(r[1] for r in runs))
+        for metric, counts in ((self.spec_drafted_per_pos, offered), (self.spec_accepted_per_pos, taken)):
+            for i, n in enumerate(counts):
+                metric.labels(str(i)).inc(n)
+        self.spec_request_steps.inc(len(runs))
+        self.spec_emitted_tokens.inc(sum(r[2] for r in runs))
 
     def on_plain_decode(self, num_steps: int) -> None:
         """Request-steps of speculating requests that had no draft (one token each)."""

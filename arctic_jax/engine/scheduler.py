@@ -354,6 +354,9 @@ class Scheduler:
         """
         touched, verified = [], []
         row = 0
+        tokens = tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens]
+        if logprobs is not None:
+            logprobs = logprobs.tolist() if hasattr(logprobs, "tolist") else [float(x) for x in logprobs]
         for chunk in step.chunks:
             request = chunk.request
             if not chunk.sample:
@@ -364,18 +367,18 @@ class Scheduler:
             if request.finished:
                 continue
             request.pending -= 1  # a request preempted meanwhile keeps the tokens, recomputes later
-            targets = [int(tokens[r]) for r in rows]
+            targets = tokens[rows.start:rows.stop]
             kept_rows, in_place = self._verify(chunk, rows, targets, accepted)
             n_accepted = len(kept_rows) - 1
             if chunk.draft and request.status is RequestStatus.RUNNING:
                 request.num_computed -= len(chunk.draft) - in_place
             emitted = 0
             for r in kept_rows:
-                token = int(tokens[r])
+                token = tokens[r]
                 request.output_ids.append(token)
                 emitted += 1
                 if logprobs is not None:
-                    request.output_logprobs.append(float(logprobs[r]))
+                    request.output_logprobs.append(logprobs[r])
                 if top_logprobs is not None and request.params.logprobs:
                     request.top_logprobs.append(list(top_logprobs[r]))
                 reason = self._stop_reason(request, token)

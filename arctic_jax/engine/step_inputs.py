@@ -8,6 +8,8 @@ k draft tokens: verify the drafts). Every logits row is one sampler row, in chun
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -15,7 +17,7 @@ import numpy as np
 from arctic_jax.batch import ALL_VISIBLE, Buckets, SequenceChunk, StepBatch, build_step_batch
 from arctic_jax.engine.scheduler import ScheduledStep
 from arctic_jax.pytree import pytree_dataclass
-from arctic_jax.sampling import SamplingMode, SamplingTensors
+from arctic_jax.sampling import SamplingMode, SamplingParams, SamplingTensors
 from arctic_jax.sampling_penalties import PenaltyRows, SlotFill, build_fills
 
 
@@ -73,6 +75,20 @@ class StepInputs:
         return int(self.model.batch.logits_indices.shape[0])
 
 
+def _sampling_rows(params: Sequence[SamplingParams], steps: Sequence[int], seeds: Sequence[int],
+                   of_row: np.ndarray, depth: np.ndarray, num_rows: int) -> SamplingTensors:
+    """``SamplingTensors`` of ``num_rows`` rows from one entry per chunk (its params, the step
+    of its first row, its seed): row r takes chunk ``of_row[r]``'s, at step + ``depth[r]``;
+    the rows past ``len(of_row)`` are greedy padding."""
+    per_chunk = SamplingTensors.from_params(params, steps=steps, seeds=seeds, num_rows=len(params))
+    out = SamplingTensors.from_params([], steps=[], seeds=[], num_rows=num_rows)
+    n = len(of_row)
+    for name in ("temperature", "top_k", "top_p", "min_p", "seed", "step"):
+        getattr(out, name)[:n] = getattr(per_chunk, name)[of_row]
+    out.step[:n] += depth
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StepInputBuilder:
     """Turns a ``ScheduledStep`` into padded ``StepInputs`` of the compiled bucket shapes."""
@@ -96,7 +112,8 @@ class StepInputBuilder:
 
     def build(self, step: ScheduledStep, draft: bool = False) -> StepInputs:
         """The step's inputs; ``draft``: run the draft program for its sampled chunks."""
-        chunks, rows = [], []   # rows: (chunk, depth of the row's token after the last one)
+        chunks = []
+        sampled, depths_of = [], []   # the chunks with logits rows; each row's depth after the last token
         for c in step.chunks:
             first = c.num_tokens - c.num_logits
             parents, depths = None, range(c.num_logits)
@@ -109,7 +126,9 @@ class StepInputBuilder:
                     depths.append(depths[p + 1] + 1)
             chunks.append(SequenceChunk(tokens=c.host_tokens, start=c.start, pages=c.request.pages,
                                         logits_at=tuple(range(first, c.num_tokens)), parents=parents))
-            rows.extend((c, d) for d in depths)
+            if c.num_logits:
+                sampled.append(c)
+                depths_of.append(depths)
         batch, _ = build_step_batch(chunks, self.page_size, self.buckets, tree=self.tree)
         T = batch.tokens.shape[0]
         R = batch.logits_indices.shape[0]
@@ -119,32 +138,42 @@ class StepInputBuilder:
             if c.from_slot:   # the request's last token (a chunk with drafts is never from_slot)
                 token_src[offset + c.num_tokens - 1 - len(c.draft)] = c.request.token_slot
             offset += c.num_tokens
+        # Per-row values are gathered from per-chunk ones (a step has up to 64 chunks, and a
+        # verify chunk 1 + k rows): of_row[r] is row r's chunk in ``sampled``.
+        counts = [c.num_logits for c in sampled]
+        n = sum(counts)
+        of_row = np.repeat(np.arange(len(sampled)), counts)
+        depth = np.fromiter(itertools.chain.from_iterable(depths_of), np.int32, n)
+        slots = np.array([c.request.token_slot for c in sampled], np.int32)
+        num_drafts = np.array([len(c.draft) for c in sampled], np.int32)
         # Only a plain decode's token goes back into the token buffer: a verified request's
         # next tokens are known on the host before it is scheduled again.
         sample_slot = np.full(R, -1, np.int32)
-        sample_slot[:len(rows)] = [c.request.token_slot if not c.draft else -1 for c, _ in rows]
-        params = [c.request.params for c, _ in rows]
-        sampling = SamplingTensors.from_params(
-            params, steps=[c.request.num_generated - 1 + i for c, i in rows],
-            seeds=[c.request.seed for c, _ in rows], num_rows=R)
+        sample_slot[:n] = np.where(num_drafts == 0, slots, -1)[of_row]
+        params = [c.request.params for c in sampled]
+        sampling = _sampling_rows(params, [c.request.num_generated - 1 for c in sampled],
+                                  [c.request.seed for c in sampled], of_row, depth, R)
         # row i of [last, d1..dk] verifies d_{i+1}; a tree's rows verify nothing on the device
         # (the host walks the tree along the rows' ordinary tokens)
         drafts = np.full(R, -1, np.int32)
-        drafts[:len(rows)] = [c.draft[i] if i < len(c.draft) and c.draft_parents is None else -1
-                              for c, i in rows]
+        drafts[:n] = list(itertools.chain.from_iterable(
+            (*c.draft, -1) if c.draft and c.draft_parents is None else (-1,) * c.num_logits
+            for c in sampled))
         q_row = np.full(R, -1, np.int32)
-        q_row[:len(rows)] = [c.request.token_slot * self.draft_k + i
-                             if i < len(c.draft) and c.draft_from_model else -1 for c, i in rows]
+        from_model = np.array([c.draft_from_model for c in sampled], bool)
+        q_row[:n] = np.where((depth < num_drafts[of_row]) & from_model[of_row],
+                             slots[of_row] * self.draft_k + depth, -1)
         draft_inputs, draft_mode = (self._draft_inputs(step, self.num_entries(R)) if draft
                                     else (None, SamplingMode.GREEDY))
         adjusted = [p.adjusts_logits() for p in params]
         penalties = PenaltyRows.from_values([], [], [], [], num_rows=R)
         if any(adjusted):
+            rows = [(sampled[j], params[j], adjusted[j]) for j in of_row.tolist()]
             penalties = PenaltyRows.from_values(
-                slots=[c.request.token_slot if a else -1 for (c, _), a in zip(rows, adjusted, strict=True)],
-                presence=[p.presence_penalty for p in params],
-                frequency=[p.frequency_penalty for p in params],
-                repetition=[p.repetition_penalty for p in params], num_rows=R)
+                slots=[c.request.token_slot if a else -1 for c, _, a in rows],
+                presence=[p.presence_penalty for _, p, _ in rows],
+                frequency=[p.frequency_penalty for _, p, _ in rows],
+                repetition=[p.repetition_penalty for _, p, _ in rows], num_rows=R)
         return StepInputs(model=ModelInputs(batch=batch, token_src=token_src),
                           sampler=SamplerInputs(sample_slot=sample_slot, sampling=sampling,
                                                 draft=drafts, q_row=q_row, penalties=penalties),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -13,9 +14,26 @@ class StepResult:
 
     tokens: np.ndarray                # [n] int32
     logprobs: np.ndarray              # [n] float32
-    top_logprobs: list[list[tuple[int, float]]] | None
+    top_logprobs: Sequence[list[tuple[int, float]]] | None   # TopLogprobRows
     accepted: np.ndarray | None = None   # [n] bool: the row accepted its draft (verify steps)
     drafts: np.ndarray | None = None     # [n, k] int32: row e holds sampled chunk e's model draft
+
+
+class TopLogprobRows(Sequence):
+    """Each row's top (token id, logprob) pairs, built as a row is read: most rows belong to
+    requests that asked for no logprobs, and a step has up to R of them."""
+
+    def __init__(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        self._ids = ids            # [n, k] int32
+        self._logprobs = logprobs  # [n, k] float32
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(len(self)))]
+        return list(zip(self._ids[r].tolist(), self._logprobs[r].tolist(), strict=True))
 
 
 def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int,
@@ -29,9 +47,7 @@ def fetch_result(packed: jax.Array, num_rows: int, num_top_logprobs: int,
     top = None
     n = num_top_logprobs
     if n:
-        ids = host[:, 2:2 + n]
-        lps = host[:, 2 + n:2 + 2 * n].view(np.float32)
-        top = [[(int(i), float(lp)) for i, lp in zip(ids[r], lps[r], strict=True)] for r in range(num_rows)]
+        top = TopLogprobRows(host[:, 2:2 + n].copy(), host[:, 2 + n:2 + 2 * n].view(np.float32).copy())
     accepted = host[:, 2 + 2 * n].astype(bool) if verify else None
     drafts = host[:, host.shape[1] - num_drafts:].copy() if num_drafts else None
     return StepResult(tokens=tokens, logprobs=logprobs, top_logprobs=top, accepted=accepted,
