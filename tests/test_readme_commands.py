@@ -16,6 +16,18 @@ from arctic_jax.speculative.config import SpeculativeConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache():
+    """The commands here start engines over the embedded model again and again, as do the
+    notebook kernels and test servers: with the run's persistent compilation cache (off in
+    test processes otherwise, see conftest) a later start loads programs instead of compiling."""
+    from arctic_jax.engine.compilation_cache import OFF, configure_compilation_cache, default_cache_dir
+
+    configure_compilation_cache(default_cache_dir())
+    yield
+    configure_compilation_cache(OFF)
+
+
 def readme_commands() -> list[list[str]]:
     """argv (without the program name) of every ``arctic-jax`` command in README.md's bash blocks,
     backslash continuations joined and trailing comments dropped."""
