@@ -40,3 +40,18 @@ def _release_compiled_programs_after_each_module():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# The longest modules first: pytest-xdist hands whole files to its workers in collection order,
+# so a run that ends on short files keeps both workers busy to the end.
+_LONG_MODULES = (
+    "test_readme_commands.py", "test_notebook_training.py", "test_notebook.py",
+    "test_speculative_engine.py", "test_server_schemathesis.py", "test_compilation_cache.py",
+    "test_replicas.py", "test_train_speculator.py", "test_arctic_speculation.py",
+    "test_smollm2_generation.py", "test_server.py", "test_server_replicas.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order
