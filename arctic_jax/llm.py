@@ -124,7 +124,7 @@ class LLM:
                                  token_ids=collected[job.index].token_ids,
                                  finish_reason=collected[job.index].finish_reason,
                                  logprobs=collected[job.index].logprobs,
-                                 index=job.index - (job.after if job.after is not None else job.index))
+                                 index=job.copy)
                 for job in jobs]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[str]:

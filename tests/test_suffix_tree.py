@@ -540,6 +540,34 @@ def test_resync_after_missed_tokens_preemption_and_reused_id():
     assert small.num_tracked == 1 and [sg.sequence(s) for s in sg.seq_ids()] == [[7]]
 
 
+def test_on_tokens_after_propose_of_the_same_step_leaves_the_trees_alone(monkeypatch):
+    """The engine calls ``on_tokens`` after ``propose`` synced the request at the same length:
+    no second sync; a later token, a cut output or another request object syncs again."""
+    import arctic_jax.speculative.suffix_proposer as module
+    monkeypatch.setattr(module, "native_suffix_tree_class", lambda: None)
+    calls = []
+    sync = module._PythonTree.sync
+    monkeypatch.setattr(module._PythonTree, "sync", lambda self, *a: calls.append(a[0]) or sync(self, *a))
+    rng = random.Random(5)
+    prop = SuffixProposer(max_depth=6)
+    r = Req("x", [rng.randrange(3) for _ in range(12)], [rng.randrange(3) for _ in range(4)])
+    prop.propose([r], 4)                          # first sight: built, no sync
+    r.output_ids.append(1)
+    prop.propose([r], 4)
+    assert len(calls) == 2                        # the local and the global tree
+    prop.on_tokens(r, [1])
+    assert len(calls) == 2
+    r.output_ids.append(2)
+    prop.on_tokens(r, [2])                        # not proposed this step: synced
+    assert len(calls) == 4 and prop.global_tree.sequence(prop.global_tree.seq_ids()[0]) == r.output_ids
+    del r.output_ids[-2:]                         # cut (a stop string): synced, then rebuilt
+    prop.on_tokens(r, [])
+    assert prop.local_tree("x").sequence(0) == r.prompt_ids + r.output_ids
+    twin = Req("x", r.prompt_ids, [9] * len(r.output_ids))   # same id and length, another object
+    prop.on_tokens(twin, [])
+    assert prop.local_tree("x").sequence(0) == twin.prompt_ids + twin.output_ids
+
+
 @pytest.mark.usefixtures("proposer_backend")
 def test_proposer_bad_input():
     with pytest.raises(ValueError, match="max_cached_requests"):

@@ -17,14 +17,15 @@ from arctic_jax.sampling import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One engine request of a response: choice ``index``, started at once (``after`` None) or
-    once the job of index ``after`` gave its first output."""
+    """One engine request of a response: choice ``index`` (copy ``copy`` of its prompt), started
+    at once (``after`` None) or once the job of index ``after`` gave its first output."""
 
     index: int
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     after: int | None = None
+    copy: int = 0
 
 
 def copy_jobs(first_index: int, request_id: str, prompt_ids: list[int],
@@ -35,7 +36,7 @@ def copy_jobs(first_index: int, request_id: str, prompt_ids: list[int],
     if len(copies) == 1:
         return [Job(first_index, request_id, prompt_ids, copies[0])]
     return [Job(first_index + i, f"{request_id}-{i}", prompt_ids, p,
-                after=None if i == 0 else first_index) for i, p in enumerate(copies)]
+                after=None if i == 0 else first_index, copy=i) for i, p in enumerate(copies)]
 
 
 def start_order(jobs: Sequence[Job]) -> tuple[list[Job], dict[int, list[Job]]]:

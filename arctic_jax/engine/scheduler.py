@@ -34,6 +34,8 @@ import collections
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from arctic_jax.engine.page_allocator import OutOfPagesError, PageAllocator
 from arctic_jax.engine.request import FinishReason, Request, RequestStatus
 from arctic_jax.speculative.verify import chain_prefix, greedy_accept, tree_accept, tree_depth
@@ -354,9 +356,9 @@ class Scheduler:
         """
         touched, verified = [], []
         row = 0
-        tokens = tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens]
+        tokens = np.asarray(tokens, dtype=np.int64).tolist()   # Python ints, from arrays or lists
         if logprobs is not None:
-            logprobs = logprobs.tolist() if hasattr(logprobs, "tolist") else [float(x) for x in logprobs]
+            logprobs = np.asarray(logprobs, dtype=np.float64).tolist()
         for chunk in step.chunks:
             request = chunk.request
             if not chunk.sample:

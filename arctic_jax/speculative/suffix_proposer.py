@@ -47,12 +47,14 @@ BACKENDS = ("auto", "native", "python")   # auto: the compiled tree when install
 
 
 class _RequestState:
-    __slots__ = ("tree", "prompt_len", "global_key")
+    __slots__ = ("tree", "prompt_len", "global_key", "owner", "synced")
 
     def __init__(self, tree, prompt_len: int, global_key: int | None) -> None:
         self.tree = tree               # its prompt + output, sequence _LOCAL
         self.prompt_len = prompt_len
         self.global_key = global_key   # its response's sequence in the global tree (None = not cached)
+        self.owner = None              # the request object of the last sync, and its length then
+        self.synced = -1
 
 
 def _concat_from(prompt: Sequence[int], output: Sequence[int], start: int) -> list[int]:
@@ -188,7 +190,13 @@ class SuffixProposer:
                 for s in states]
 
     def on_tokens(self, request: ProposerRequest, new_tokens: Sequence[int]) -> None:
-        """The request accepted new_tokens; its state is brought up to prompt_ids + output_ids."""
+        """The request accepted new_tokens; its state is brought up to prompt_ids + output_ids.
+        Nothing to do when this request object was synced at its current length (``propose``
+        of the same step): output only grows or is cut, and ``propose`` checks every time."""
+        state = self._requests.get(request.request_id)
+        if (state is not None and state.owner is request
+                and state.synced == len(request.prompt_ids) + len(request.output_ids)):
+            return
         self._sync(request)
 
     def on_finish(self, request: ProposerRequest) -> None:
@@ -212,11 +220,13 @@ class SuffixProposer:
                     live = self._fifo[key]
                     self._drop_global(state)
                     state.global_key = self._add_global(live, output)
+                state.owner, state.synced = req, len(prompt) + len(output)
                 return state
             self._drop_global(state)
         tree = self._tree_class(self.max_depth)
         tree.extend(_LOCAL, _concat_from(prompt, output, 0))
         state = self._requests[rid] = _RequestState(tree, len(prompt), self._add_global(rid, output))
+        state.owner, state.synced = req, len(prompt) + len(output)
         return state
 
     def _add_global(self, rid: str, output: Sequence[int]) -> int | None:

@@ -57,16 +57,21 @@ int64_t as_int(PyObject* o, int64_t lo, int64_t hi, bool& ok) {
     return v;
 }
 
-int64_t check_int(const char* name, nb::handle h, int64_t lo) {
+// ``name`` (with ``field`` after ": " when given) names the value in the error.
+std::string value_name(const char* name, const char* field) {
+    return field ? std::string(name) + ": " + field : std::string(name);
+}
+
+int64_t check_int(const char* name, nb::handle h, int64_t lo, const char* field = nullptr) {
     bool ok;
     int64_t v = as_int(h.ptr(), lo, INT64_MAX, ok);
     if (!ok)
-        value_error(std::string(name) + " must be an integer >= " + std::to_string(lo) + ", got " +
+        value_error(value_name(name, field) + " must be an integer >= " + std::to_string(lo) + ", got " +
                     repr(h.ptr()));
     return v;
 }
 
-double check_real(const char* name, nb::handle h) {
+double check_real(const char* name, nb::handle h, const char* field = nullptr) {
     PyObject* o = h.ptr();
     double v = 0.0;
     bool ok = false;
@@ -80,9 +85,27 @@ double check_real(const char* name, nb::handle h) {
         else ok = true;
     }
     if (!ok || !std::isfinite(v))
-        value_error(std::string(name) + " must be a finite number, got " + repr(o));
+        value_error(value_name(name, field) + " must be a finite number, got " + repr(o));
     return v;
 }
+
+// The speculation parameters every speculate call takes, checked (errors name ``where``).
+struct SpecArgs {
+    int64_t max_spec;
+    double factor, offset, min_prob;
+    bool tree;
+
+    SpecArgs(const char* where, nb::handle max_spec_tokens, nb::handle max_spec_factor,
+             nb::handle max_spec_offset, nb::handle min_token_prob, nb::handle use_tree_spec) {
+        max_spec = check_int(where, max_spec_tokens, 0, "max_spec_tokens");
+        factor = check_real(where, max_spec_factor, "max_spec_factor");
+        offset = check_real(where, max_spec_offset, "max_spec_offset");
+        min_prob = check_real(where, min_token_prob, "min_token_prob");
+        const int t = PyObject_IsTrue(use_tree_spec.ptr());
+        if (t < 0) throw nb::python_error();
+        tree = t != 0;
+    }
+};
 
 int64_t seq_id_of(const char* where, nb::handle h) {
     bool ok;
@@ -232,15 +255,11 @@ class PySuffixTree {
 
     nb::object speculate(nb::handle context, nb::handle max_spec_tokens, nb::handle max_spec_factor,
                          nb::handle max_spec_offset, nb::handle min_token_prob, nb::handle use_tree_spec) {
-        const int64_t max_spec = check_int("SuffixTree.speculate: max_spec_tokens", max_spec_tokens, 0);
-        const double factor = check_real("SuffixTree.speculate: max_spec_factor", max_spec_factor);
-        const double offset = check_real("SuffixTree.speculate: max_spec_offset", max_spec_offset);
-        const double min_prob = check_real("SuffixTree.speculate: min_token_prob", min_token_prob);
-        const int tree = PyObject_IsTrue(use_tree_spec.ptr());
-        if (tree < 0) throw nb::python_error();
+        const SpecArgs a("SuffixTree.speculate", max_spec_tokens, max_spec_factor, max_spec_offset,
+                         min_token_prob, use_tree_spec);
         read_tokens("SuffixTree.speculate", context.ptr(), buf_, static_cast<size_t>(tree_.max_depth()));
-        const ajn::Draft& d = tree_.speculate(buf_.data(), buf_.size(), max_spec, factor, offset,
-                                              min_prob, tree != 0, &py_sum);
+        const ajn::Draft& d = tree_.speculate(buf_.data(), buf_.size(), a.max_spec, a.factor, a.offset,
+                                              a.min_prob, a.tree, &py_sum);
         PyObject* out = PyTuple_New(5);
         if (!out) throw nb::python_error();
         nb::object guard = nb::steal(out);
@@ -366,12 +385,8 @@ nb::object speculate_pair(PySuffixTree& local, nb::handle local_seq, PySuffixTre
                           nb::handle max_spec_offset, nb::handle min_token_prob, nb::handle use_tree_spec,
                           nb::handle draft_type) {
     const char* where = "speculate_pair";
-    const int64_t max_spec = check_int("speculate_pair: max_spec_tokens", max_spec_tokens, 0);
-    const double factor = check_real("speculate_pair: max_spec_factor", max_spec_factor);
-    const double offset = check_real("speculate_pair: max_spec_offset", max_spec_offset);
-    const double min_prob = check_real("speculate_pair: min_token_prob", min_token_prob);
-    const int tree = PyObject_IsTrue(use_tree_spec.ptr());
-    if (tree < 0) throw nb::python_error();
+    const SpecArgs a(where, max_spec_tokens, max_spec_factor, max_spec_offset, min_token_prob,
+                     use_tree_spec);
     if (!PyType_Check(draft_type.ptr()))
         value_error("speculate_pair: draft_type must be a class, got " + repr(draft_type.ptr()));
     ajn::SuffixTree& lt = local.tree();
@@ -383,17 +398,17 @@ nb::object speculate_pair(PySuffixTree& local, nb::handle local_seq, PySuffixTre
     const std::vector<int32_t>& toks = st->buf->toks;
     const size_t n = std::min(toks.size(), static_cast<size_t>(lt.max_depth()));
     const int32_t* ctx = toks.data() + (toks.size() - n);
-    const ajn::Draft* best = lt.speculate_above(ctx, n, st, max_spec, factor, offset, min_prob, tree != 0,
-                                                -1.0, &py_sum);
+    const ajn::Draft* best = lt.speculate_above(ctx, n, st, a.max_spec, a.factor, a.offset, a.min_prob,
+                                                a.tree, -1.0, &py_sum);
     if (global) {
         ajn::SuffixTree& gt = global->tree();
         const ajn::SuffixTree::SeqState* hint =
             global_seq.is_none() ? nullptr : gt.seq_state(seq_id_of(where, global_seq));
-        const ajn::Draft* other = gt.speculate_above(ctx, n, hint, max_spec, factor, offset, min_prob,
-                                                     tree != 0, best ? best->score : 0.0, &py_sum);
+        const ajn::Draft* other = gt.speculate_above(ctx, n, hint, a.max_spec, a.factor, a.offset,
+                                                     a.min_prob, a.tree, best ? best->score : 0.0, &py_sum);
         if (other) best = other;
     }
-    return make_draft(draft_type.ptr(), best, tree == 0);
+    return make_draft(draft_type.ptr(), best, !a.tree);
 }
 
 }  // namespace
