@@ -16,7 +16,7 @@ its per-row device form for one step (R rows, padded with greedy rows).
 Tokens tied with the top-k / top-p cut-off value are all kept.
 
 The work a step needs is chosen on the host as a static ``SamplingMode``: all
-greedy rows need only an argmax, and only top-k / top-p need a sort of [R, V].
+greedy rows need only an argmax, and only top-k / top-p need the cut-off search over [R, V].
 A device-side ``lax.cond`` would do the same, but on a GPU it makes the host
 wait for the step to reach the predicate, which serialises the engine's
 overlapped steps.
@@ -312,19 +312,50 @@ class SampleResult:
     top_logprobs: jax.Array | None = None  # [R, n] f32 their log-softmax values
 
 
+_ABS_BITS = 0x7FFFFFFF
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """int32 keys ordered as the float32 values ``x`` (no NaN)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ _ABS_BITS, bits)
+
+
+def _key_values(keys: jax.Array) -> jax.Array:
+    """The float32 values of ``_order_keys`` keys."""
+    return jax.lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ _ABS_BITS, keys), jnp.float32)
+
+
+def _smallest_key(holds: Any, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """[R] the smallest int32 key t in [lo, hi] with ``holds(t)`` ([R] bool; false below some
+    key, true from it on, true at ``hi``): a bisection of 32 halvings, exact over int32,
+    unrolled (a device-side loop would make the launching thread wait on a GPU)."""
+    for _ in range(32):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)   # floor((lo + hi) / 2) without overflow
+        ok = holds(mid)
+        lo, hi = jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+    return hi
+
+
 def _cutoff_values(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[R] smallest scaled logit kept by top-k then top-p (needs a sort of [R, V])."""
+    """[R] smallest scaled logit kept by top-k then top-p (tokens at or above it are kept).
+
+    The value the sorted-prefix rule gives (the k-th largest value; then the smallest value c
+    whose higher tokens hold less than top_p of the top-k renormalised probability), found
+    without a sort: two bisections over the values' int32 order keys, each 32 passes over
+    [R, V] (a sort of [R, V] is 10x slower on a CPU).
+    """
     v = scaled.shape[-1]
-    srt = jnp.sort(scaled, axis=-1, descending=True)             # [R, V]
-    idx = jnp.arange(v, dtype=jnp.int32)[None, :]
-    k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)[:, None]  # [R, 1]
-    in_k = idx < k
-    probs = jnp.where(in_k, jnp.exp(srt - srt[:, :1]), 0.0)
+    keys = _order_keys(scaled)                                     # [R, V]
+    lowest, highest = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)
+    k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)           # [R]
+    kth = _smallest_key(lambda t: jnp.sum(keys > t[:, None], axis=-1) < k, lowest, highest)
+    in_k = keys >= kth[:, None]
+    probs = jnp.where(in_k, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    before = jnp.cumsum(probs, axis=-1) - probs                   # exclusive cumsum
-    keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)               # keep is a prefix
-    return jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)[:, 0]
+    nucleus = _smallest_key(
+        lambda t: jnp.sum(jnp.where(keys > t[:, None], probs, 0.0), axis=-1) < top_p, kth, highest)
+    return _key_values(jnp.where(top_p >= 1.0, kth, nucleus))
 
 
 def gumbel_rows(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:

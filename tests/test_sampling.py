@@ -353,13 +353,50 @@ def _primitives(jaxpr, out=None):
 
 
 @pytest.mark.parametrize("mode", list(SamplingMode))
-def test_only_the_filtered_mode_sorts_and_only_sampling_modes_draw(mode):
+def test_only_the_filtered_mode_searches_and_only_sampling_modes_draw(mode):
+    """The top-k / top-p cut-off is an unrolled bisection, never a sort of [R, V], and no mode
+    loops or branches on the device (that would make the host wait on a GPU)."""
     logits = jnp.asarray(np.random.default_rng(6).normal(size=(4, 64)), jnp.float32)
     t = _tensors([SamplingParams(top_k=3)] * 4, [0] * 4, [0] * 4)
     prims = _primitives(jax.make_jaxpr(lambda x, tt: sample(x, tt, mode=mode))(logits, t).jaxpr)
-    assert ("sort" in prims) == (mode is SamplingMode.FILTERED)
+    assert ("shift_right_arithmetic" in prims) == (mode is SamplingMode.FILTERED)   # the halvings
     assert ("random_bits" in prims or "threefry2x32" in prims) == (mode is not SamplingMode.GREEDY)
-    assert "cond" not in prims and "while" not in prims
+    assert not {"cond", "while", "scan", "sort"} & set(prims)
+
+
+def _sorted_prefix_cutoff(scaled: np.ndarray, top_k: int, top_p: float) -> float:
+    """The definition, in float64 numpy: sort descending; keep the first k; renormalise; keep the
+    prefix whose exclusive cumulative probability is below top_p (all of it at top_p >= 1);
+    return the last kept value."""
+    srt = np.sort(scaled.astype(np.float64))[::-1]
+    k = len(srt) if top_k <= 0 or top_k > len(srt) else top_k
+    probs = np.exp(srt[:k] - srt[0])
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    n = k if top_p >= 1.0 else max(int(np.sum(before < top_p)), 1)
+    return float(srt[n - 1])
+
+
+def test_cutoff_equals_the_sorted_prefix_rule_on_random_rows():
+    """Random rows (widths 2 to 4999, scales 0.05..8, with and without ties) and random top-k /
+    top-p against the sort-based definition; a cut-off off by one token would fail it."""
+    rng = np.random.default_rng(11)
+    cutoff = jax.jit(_cutoff_values)
+    for trial in range(40):
+        rows, width = 6, (2, 37, 1000, 4999)[trial % 4 if trial % 8 < 4 else 3 - trial % 4]
+        scaled = rng.standard_normal((rows, width)) * rng.uniform(0.05, 8.0)
+        if trial % 4 == 0:
+            scaled = np.round(scaled, 1)                       # many exact ties
+        scaled = scaled.astype(np.float32)
+        top_k = rng.choice([0, -1, 1, 2, 7, 100, width, width + 5], rows).astype(np.int32)
+        top_p = rng.choice([1.0, 0.95, 0.8, 0.5, 0.1, 1e-4], rows).astype(np.float32)
+        got = np.asarray(cutoff(jnp.asarray(scaled), jnp.asarray(top_k), jnp.asarray(top_p)))
+        for r in range(rows):
+            want = _sorted_prefix_cutoff(scaled[r], int(top_k[r]), float(top_p[r]))
+            if trial % 4 == 0:   # ties: the kept set may only differ by tokens tied at the cut-off
+                assert got[r] in scaled[r] and abs(float(got[r]) - want) <= 0.1 + 1e-6, (trial, r)
+            else:
+                assert float(got[r]) == want, (trial, r, top_k[r], top_p[r])
 
 
 def test_top_p_one_keeps_the_tail_even_when_the_cumsum_rounds_to_one():
@@ -440,3 +477,10 @@ def test_params_normalisation_and_greedy():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 2.0  # type: ignore[misc]
     assert type(SamplingParams(top_p=1).top_p) is float
+
+
+def test_cutoff_benchmark_checks_and_prints_its_table(capsys):
+    from benchmarks.sampling_cutoff import main
+    assert main(["--rows", "1,3", "--vocab", "300", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| 300 |") == 2 and "speed-up" in table
