@@ -39,7 +39,7 @@ def distilled(llm):
 
 def test_prompt_pool_is_varied_and_seeded():
     texts = prompts.instruction_prompts()
-    assert len(texts) >= 150 and len(set(texts)) == len(texts)
+    assert len(texts) >= 3000 and len(set(texts)) == len(texts)
     convs = prompts.conversations(40, seed=1)
     assert convs == prompts.conversations(40, seed=1) != prompts.conversations(40, seed=2)
     assert len({c[0]["content"] for c in convs}) == 40

