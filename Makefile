@@ -35,8 +35,8 @@ lint: setup-test
 test: setup-test lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 -m "not slow" tests
 
-# The soak of the live server (1,000 requests; about 4 minutes on 2 cores), kept out of `make test`
-# so that CI stays under 20 minutes.
+# The soak of the live server (1,000 requests; about 4 minutes on 2 cores) and the static tp8 / sp8
+# SmolLM2 layouts, kept out of `make test` so that CI stays under 20 minutes.
 soak: setup-test
 	$(PY) -m pytest -q -s -m slow tests
 

@@ -113,7 +113,7 @@ def test_ngram_with_preemption_and_prefix_cache(smollm2):
     """A pool too small for all five requests at full length (ignore_eos): preemption and
     recompute (the prefix cache serves pages of verified tokens only), and the same tokens."""
     prompts = smollm2[2] + smollm2[2][:1]
-    params = [SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)] * len(prompts)
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] * len(prompts)
     want = run(smol_engine(smollm2), prompts, params)
     engine = smol_engine(smollm2, NGRAM, num_pages=17)   # one 256-token sequence fits
     preempted = []
