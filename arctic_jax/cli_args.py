@@ -83,7 +83,10 @@ def add_model_args(p: argparse.ArgumentParser, *, embeddings: bool = False) -> N
                         "\"suffix_use_tree_spec\": false}' (true: verify a draft tree per step); "
                         "any method also takes "
                         "disable_by_batch_size (above N running requests only N draft) and "
-                        "hard_disable_by_batch_size (above N none does); greedy and sampled "
+                        "hard_disable_by_batch_size (above N none does), and "
+                        "adaptive_disable_batch_size (default 32, 0: off: above N running "
+                        "requests speculation stays on only while it measurably pays); greedy "
+                        "and sampled "
                         "requests speculate (lossless rejection sampling) "
                         "(default: off)")
     p.add_argument("--max-logprobs", type=int, default=None,

@@ -421,8 +421,10 @@ def serve_closed_loop(engine: Any, chains: list[Chain], concurrency: int, max_to
             "tpot_ms_p50": 1e3 * tpots[len(tpots) // 2] if tpots else float("nan")}
 
 
-def method_configs(ngram_k: int, draft_model: str | None = None) -> dict[str, dict | None]:
-    """Every method's speculative config; the draft-model methods only with ``draft_model``."""
+def method_configs(ngram_k: int, draft_model: str | None = None,
+                   adaptive_disable_batch_size: int | None = None) -> dict[str, dict | None]:
+    """Every method's speculative config; the draft-model methods only with ``draft_model``;
+    ``adaptive_disable_batch_size`` in each when given (else the config's default)."""
     configs = {"none": None,
                "ngram": {"method": "ngram", "num_speculative_tokens": ngram_k, "prompt_lookup_max": 4,
                          "prompt_lookup_min": 1},
@@ -432,7 +434,15 @@ def method_configs(ngram_k: int, draft_model: str | None = None) -> dict[str, di
         configs["arctic"] = {"method": "arctic", "model": draft_model}
         configs["arctic+suffix"] = {"method": "arctic", "model": draft_model,
                                     "enable_suffix_decoding": True}
+    if adaptive_disable_batch_size is not None:
+        for config in configs.values():
+            if config is not None:
+                config["adaptive_disable_batch_size"] = adaptive_disable_batch_size
     return configs
+
+
+def _configs(args: argparse.Namespace) -> dict[str, dict | None]:
+    return method_configs(args.ngram_k, args.draft_model, args.adaptive_disable_batch_size)
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -447,7 +457,7 @@ def run_workloads(args: argparse.Namespace, model: Any, tokenizer: Any, workload
     from arctic_jax.speculative.factory import make_proposer
 
     configs = {m: (None if c is None else SpeculativeConfig.from_dict(c))
-               for m, c in method_configs(args.ngram_k, args.draft_model).items()}
+               for m, c in _configs(args).items()}
     eos = frozenset(model.config.eos_token_ids) | (
         {int(tokenizer.eos_token_id)} if getattr(tokenizer, "eos_token_id", None) is not None else set())
     longest = max(max_prompt_len(w["chains"], args.max_tokens) for w in workloads.values())
@@ -668,7 +678,7 @@ def modelled_table(modelled: list[dict], cost: dict) -> str:
 def results_header(args: argparse.Namespace, model_name: str, workloads: dict[str, dict],
                    methods: list[str]) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    configs = method_configs(args.ngram_k, args.draft_model)
+    configs = _configs(args)
     lines = [f"## Speculative decoding (issue 12), {model_name}, {jax.devices()[0].device_kind}", "",
              f"- Date: {now}; jax {jax.__version__}, Python {platform.python_version()}; "
              f"card {jax.devices()[0].device_kind}",
@@ -697,6 +707,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--ngram-k", type=int, default=4, help="num_speculative_tokens of the ngram method")
+    p.add_argument("--adaptive-disable-batch-size", type=int, default=None, metavar="N",
+                   help="adaptive_disable_batch_size of every speculative method (0: the governor "
+                        "off; default: the config's, 32)")
     p.add_argument("--draft-model", default=None,
                    help="draft checkpoint directory (arctic-jax train-speculator) for the methods "
                         "arctic and arctic+suffix")
@@ -757,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run_cost:
         from arctic_jax.speculative.config import SpeculativeConfig
         ks = [SpeculativeConfig.from_dict(c).num_speculative_tokens or 3
-              for m, c in method_configs(args.ngram_k, args.draft_model).items()
+              for m, c in _configs(args).items()
               if m in methods and c is not None]
         cost = verify_cost(args.verify_model, verify_tokens(args.verify_tokens, max(ks, default=4)),
                            args.verify_context, args.verify_iters)

@@ -75,6 +75,22 @@ def test_readme_speculative_generate_runs(capsys, method):
     assert out.strip(), f"no text on stdout; stderr: {err[-2000:]}"
 
 
+def test_readme_governor_bench_runs(capsys):
+    """The README's ``bench`` command with ``adaptive_disable_batch_size`` runs and reports the
+    governor's steps (which mode wins depends on the machine's timing, so it is not asserted)."""
+    found = [argv for argv in readme_commands()
+             if argv[0] == "bench" and "adaptive_disable_batch_size" in " ".join(argv)]
+    assert len(found) == 1, found
+    assert cli.main(found[0]) == 0, capsys.readouterr().err[-2000:]
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("governor: above 4 running requests"))
+    on, off = (int(n) for n in re.findall(r"(\d+) steps speculated and (\d+) did not", line)[0])
+    # a first window of 16 timed steps speculating (+1 untimed), then plain decoding measured:
+    # the run has at least 2 x 13 steps with 8 requests running (64 tokens, at most 5 a step)
+    assert on >= 17 and off > 0, line
+    assert "16/16 completed" in out
+
+
 def test_readme_train_speculator_then_arctic_generate_runs(capsys, tmp_path, monkeypatch):
     """The quick ``train-speculator`` command writes the checkpoint the two draft-model ``generate``
     examples read (run from a scratch directory, as a user would from theirs)."""

@@ -15,7 +15,8 @@ def test_parse_full():
     assert (c.method, c.num_speculative_tokens) == ("ngram", 4)
     assert (c.prompt_lookup_max, c.prompt_lookup_min) == (4, 1)
     assert c.as_dict() == {"method": "ngram", "num_speculative_tokens": 4,
-                           "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+                           "prompt_lookup_max": 4, "prompt_lookup_min": 1,
+                           "adaptive_disable_batch_size": 32}
     assert SpeculativeConfig.from_dict(c.as_dict()) == c
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.method = "x"
@@ -41,7 +42,8 @@ def test_known_methods_not_supported_yet(method):
 @pytest.mark.parametrize("d, message", [
     ({"method": "ngram", "num_speculative_tokens": 3, "draft_tensor_parallel_size": 1},
      "unknown key\\(s\\) 'draft_tensor_parallel_size'; accepted keys: method, num_speculative_tokens, "
-     "disable_by_batch_size, hard_disable_by_batch_size, prompt_lookup_max, prompt_lookup_min, "
+     "disable_by_batch_size, hard_disable_by_batch_size, adaptive_disable_batch_size, "
+     "prompt_lookup_max, prompt_lookup_min, "
      "suffix_cache_max_depth"),
     ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"},
      "model applies to method 'arctic', not 'ngram'"),
@@ -117,4 +119,5 @@ def test_suffix_defaults_follow_upstream_vllm():
     assert (full.num_speculative_tokens, full.disable_by_batch_size,
             full.hard_disable_by_batch_size) == (16, 8, 32)
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2}').as_dict() == {
-        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 5, "prompt_lookup_min": 5}
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 5, "prompt_lookup_min": 5,
+        "adaptive_disable_batch_size": 32}

@@ -294,6 +294,47 @@ def test_drafting_disabled_by_batch_size(tiny_weights, limits, check):
     assert all(check(asked, running) for asked, running in calls), calls
 
 
+class WrongDraftProposer(RecordingProposer):
+    """Records the calls like ``RecordingProposer`` and drafts three tokens that are never right."""
+
+    def propose(self, requests, k):
+        super().propose(requests, k)
+        return [[(r.output_ids[-1] + 1 + i) % CFG.vocab_size for i in range(3)] for r in requests]
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_governor_turns_speculation_off_where_it_does_not_pay(tiny_weights, pays):
+    """With more running requests than ``adaptive_disable_batch_size``, a speculative step that
+    takes 10 (fake) ms against 6 ms for a plain one: all-wrong drafts (1 token per step) lose, and
+    drafting stops after the governor's two measuring windows; a speculative step of 3.3 ms (as
+    if drafts paid) keeps speculation on. Output equals plain greedy either way."""
+    from arctic_jax.speculative.governor import GovernorConfig, SpeculationGovernor
+
+    rng = np.random.default_rng(21)
+    prompts = [[int(t) for t in rng.integers(0, CFG.vocab_size, 7)] for _ in range(4)]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] * 4
+    want = run(tiny_engine(tiny_weights), prompts, params)
+    engine = tiny_engine(tiny_weights, {"method": "ngram", "num_speculative_tokens": 3,
+                                        "adaptive_disable_batch_size": 2})
+    engine.proposer = WrongDraftProposer(engine)
+    clock = [0.0]
+
+    def tick():   # each step's duration, by the mode it ran in
+        clock[0] += (0.010 / (3 if pays else 1)) if engine.governor.speculating else 0.006
+        return clock[0]
+    engine.governor = SpeculationGovernor(GovernorConfig(2, window=4, probe_every=64), tick)
+    got = run(engine, prompts, params)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    calls = len(engine.proposer.calls)
+    steps_governed = sum(1 for _, running in engine.proposer.calls if running > 2)
+    if pays:
+        assert engine.governor.rates[True] > engine.governor.rates[False]
+        assert steps_governed >= 30
+    else:
+        assert engine.governor.rates[False] > engine.governor.rates[True]
+        assert 5 <= steps_governed <= 12 and calls < 30, engine.proposer.calls
+
+
 SUFFIX = {"method": "suffix", "num_speculative_tokens": 8, "suffix_cache_max_depth": 24}
 
 

@@ -160,6 +160,12 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{spec['num_accepted_tokens']} ({spec['acceptance_rate']:.1%}); acceptance by "
                      f"position: {by_pos or '-'}; mean tokens per step per request: "
                      f"{spec['mean_tokens_per_step']:.2f}")
+        gov = spec.get("governor")
+        if gov and gov["batch_size"]:
+            on, off = gov["steps_speculating"], gov["steps_not_speculating"]
+            rates = "; ".join(f"{_fmt(a, 1)} with, {_fmt(b, 1)} without" for a, b in gov["rates"])
+            lines.append(f"governor: above {gov['batch_size']} running requests, {on} steps speculated "
+                         f"and {off} did not (last measured tokens/s per request: {rates})")
     if report["num_failed"]:
         lines.append(f"FAILED: {report['num_failed']} requests; e.g. {report['errors'][:3]}")
     if report["length_mismatches"]:

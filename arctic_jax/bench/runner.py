@@ -341,6 +341,11 @@ def run_in_process(engine: Any, requests: Sequence[BenchRequest], *,
         for e in engines:
             stats = stats.merge(e.spec_stats)
         result.info["speculation"] = stats.as_dict()
+        governed = [e.governor.as_dict() for e in engines]
+        result.info["speculation"]["governor"] = {
+            "batch_size": governed[0]["batch_size"],
+            **{k: sum(g[k] for g in governed) for k in ("steps_speculating", "steps_not_speculating")},
+            "rates": [[g["rate_speculating"], g["rate_not_speculating"]] for g in governed]}
     if isinstance(front, ReplicaRouter):
         result.info["requests_per_replica"] = list(front.routed)
     return result

@@ -34,6 +34,7 @@ from arctic_jax.kv_cache import bytes_per_page
 from arctic_jax.pytree import tree_nbytes
 from arctic_jax.sampling import SamplingParams
 from arctic_jax.speculative.factory import load_checked_draft_model, make_proposer
+from arctic_jax.speculative.governor import GovernorConfig, SpeculationGovernor
 from arctic_jax.speculative.stats import SpeculationStats
 from arctic_jax.speculative.verify import preorder
 
@@ -79,6 +80,8 @@ class LLMEngine:
             self.config = config = dataclasses.replace(config, speculative_config=spec_cfg)
         self.speculative = spec_cfg is not None
         self.proposer = make_proposer(spec_cfg) if spec_cfg is not None else None
+        self.governor = (SpeculationGovernor(GovernorConfig(spec_cfg.adaptive_disable_batch_size))
+                         if spec_cfg is not None else None)
         self._tree_drafts = bool(spec_cfg is not None and spec_cfg.suffix_use_tree_spec)
         rows_per_seq = 1 + spec_cfg.max_draft_tokens if spec_cfg is not None else 1
         self.runner = ModelRunner(spec, cfg, weights, self.sched_config, dtype=kv_dtype,
@@ -229,6 +232,12 @@ class LLMEngine:
             except Exception as e:
                 raise self._contain(live, e) from e
         self.metrics.on_step(self.scheduler)
+        if self.governor is not None:
+            prefill = any(c.start < len(c.request.prompt_ids) for c in step.chunks)
+            mode = self.governor.on_step(sum(len(o.new_token_ids) for o in outputs),
+                                         len(self.scheduler.running), prefill)
+            if mode is not None:
+                self.metrics.spec_governed_steps.labels("true" if mode else "false").inc()
         return outputs
 
     def _contain(self, failed: list[Request], cause: Exception,
@@ -310,9 +319,10 @@ class LLMEngine:
 
     def _drafters(self) -> list[Request]:
         """The running requests allowed to draft now: all of them, none while more requests run
-        than ``hard_disable_by_batch_size``, and only the first N running while more than
+        than ``hard_disable_by_batch_size`` or while the governor finds that speculation does not
+        pay (``adaptive_disable_batch_size``), and only the first N running while more than
         ``disable_by_batch_size`` = N run."""
-        if not self.speculative:
+        if not self.speculative or not self.governor.speculating:
             return []
         cfg = self.config.speculative_config
         running = self.scheduler.running

@@ -64,6 +64,10 @@ class EngineMetrics:
         self.spec_request_steps = Counter(
             "arctic_spec_decode_request_steps",
             "Decode steps of requests that may speculate (with or without a draft)", registry=r)
+        self.spec_governed_steps = Counter(
+            "arctic_spec_decode_governed_steps",
+            "Steps with more running requests than adaptive_disable_batch_size, by whether the "
+            "governor kept speculation on", ["speculating"], registry=r)
         self.spec_emitted_tokens = Counter(
             "arctic_spec_decode_emitted_tokens",
             "Tokens those request-steps produced (mean tokens per step = this / request_steps)",

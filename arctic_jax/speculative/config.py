@@ -2,8 +2,11 @@
 Inference spell them.
 
 Keys for every method: ``method``, ``num_speculative_tokens`` (k), ``disable_by_batch_size``
-(soft: with more running requests than this, only the first N draft) and
-``hard_disable_by_batch_size`` (with more running requests than this, none drafts).
+(soft: with more running requests than this, only the first N draft),
+``hard_disable_by_batch_size`` (with more running requests than this, none drafts) and
+``adaptive_disable_batch_size`` (default 32; 0: off): with more running requests than this,
+speculation stays on only while it measurably emits more tokens per second than decoding
+without it (``governor``).
 
 - ``method: "ngram"`` (vLLM's prompt lookup): k is required; ``prompt_lookup_max`` /
   ``prompt_lookup_min`` follow vLLM: neither given -> both 5; one given -> the other takes its
@@ -38,7 +41,7 @@ SUPPORTED_METHODS = ("ngram", "suffix", "arctic", "mlp_speculator")
 UNSUPPORTED_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mtp")
 DRAFT_MODEL_METHODS = ("arctic", "mlp_speculator")
 COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size",
-               "hard_disable_by_batch_size")
+               "hard_disable_by_batch_size", "adaptive_disable_batch_size")
 METHOD_KEYS = {
     "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
     "suffix": ("suffix_cache_max_depth", "suffix_cache_max_requests", "suffix_max_spec_factor",
@@ -49,6 +52,7 @@ METHOD_KEYS = {
 SHARED_KEYS = {"arctic": METHOD_KEYS["suffix"][:-1], "mlp_speculator": ("model",)}
 ACCEPTED_KEYS = COMMON_KEYS + tuple(k for keys in METHOD_KEYS.values() for k in keys)
 DRAFT_MODEL_DISABLE_BY_BATCH_SIZE = 64
+ADAPTIVE_DISABLE_BATCH_SIZE = 32
 MAX_SPECULATIVE_TOKENS = 32
 DEFAULT_PROMPT_LOOKUP = 5
 SUFFIX_DEFAULTS = {"suffix_cache_max_depth": 24, "suffix_cache_max_requests": 10000,
@@ -84,6 +88,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int | None = None
     disable_by_batch_size: int | None = None
     hard_disable_by_batch_size: int | None = None
+    adaptive_disable_batch_size: int | None = None
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     suffix_cache_max_depth: int | None = None
@@ -125,6 +130,9 @@ class SpeculativeConfig:
         for name in ("disable_by_batch_size", "hard_disable_by_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
+        if self.adaptive_disable_batch_size is None:
+            self._set("adaptive_disable_batch_size", ADAPTIVE_DISABLE_BATCH_SIZE)
+        _check_int("adaptive_disable_batch_size", self.adaptive_disable_batch_size, 0)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
