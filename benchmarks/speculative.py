@@ -484,6 +484,8 @@ def run_workloads(args: argparse.Namespace, model: Any, tokenizer: Any, workload
                 if sc is not None and engine.proposer is not None:
                     timer = engine.proposer = ProposerTimer(make_proposer(engine.config.speculative_config))
                 engine.spec_stats = type(engine.spec_stats)()
+                if engine.governor is not None:   # each workload starts with a fresh governor
+                    engine.governor = type(engine.governor)(engine.governor.config)
                 if len(w["chains"]) < c:
                     print(f"note: {name} has {len(w['chains'])} chains, fewer than concurrency {c}",
                           flush=True)
@@ -496,10 +498,16 @@ def run_workloads(args: argparse.Namespace, model: Any, tokenizer: Any, workload
                        "proposer_longest_s": dict(timer.longest) if timer else None}
                 row["proposer_us_per_token"] = (1e6 * timer.total_seconds / r["output_tokens"]
                                                 if timer else None)
+                if engine.governor is not None:
+                    row["governor"] = engine.governor.as_dict()
                 rows.append(row)
                 print(f"  {name}: {r['output_tok_s']:,.1f} tok/s, {r['output_tokens']} tokens in "
                       f"{r['wall_s']:.1f} s" + (f", {row['stats']['mean_tokens_per_step']:.2f} tokens/step"
                                                if sc is not None else ""), flush=True)
+                if row.get("governor") and row["governor"]["batch_size"]:
+                    g = row["governor"]
+                    print(f"    governor: {g['steps_speculating']} steps speculated, "
+                          f"{g['steps_not_speculating']} did not", flush=True)
             del engine
             gc.collect()
     compare_with_none(rows)
