@@ -233,12 +233,19 @@ class LLMEngine:
                 raise self._contain(live, e) from e
         self.metrics.on_step(self.scheduler)
         if self.governor is not None:
-            prefill = any(c.start < len(c.request.prompt_ids) for c in step.chunks)
-            mode = self.governor.on_step(sum(len(o.new_token_ids) for o in outputs),
-                                         len(self.scheduler.running), prefill)
-            if mode is not None:
-                self.metrics.spec_governed_steps.labels("true" if mode else "false").inc()
+            self._govern(step, outputs)
         return outputs
+
+    def _govern(self, step: ScheduledStep, outputs: list[RequestOutput]) -> None:
+        """Tell the governor how the step went (its tokens and whether it prefilled are only
+        counted while it governs: more running requests than ``adaptive_disable_batch_size``)."""
+        running = len(self.scheduler.running)
+        if not self.governor.governs(running):
+            self.governor.on_step(0, running)
+            return
+        prefill = any(c.start < len(c.request.prompt_ids) for c in step.chunks)
+        mode = self.governor.on_step(sum(len(o.new_token_ids) for o in outputs), running, prefill)
+        self.metrics.spec_governed_steps.labels("true" if mode else "false").inc()
 
     def _contain(self, failed: list[Request], cause: Exception,
                  unemitted: tuple[Any, list[Request] | None] = (None, None)) -> StepFailed:

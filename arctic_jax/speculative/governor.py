@@ -51,7 +51,6 @@ class SpeculationGovernor:
         self._measured_at: dict[bool, int] = {}  # mode -> governed step count when last measured
         self._choice = True                      # the mode governed steps use outside probes
         self._probing = False                    # the current window measures the other mode
-        self._steps = 0
         self._last: float | None = None
         self._after_prefill = False
         self._skip = 1                           # steps not timed after a change of mode
@@ -68,13 +67,12 @@ class SpeculationGovernor:
         last, self._last = self._last, now
         after_prefill, self._after_prefill = self._after_prefill, prefill
         mode = self.speculating
-        if running <= self.config.batch_size or self.config.batch_size == 0:
+        if not self.governs(running):
             self._probing = False                # a window cut short is measured again later
             self._restart()
             self._use(True)
             return None
         self.governed_steps[mode] += 1
-        self._steps += 1
         if self._skip or last is None or prefill or after_prefill:
             self._skip = max(self._skip - 1, 0)
         else:
@@ -85,6 +83,10 @@ class SpeculationGovernor:
                 self._close_window(mode)
         self._use(self._choice != self._probing)
         return mode
+
+    def governs(self, running: int) -> bool:
+        """Whether a step with ``running`` requests is the governor's to decide."""
+        return 0 < self.config.batch_size < running
 
     def as_dict(self) -> dict[str, float | int | None]:
         """Steps above ``batch_size`` with speculation on and off, and the last rates measured
@@ -98,8 +100,9 @@ class SpeculationGovernor:
         """Record the window's rate. A probe's mode takes over only if it beat the chosen mode by
         ``margin``; the chosen mode probes the other when that one was never measured or not for
         ``probe_every`` governed steps."""
+        steps = self.governed_steps[True] + self.governed_steps[False]
         self.rates[mode] = self._tokens / self._request_seconds if self._request_seconds > 0 else 0.0
-        self._measured_at[mode] = self._steps
+        self._measured_at[mode] = steps
         self._restart()
         if self._probing:
             self._probing = False
@@ -107,7 +110,7 @@ class SpeculationGovernor:
                 self._choice = mode
             return
         other = not mode
-        if self._steps - self._measured_at.get(other, -self.config.probe_every) >= self.config.probe_every:
+        if steps - self._measured_at.get(other, -self.config.probe_every) >= self.config.probe_every:
             self._probing = True
 
     def _use(self, mode: bool) -> None:

@@ -104,6 +104,26 @@ FREESTANDING = (
     "What are the planets of the solar system, in order from the Sun?",
     "Write a short dialogue between a customer and a waiter.",
     "What is the Pythagorean theorem? Give an example.",
+    "Describe a quiet morning in a mountain village.",
+    "Write a thank-you message to a teacher who helped me.",
+    "Plan a three-day trip to Rome for a first-time visitor.",
+    "What are good questions to ask at the end of a job interview?",
+    "Write a short fable about a fox and a crow with a moral at the end.",
+    "Suggest five names for a pet turtle.",
+    "Explain the difference between a virus and a bacterium.",
+    "Give me a packing list for a beach holiday.",
+    "What are the rules of tennis in simple terms?",
+    "Write a four-line poem about city rain.",
+    "What is the difference between a crocodile and an alligator?",
+    "Describe how a bill is paid with a credit card, from tap to bank.",
+    "Write a polite complaint letter about a late train.",
+    "What are some healthy snacks for a long workday?",
+    "Invent a new holiday and describe how people celebrate it.",
+    "Summarise the story of Cinderella in five sentences.",
+    "Give me a weekly meal plan for a student on a budget.",
+    "Explain what a credit score is and how to improve it.",
+    "Write a short welcome speech for new employees.",
+    "What is the difference between empathy and sympathy?",
 )
 
 
@@ -143,29 +163,6 @@ WHY_QUESTIONS = (
     "Why do some people prefer working at night?", "Why does time seem to go faster as we age?",
 )
 
-FREESTANDING_MORE = (
-    "Describe a quiet morning in a mountain village.",
-    "Write a thank-you message to a teacher who helped me.",
-    "Plan a three-day trip to Rome for a first-time visitor.",
-    "What are good questions to ask at the end of a job interview?",
-    "Write a short fable about a fox and a crow with a moral at the end.",
-    "Suggest five names for a pet turtle.",
-    "Explain the difference between a virus and a bacterium.",
-    "Give me a packing list for a beach holiday.",
-    "What are the rules of tennis in simple terms?",
-    "Write a four-line poem about city rain.",
-    "What is the difference between a crocodile and an alligator?",
-    "Describe how a bill is paid with a credit card, from tap to bank.",
-    "Write a polite complaint letter about a late train.",
-    "What are some healthy snacks for a long workday?",
-    "Invent a new holiday and describe how people celebrate it.",
-    "Summarise the story of Cinderella in five sentences.",
-    "Give me a weekly meal plan for a student on a budget.",
-    "Explain what a credit score is and how to improve it.",
-    "Write a short welcome speech for new employees.",
-    "What is the difference between empathy and sympathy?",
-)
-
 
 def instruction_prompts() -> list[str]:
     """Every instruction text this module builds (deterministic order, no duplicates)."""
@@ -177,7 +174,7 @@ def instruction_prompts() -> list[str]:
             out.append(template.format(a=rng.randint(3, 90), b=rng.randint(2, 12)))
     out += list(FREESTANDING)
     out += [form.format(activity=a) for a in HOW_TO for form in HOW_TO_FORMS]
-    out += list(WHY_QUESTIONS) + list(FREESTANDING_MORE)
+    out += list(WHY_QUESTIONS)
     return list(dict.fromkeys(out))
 
 
