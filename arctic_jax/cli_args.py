@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from arctic_jax.config import QUANTIZATIONS
 from arctic_jax.speculative.config import SpeculativeConfig
 
 
@@ -34,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser, *, embeddings: bool = False) -> N
         model_help = (f"HF checkpoint dir, .gguf file, 'default' (embedded SmolLM2-135M-Instruct) "
                       f"or '{DEFAULT_EMBEDDING_MODEL}' (embedded sentence encoder); an embedding "
                       f"model (a BERT encoder) serves /v1/embeddings and takes only --dtype, "
-                      f"--max-model-len, --max-num-seqs, --max-num-batched-tokens, "
+                      f"--quantization, --max-model-len, --max-num-seqs, --max-num-batched-tokens, "
                       f"--token-buckets, --seq-buckets and --attention-impl of the engine flags")
     p.add_argument("--model", default="default", help=model_help)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -156,7 +157,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 # Flag names (argparse dests) passed to the embedding engine when given.
 EMBEDDING_ENGINE_FLAGS = ("max_model_len", "max_num_batched_tokens", "token_buckets",
-                          "max_num_seqs", "seq_buckets", "attention_impl")
+                          "max_num_seqs", "seq_buckets", "attention_impl", "quantization")
 
 
 def add_embedding_engine_args(p: argparse.ArgumentParser) -> None:
@@ -189,6 +190,10 @@ def add_embedding_only_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-buckets", type=int_list, default=None,
                    help="comma-separated batch sequence counts to compile (embedding models); "
                         "the largest is --max-num-seqs (default: powers of 8)")
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="embedding models: fp8 runs each layer's matmuls on FP8 (E4M3) weights "
+                        "and activations, per-channel and per-token scales (default: none, "
+                        "the --dtype weights)")
 
 
 def embedding_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# Weight-and-activation quantisations a model family may offer (ModelSpec.quantize).
+QUANTIZATIONS = ("fp8",)
 
 
 class ConfigError(ValueError):

@@ -49,8 +49,8 @@ LLM_ONLY_FLAGS = ("request_rate", "num_requests", "output_len", "output_len_rang
                   "sequence_parallel_size", "enable_shift_parallel", "shift_parallel_threshold",
                   "parallel_mode")
 # Flags of this benchmark only (an error without --embeddings).
-EMBED_ONLY_FLAGS = ("num_inputs", "batch_size", "text", "seq_buckets", "embed_modes",
-                    "client_processes")
+EMBED_ONLY_FLAGS = ("num_inputs", "batch_size", "text", "seq_buckets", "quantization",
+                    "embed_modes", "client_processes")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +58,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     shared with the LLM benchmark)."""
     g = p.add_argument_group(
         "embeddings (--embeddings; also uses --model, --random-weights bert-base|tiny, --dtype, "
+        "--quantization, "
         "--url, --concurrency, --input-len/--input-len-range, --seed, --vocab-size, "
         "--warmup-requests, --max-model-len, --max-num-batched-tokens, --token-buckets, "
         "--max-num-seqs, --attention-impl and the output flags)")
@@ -288,7 +289,9 @@ def _in_process(args: argparse.Namespace, lengths: wl.LengthRange, levels: list[
                                   tokenizer=tokenizer if args.text else None,
                                   max_len=engine.limits.max_model_len)
         lim = engine.limits
-        meta.update(model=name, dtype=str(engine.dtype), driver="in-process",
+        quantized = engine.config.quantization
+        meta.update(model=name, dtype=str(engine.dtype) + (f", {quantized} matmuls" if quantized else ""),
+                    driver="in-process",
                     pooling=engine.pooling.mode + (" + L2 norm" if engine.pooling.normalize else ""),
                     bert_base_shape=er.is_bert_base_shape(engine.cfg), **device_info(),
                     engine_text=(f"max_model_len {lim.max_model_len}, token budget "

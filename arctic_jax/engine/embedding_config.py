@@ -9,7 +9,7 @@ import logging
 import jax
 
 from arctic_jax.attention.bidirectional import SEGMENT_ATTENTION_IMPLS, pallas_supports
-from arctic_jax.config import ConfigError
+from arctic_jax.config import QUANTIZATIONS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class EmbeddingEngineConfig:
     - ``attention_impl``: "reference" (dense segment mask; the CPU default) or "pallas" (the
       GPU default where the segment-attention kernel is installed).
     - ``dtype``: cast the weights to "float32", "bfloat16" or "float16" (None: as loaded).
+    - ``quantization``: "fp8" runs every layer's matmuls on FP8 weights and activations
+      (per-channel / per-token scales, ``arctic_jax.models.fp8``); None keeps ``dtype``.
     """
 
     max_model_len: int | None = None
@@ -66,6 +68,7 @@ class EmbeddingEngineConfig:
     seq_buckets: tuple[int, ...] | None = None
     attention_impl: str | None = None
     dtype: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):
@@ -88,6 +91,9 @@ class EmbeddingEngineConfig:
                               f"{', '.join(SEGMENT_ATTENTION_IMPLS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization {self.quantization!r} is not one of "
+                              f"{', '.join(QUANTIZATIONS)}")
 
     def resolve(self, max_position_embeddings: int, backend: str | None = None,
                 max_seq_length: int | None = None, head_dim: int = 64) -> EmbeddingLimits:

@@ -89,8 +89,13 @@ class EmbeddingEngine:
         if config.dtype is not None:
             dtype = jnp.dtype(config.dtype)
             weights = jax.tree_util.tree_map(lambda w: w.astype(dtype), weights)
-        self.weights = weights
         self.dtype = jax.tree_util.tree_leaves(weights)[0].dtype
+        if config.quantization is not None:
+            if spec.quantize is None:
+                raise ConfigError(f"model {loaded_model.name!r} (architecture {spec.name!r}) has no "
+                                  f"{config.quantization} quantization")
+            weights = spec.quantize(weights, config.quantization)
+        self.weights = weights
         self.metrics = EmbeddingMetrics()
         self.shapes = program_shapes(self.limits.token_buckets, self.limits.seq_buckets,
                                      self.limits.max_num_seqs)
@@ -104,10 +109,10 @@ class EmbeddingEngine:
         self.compile_counter: CompileCounter | None = None  # started by warmup
         lim = self.limits
         log.info("embedding engine %s: max_model_len %d, %d-token batches of at most %d sequences, "
-                 "%d programs (token buckets %s, sequence buckets %s), %s attention, %s",
+                 "%d programs (token buckets %s, sequence buckets %s), %s attention, %s%s",
                  self.name, lim.max_model_len, lim.max_num_batched_tokens, lim.max_num_seqs,
                  len(self.shapes), lim.token_buckets, lim.seq_buckets, lim.attention_impl,
-                 self.dtype)
+                 self.dtype, f", {config.quantization} matmuls" if config.quantization else "")
 
     # ------------------------------------------------------------ properties
     @property

@@ -9,7 +9,9 @@ outputs and the residual stream are in the weights' dtype (the matmuls accumulat
 LayerNorm statistics and the activation function are computed in float32 inside their
 element-wise fusions, so no float32 copy of an activation is written to memory (on a GPU the
 float32 intermediates were most of the encoder's memory traffic). The encoder's output is
-float32. With float32 weights everything is float32.
+float32. With float32 weights everything is float32. With ``quantize_weights(w, "fp8")`` the
+four matmuls of each layer run on FP8 operands (``arctic_jax.models.fp8``); the rest is
+unchanged.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from arctic_jax.attention.bidirectional import segment_attention
 from arctic_jax.config import ConfigError
 from arctic_jax.encoder_batch import EncoderBatch
 from arctic_jax.models.bert_config import BertConfig
-from arctic_jax.models.bert_weights import BertLayerWeights, BertWeights
+from arctic_jax.models.bert_weights import BertLayerWeights, BertWeights, qkv_weight
+from arctic_jax.models.fp8 import dense
 
 _F32 = jnp.float32
 
@@ -59,12 +62,11 @@ def attention_block(cfg: BertConfig, layer: BertLayerWeights, x: jax.Array, batc
                     attention_impl: str) -> jax.Array:
     """x [T, H] -> LN(x + attention(x)) [T, H] (weights' dtype). q, k and v are three
     matmuls, so each enters the attention kernel contiguous."""
-    q, k, v = (jnp.einsum("th,hnd->tnd", x, layer.qkv[:, c]) + layer.qkv_bias[c]
-               for c in range(3))
+    q, k, v = (dense(x, qkv_weight(layer, c)) + layer.qkv_bias[c] for c in range(3))
     attn = segment_attention(q, k, v, batch, scale=cfg.head_dim ** -0.5, impl=attention_impl)
     # contract (N, D) in the weights' order: an einsum contracts (D, N) and XLA then copies
     # o_proj into that order on every call
-    out = jax.lax.dot_general(attn.astype(x.dtype), layer.o_proj, (((1, 2), (0, 1)), ((), ())))
+    out = dense(attn.astype(x.dtype), layer.o_proj, contract=2)
     return layer_norm(x + out + layer.o_bias, layer.attn_norm, layer.attn_norm_bias,
                       cfg.layer_norm_eps)
 
@@ -72,9 +74,9 @@ def attention_block(cfg: BertConfig, layer: BertLayerWeights, x: jax.Array, batc
 def mlp_block(cfg: BertConfig, layer: BertLayerWeights, x: jax.Array) -> jax.Array:
     """x [T, H] -> LN(x + down(act(up(x)))) [T, H] (weights' dtype; the activation in
     float32)."""
-    h = jnp.dot(x, layer.up) + layer.up_bias
+    h = dense(x, layer.up) + layer.up_bias
     h = activation(cfg.hidden_act)(h.astype(_F32)).astype(x.dtype)
-    out = jnp.dot(h, layer.down)
+    out = dense(h, layer.down)
     return layer_norm(x + out + layer.down_bias, layer.mlp_norm, layer.mlp_norm_bias,
                       cfg.layer_norm_eps)
 

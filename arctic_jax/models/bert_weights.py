@@ -11,7 +11,9 @@ P = max positions, Y = token types). Matrices are stored ``[in, out]``:
 - ``word_embed`` [V, H], ``position_embed`` [P, H], ``type_embed`` [Y, H],
   ``embed_norm`` / ``embed_norm_bias`` [H]
 
-Each field declares its logical axes once, in its metadata.
+Each field declares its logical axes once, in its metadata. ``quantize_weights(w, "fp8")`` turns
+each layer's four matrices into ``fp8.Fp8Weight`` (``qkv`` into a tuple of three, one each for
+query, key and value, so each projection's output stays contiguous).
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from arctic_jax.config import QUANTIZATIONS, ConfigError
 from arctic_jax.models.bert_config import BertConfig
+from arctic_jax.models.fp8 import quantize_weight
 from arctic_jax.models.llama_weights import check_layered_weights, normal, weight_field
-from arctic_jax.pytree import pytree_dataclass
+from arctic_jax.pytree import pytree_dataclass, replace
 from sharding import logical_axes as ax
 
 
@@ -100,3 +104,23 @@ def random_weights(cfg: BertConfig, key: jax.Array, dtype: Any = jnp.float32,
                    for _ in range(cfg.num_layers))
     return BertWeights(**{n: draw(n, s) for n, s in expected_model_shapes(cfg).items()},
                        layers=layers)
+
+
+def qkv_weight(layer: BertLayerWeights, c: int) -> Any:
+    """The query (0), key (1) or value (2) projection [H, N, D] of ``layer`` (an ``Fp8Weight``
+    in a quantised layer)."""
+    return layer.qkv[c] if isinstance(layer.qkv, tuple) else layer.qkv[:, c]
+
+
+def quantize_weights(weights: BertWeights, method: str) -> BertWeights:
+    """``weights`` with every layer's qkv, o_proj, up and down matrices quantised (``method``:
+    one of ``config.QUANTIZATIONS``); embeddings, biases and LayerNorms keep their dtype."""
+    if method not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {method!r}; supported: {', '.join(QUANTIZATIONS)}")
+    if any(isinstance(layer.qkv, tuple) for layer in weights.layers):
+        raise ConfigError("the weights are already quantised")
+    layers = tuple(replace(layer, qkv=tuple(quantize_weight(layer.qkv[:, c]) for c in range(3)),
+                           o_proj=quantize_weight(layer.o_proj, contract=2),
+                           up=quantize_weight(layer.up), down=quantize_weight(layer.down))
+                   for layer in weights.layers)
+    return replace(weights, layers=layers)

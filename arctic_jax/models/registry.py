@@ -88,6 +88,8 @@ class ModelSpec:
     - ``config_class``: the config class ``parse_config`` returns (a ModelConfig for decoders)
     - ``task``: "generate" (a decoder: ``step`` + ``head``) or "embed" (an encoder:
       ``step(weights, batch: EncoderBatch, *, cfg, attention_impl) -> hidden [T, H]``)
+    - ``quantize(weights, method) -> weights``: the weights with quantised matmuls (``method``
+      e.g. "fp8"), or None where the family has none
     """
 
     name: str
@@ -102,6 +104,7 @@ class ModelSpec:
     validate_weights: Callable[[Any, ModelConfig], None]
     config_class: type = ModelConfig
     task: str = "generate"
+    quantize: Callable[[Any, str], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -148,6 +151,7 @@ BERT = ModelSpec(
     validate_weights=bert_weights.validate_weights,
     config_class=bert_config.BertConfig,
     task="embed",
+    quantize=bert_weights.quantize_weights,
 )
 
 _SPECS: dict[str, ModelSpec] = {LLAMA.name: LLAMA, SWIFTKV.name: SWIFTKV, BERT.name: BERT}

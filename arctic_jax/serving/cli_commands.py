@@ -120,7 +120,7 @@ def _load_llm(args: argparse.Namespace, state: Any) -> float:
     from arctic_jax.engine.replicas import build_engines, serving_front
     from arctic_jax.llm import LLM
 
-    for flag in ("seq_buckets", "max_embedding_inputs"):
+    for flag in ("seq_buckets", "max_embedding_inputs", "quantization"):
         if getattr(args, flag, None) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} applies to embedding models only; "
                              f"{args.model} is a text-generation model")
