@@ -361,6 +361,8 @@ def test_http_bench_against_arctic_jax_serve(tmp_path):
     (["--embeddings", "--url", "http://x", "--input-len", "300"],
      "--input-len 300 is above the model's max length 256"),
     (["--num-inputs", "5"], "--num-inputs belongs to the embedding benchmark"),
+    (["--quantization", "fp8"], "--quantization belongs to the embedding benchmark"),
+    (["--embeddings", "--url", "http://x", "--quantization", "fp8"], "on `arctic-jax serve`"),
     (["--random-weights", "bert-base"], "encoder shape: add --embeddings"),
 ])
 def test_bad_flags_fail_clearly(argv, match):

@@ -162,3 +162,10 @@ def test_minilm_fp8_embeddings_match_sentence_transformers():
     cos = cosine(got, ref)
     assert (cos >= 0.99).all(), f"cosines {cos} (seed {SEED})"
     assert np.abs(got - ref).max() > 1e-4   # the FP8 path ran
+
+
+def test_serving_a_text_generation_model_with_fp8_fails_clearly(capsys):
+    from arctic_jax import cli
+
+    assert cli.main(["serve", "--model", "default", "--quantization", "fp8", "--port", "0"]) != 0
+    assert "--quantization applies to embedding models only" in capsys.readouterr().err

@@ -17,6 +17,8 @@ def test_speculative_decoding_notebook_runs():
 
 def test_embeddings_notebook_runs():
     """Embeds passages with the embedded all-MiniLM-L6-v2, searches them, and checks the vectors
-    against sentence-transformers and each text alone (asserted in the notebook)."""
-    assert ("embeddings notebook: packed batch equals sentence-transformers and each text alone"
-            in run_notebook("embeddings.ipynb"))
+    against sentence-transformers and each text alone, then with FP8 matmuls (asserted in the
+    notebook)."""
+    outputs = run_notebook("embeddings.ipynb")
+    assert "embeddings notebook: packed batch equals sentence-transformers and each text alone" in outputs
+    assert "embeddings notebook: fp8 vectors find the same passage" in outputs
