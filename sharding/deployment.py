@@ -18,13 +18,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from arctic_jax.config import ModelConfig
 from arctic_jax.kv_cache import KVCache
 from sharding.mesh import ParallelConfig, make_mesh
 from sharding.placement import HeadPlacement, place_weights, placed_config, plan_heads
-from sharding.rules import ActivationSharding, dataclass_shardings, kv_cache_sharding, variant_rules
+from sharding.rules import (
+    ActivationSharding,
+    dataclass_shardings,
+    kv_cache_sharding,
+    replicated,
+    variant_rules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ class Deployment:
             mesh = make_mesh(_ONE_DEVICE, [device])
             return cls(parallel=_ONE_DEVICE, mesh=mesh, variants=(SINGLE,), cfg=cfg,
                        plan=plan_heads(cfg, 1),
-                       weights={SINGLE: jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))})
+                       weights={SINGLE: jax.device_put(weights, replicated(mesh))})
         mesh = make_mesh(parallel, devices)
         P = parallel.num_devices
         plan = plan_heads(cfg, P, allow_padding=allow_head_padding)
@@ -108,7 +114,7 @@ class Deployment:
 
     @property
     def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
+        return replicated(self.mesh)
 
     def cache_shardings(self, cache: Any) -> Any:
         return jax.tree_util.tree_map(lambda _: self.cache_sharding, cache)

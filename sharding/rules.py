@@ -89,6 +89,11 @@ def constrain(sharding: ActivationSharding | None, x: jax.Array, axes: ax.Logica
     return x if sharding is None else sharding.constrain(x, axes)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
     """The one sharding of every K/V cache buffer, shared by both step variants."""
     return NamedSharding(mesh, partition_spec(ax.KV_CACHE_AXES, TP_RULES))

@@ -162,7 +162,7 @@ def train(cfg: Any, teacher: Any, trainable: SwiftKVTrainable, rows: TokenRows,
     of ``rows`` in seeded order; ``on_step(step, [loss, kl, mse])`` after every step."""
     opt = trainer.optimizer(tc)
     trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), trainable)
-    opt_state = opt.init(trainable)
+    opt_state = trainer.init_state(opt, trainable)
     step_fn = make_train_step(cfg, lc, opt)
     mask = rows.mask
     losses = []

@@ -15,11 +15,13 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from arctic_jax.speculative.draft_model import (
     DraftModelConfig,
@@ -28,6 +30,7 @@ from arctic_jax.speculative.draft_model import (
     teacher_forced_logits,
 )
 from arctic_jax.training.data import Examples
+from sharding.rules import replicated
 
 BATCH_STREAM = 3   # the batch order's random stream of a seed (see data.SAMPLED_STREAM)
 
@@ -68,6 +71,19 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                        optax.adamw(lr_schedule(tc), weight_decay=tc.weight_decay))
+
+
+def init_state(opt: optax.GradientTransformation, params: Any) -> Any:
+    """``opt.init(params)`` with every leaf on the mesh of ``params`` (when they are on one):
+    the step counters are made without one, the jitted step returns them on it, and the
+    second step would compile again for the different input types."""
+    state = opt.init(params)
+    sharding = jax.tree_util.tree_leaves(params)[0].sharding
+    if not isinstance(sharding, NamedSharding):
+        return state
+    copy = replicated(sharding.mesh)
+    return jax.tree_util.tree_map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, copy), state)
 
 
 def head_losses(cfg: DraftModelConfig, weights: DraftWeights, hidden: jax.Array,
@@ -132,7 +148,7 @@ def train(cfg: DraftModelConfig, weights: DraftWeights, hidden: np.ndarray, exam
                          f"{cfg.input_hidden_dim}")
     opt = optimizer(tc)
     weights = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), weights)  # own copy
-    opt_state = opt.init(weights)
+    opt_state = init_state(opt, weights)
     step_fn = make_train_step(cfg, opt)
     losses, per_head = [], []
     for step, idx in enumerate(batch_indices(len(examples), tc.batch_size, tc.steps, tc.seed)):
