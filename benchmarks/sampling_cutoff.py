@@ -1,5 +1,6 @@
-"""The top-k / top-p cut-off of a sampling step: the bisection ``sampling._cutoff_values`` runs
-against the sort of [R, V] it replaced (the sorted-prefix rule, written out below as the floor).
+"""The top-k / top-p cut-off of a sampling step, both ways ``sampling._cutoff_values`` finds it:
+the bisection (the CPU default) against the sort of [R, V] (the default elsewhere,
+``sampling.cutoff_method``).
 
 Both are jitted over random logits of R rows and V columns and timed back to back in one process;
 the table gives milliseconds per call and the ratio. The two must agree on every row first.
@@ -17,26 +18,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arctic_jax.bench.report import append_results
-from arctic_jax.sampling import _cutoff_values
-
-
-def sorted_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[R] the same cut-off through a descending sort of [R, V] (the implementation before)."""
-    v = scaled.shape[-1]
-    srt = jnp.sort(scaled, axis=-1, descending=True)
-    k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)[:, None]
-    in_k = jnp.arange(v)[None, :] < k
-    probs = jnp.where(in_k, jnp.exp(srt - srt[:, :1]), 0.0)
-    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-    return jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)[:, 0]
+from arctic_jax.sampling import _cutoff_values, cutoff_method
 
 
 def best_ms(fn, args, repeats: int) -> float:
@@ -57,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append-results", nargs="?", const="benchmarks/RESULTS.md", default=None)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    bisect, sort = jax.jit(_cutoff_values), jax.jit(sorted_cutoff)
+    bisect, sort = (jax.jit(functools.partial(_cutoff_values, method=m)) for m in ("bisect", "sort"))
     lines = ["| R | V | sort (ms) | bisection (ms) | speed-up |", "|---:|---:|---:|---:|---:|"]
     for v in (int(x) for x in args.vocab.split(",")):
         for r in (int(x) for x in args.rows.split(",")):
@@ -81,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         append_results(args.append_results, "\n".join([
             "## Sampling cut-off: bisection against a sort (`benchmarks/sampling_cutoff.py`)", "",
             f"- Date: {now}; card {card}; jax {jax.__version__}; Python {platform.python_version()}",
-            "- Floor: the sort of [R, V] the sampler ran before (same rule, same results, checked)",
+            f"- Floor: the sort of [R, V] (same rule, same results, checked); this backend's "
+            f"default: {cutoff_method(jax.default_backend())}",
             f"- Command: `python benchmarks/sampling_cutoff.py --rows {args.rows} --vocab {args.vocab}`",
             "", table, "", ""]))
     return 0

@@ -1,6 +1,7 @@
 """Sampler tests: greedy, seeded reproducibility, empirical distributions
 against a numpy oracle, logprobs, and SamplingParams validation."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -377,11 +378,12 @@ def _sorted_prefix_cutoff(scaled: np.ndarray, top_k: int, top_p: float) -> float
     return float(srt[n - 1])
 
 
-def test_cutoff_equals_the_sorted_prefix_rule_on_random_rows():
+@pytest.mark.parametrize("method", ["bisect", "sort"])
+def test_cutoff_equals_the_sorted_prefix_rule_on_random_rows(method):
     """Random rows (widths 2 to 4999, scales 0.05..8, with and without ties) and random top-k /
     top-p against the sort-based definition; a cut-off off by one token would fail it."""
     rng = np.random.default_rng(11)
-    cutoff = jax.jit(_cutoff_values)
+    cutoff = jax.jit(functools.partial(_cutoff_values, method=method))
     for trial in range(40):
         rows, width = 6, (2, 37, 1000, 4999)[trial % 4 if trial % 8 < 4 else 3 - trial % 4]
         scaled = rng.standard_normal((rows, width)) * rng.uniform(0.05, 8.0)
@@ -399,14 +401,22 @@ def test_cutoff_equals_the_sorted_prefix_rule_on_random_rows():
                 assert float(got[r]) == want, (trial, r, top_k[r], top_p[r])
 
 
-def test_top_p_one_keeps_the_tail_even_when_the_cumsum_rounds_to_one():
+@pytest.mark.parametrize("method", ["bisect", "sort"])
+def test_top_p_one_keeps_the_tail_even_when_the_cumsum_rounds_to_one(method):
     # p(top) rounds to 1.0 in f32, so only the explicit top_p >= 1 rule keeps the tail
     rng = np.random.default_rng(7)
     scaled = np.concatenate([[40.0], rng.normal(size=4095)]).astype(np.float32)[None]
-    cut = _cutoff_values(jnp.asarray(scaled), jnp.array([0]), jnp.array([1.0], jnp.float32))
+    cut = _cutoff_values(jnp.asarray(scaled), jnp.array([0]), jnp.array([1.0], jnp.float32), method)
     assert float(cut[0]) == scaled.min()
-    cut = _cutoff_values(jnp.asarray(scaled), jnp.array([0]), jnp.array([0.99], jnp.float32))
+    cut = _cutoff_values(jnp.asarray(scaled), jnp.array([0]), jnp.array([0.99], jnp.float32), method)
     assert float(cut[0]) == 40.0
+
+
+def test_the_cutoff_bisects_on_a_cpu_and_sorts_on_an_accelerator():
+    from arctic_jax.sampling import cutoff_method
+
+    assert cutoff_method("cpu") == "bisect"
+    assert cutoff_method("gpu") == cutoff_method("cuda") == cutoff_method("tpu") == "sort"
 
 
 def test_sample_rejects_bad_shapes():
