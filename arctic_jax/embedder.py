@@ -31,8 +31,8 @@ class Embedder:
     ``"all-MiniLM-L6-v2"`` (the default, embedded). ``dtype``: the weights' dtype (default
     bfloat16 on a GPU, float32 elsewhere). Engine options (``max_model_len``,
     ``max_num_batched_tokens``, ``token_buckets``, ``max_num_seqs``, ``seq_buckets``,
-    ``attention_impl``) are keyword arguments, see ``EmbeddingEngineConfig``. Programs compile
-    on first use of each batch shape, or all at once with ``warmup=True``.
+    ``attention_impl``, ``quantization``) are keyword arguments, see ``EmbeddingEngineConfig``.
+    Programs compile on first use of each batch shape, or all at once with ``warmup=True``.
     ``compilation_cache_dir``: the persistent compilation cache, as ``LLM``'s ("auto", "none"
     or a directory); ``compilation_cache`` counts the programs it loaded and those compiled.
     """

@@ -348,13 +348,17 @@ def _cutoff_values(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
                    method: str | None = None) -> jax.Array:
     """[R] smallest scaled logit kept by top-k then top-p (tokens at or above it are kept).
 
-    The value the sorted-prefix rule gives (the k-th largest value; then the smallest value c
-    whose higher tokens hold less than top_p of the top-k renormalised probability). ``method``
+    The value the sorted-prefix rule gives (the k-th largest value, every token tied with it
+    kept; then the smallest value c whose higher tokens hold less than top_p of the kept
+    tokens' renormalised probability). ``method``
     (default ``cutoff_method`` of jax's backend): "sort" sorts each row; "bisect" finds it
     without a sort, by two bisections over the values' int32 order keys, each 32 passes over
     [R, V].
     """
-    if (method or cutoff_method(jax.default_backend())) == "sort":
+    method = method or cutoff_method(jax.default_backend())
+    if method not in ("sort", "bisect"):
+        raise ValueError(f"cut-off method must be 'sort' or 'bisect', got {method!r}")
+    if method == "sort":
         return _sorted_cutoff_values(scaled, top_k, top_p)
     v = scaled.shape[-1]
     keys = _order_keys(scaled)                                     # [R, V]
@@ -374,7 +378,7 @@ def _sorted_cutoff_values(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array)
     v = scaled.shape[-1]
     srt = jnp.sort(scaled, axis=-1, descending=True)
     k = jnp.where((top_k <= 0) | (top_k > v), v, top_k)[:, None]
-    in_k = jnp.arange(v)[None, :] < k
+    in_k = srt >= jnp.take_along_axis(srt, k - 1, axis=-1)     # ties with the k-th stay in
     probs = jnp.where(in_k, jnp.exp(srt - srt[:, :1]), 0.0)
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
     before = jnp.cumsum(probs, axis=-1) - probs

@@ -176,3 +176,17 @@ def test_serving_a_text_generation_model_with_fp8_fails_clearly():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--quantization applies to embedding models only" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_only_fp8_capable_gpus_count_as_having_fp8_matmuls():
+    from types import SimpleNamespace
+
+    from arctic_jax.engine.embedding_engine import has_fp8_matmuls
+
+    def dev(platform, cc=None):
+        return SimpleNamespace(platform=platform, **({} if cc is None else {"compute_capability": cc}))
+
+    assert has_fp8_matmuls(dev("gpu", "9.0")) and has_fp8_matmuls(dev("gpu", "8.9"))
+    assert not has_fp8_matmuls(dev("gpu", "8.0")) and not has_fp8_matmuls(dev("gpu"))
+    assert not has_fp8_matmuls(dev("cpu")) and not has_fp8_matmuls(dev("gpu", "n/a"))
+    assert not has_fp8_matmuls(jax.devices()[0])    # the tests' CPU devices

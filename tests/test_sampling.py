@@ -355,22 +355,29 @@ def _primitives(jaxpr, out=None):
 
 @pytest.mark.parametrize("mode", list(SamplingMode))
 def test_only_the_filtered_mode_searches_and_only_sampling_modes_draw(mode):
-    """The top-k / top-p cut-off is an unrolled bisection, never a sort of [R, V], and no mode
-    loops or branches on the device (that would make the host wait on a GPU)."""
+    """The top-k / top-p cut-off is this backend's method (``cutoff_method``: an unrolled
+    bisection on a CPU, a sort of [R, V] elsewhere), only in the filtered mode, and no mode loops
+    or branches on the device (that would make the host wait on a GPU)."""
+    from arctic_jax.sampling import cutoff_method
+
     logits = jnp.asarray(np.random.default_rng(6).normal(size=(4, 64)), jnp.float32)
     t = _tensors([SamplingParams(top_k=3)] * 4, [0] * 4, [0] * 4)
     prims = _primitives(jax.make_jaxpr(lambda x, tt: sample(x, tt, mode=mode))(logits, t).jaxpr)
-    assert ("shift_right_arithmetic" in prims) == (mode is SamplingMode.FILTERED)   # the halvings
+    filtered = mode is SamplingMode.FILTERED
+    bisects = cutoff_method(jax.default_backend()) == "bisect"
+    assert ("shift_right_arithmetic" in prims) == (filtered and bisects)   # the halvings
+    assert ("sort" in prims) == (filtered and not bisects)
     assert ("random_bits" in prims or "threefry2x32" in prims) == (mode is not SamplingMode.GREEDY)
-    assert not {"cond", "while", "scan", "sort"} & set(prims)
+    assert not {"cond", "while", "scan"} & set(prims)
 
 
 def _sorted_prefix_cutoff(scaled: np.ndarray, top_k: int, top_p: float) -> float:
-    """The definition, in float64 numpy: sort descending; keep the first k; renormalise; keep the
-    prefix whose exclusive cumulative probability is below top_p (all of it at top_p >= 1);
-    return the last kept value."""
+    """The definition, in float64 numpy: sort descending; keep the first k and every token tied
+    with the k-th; renormalise; keep the prefix whose exclusive cumulative probability is below
+    top_p (all of it at top_p >= 1); return the last kept value."""
     srt = np.sort(scaled.astype(np.float64))[::-1]
     k = len(srt) if top_k <= 0 or top_k > len(srt) else top_k
+    k = int(np.sum(srt >= srt[k - 1]))
     probs = np.exp(srt[:k] - srt[0])
     probs /= probs.sum()
     before = np.cumsum(probs) - probs
@@ -393,12 +400,24 @@ def test_cutoff_equals_the_sorted_prefix_rule_on_random_rows(method):
         top_k = rng.choice([0, -1, 1, 2, 7, 100, width, width + 5], rows).astype(np.int32)
         top_p = rng.choice([1.0, 0.95, 0.8, 0.5, 0.1, 1e-4], rows).astype(np.float32)
         got = np.asarray(cutoff(jnp.asarray(scaled), jnp.asarray(top_k), jnp.asarray(top_p)))
+        other = "sort" if method == "bisect" else "bisect"
+        np.testing.assert_array_equal(got, np.asarray(_cutoff_values(
+            jnp.asarray(scaled), jnp.asarray(top_k), jnp.asarray(top_p), other)), err_msg=str(trial))
         for r in range(rows):
             want = _sorted_prefix_cutoff(scaled[r], int(top_k[r]), float(top_p[r]))
-            if trial % 4 == 0:   # ties: the kept set may only differ by tokens tied at the cut-off
-                assert got[r] in scaled[r] and abs(float(got[r]) - want) <= 0.1 + 1e-6, (trial, r)
-            else:
-                assert float(got[r]) == want, (trial, r, top_k[r], top_p[r])
+            assert float(got[r]) == want, (trial, r, top_k[r], top_p[r])
+
+
+@pytest.mark.parametrize("method", ["bisect", "sort"])
+def test_tokens_tied_with_the_kth_stay_in_the_top_p_mass(method):
+    """[3, 2, 2, 2] with top-k 2: the three 2s tie with the 2nd, so all stay in and top-p 0.6 is
+    measured over all four (p(3) = 0.48 < 0.6: the cut-off is 2, all four kept); a positional
+    top-k would renormalise over [3, 2] alone (p(3) = 0.73 >= 0.6: only 3 kept)."""
+    scaled = jnp.asarray([[3.0, 2.0, 2.0, 2.0]], jnp.float32)
+    cut = _cutoff_values(scaled, jnp.array([2]), jnp.array([0.6], jnp.float32), method)
+    assert float(cut[0]) == 2.0
+    with pytest.raises(ValueError, match="'sort' or 'bisect', got 'bisection'"):
+        _cutoff_values(scaled, jnp.array([2]), jnp.array([0.6], jnp.float32), "bisection")
 
 
 @pytest.mark.parametrize("method", ["bisect", "sort"])

@@ -3,6 +3,7 @@ model that learns from it, and the command end to end (on the embedded SmolLM2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 
 import jax
@@ -228,3 +229,33 @@ def test_cli_trains_and_writes_a_loadable_checkpoint(distilled, tmp_path, capsys
     bad[bad.index("--max-tokens") + 1] = "41"
     assert cli.main(bad) == 2
     assert "max_tokens: cached 40, asked 41" in capsys.readouterr().err
+
+
+def test_optimizer_state_starts_on_the_parameters_mesh_so_the_step_compiles_once():
+    """Parameters on a mesh (as the engine's weights are): ``init_state`` puts Adam's step
+    counters there too, so the jitted step's outputs have its inputs' types and the second step
+    reuses the first one's program."""
+    import optax
+    from jax.sharding import Mesh, NamedSharding
+
+    from sharding.rules import replicated
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("sp", "tp"))
+    rng = np.random.default_rng()
+    params = jax.device_put({"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)},
+                            replicated(mesh))
+    opt = trainer.optimizer(trainer.TrainConfig(steps=10, batch_size=1))
+    state = trainer.init_state(opt, params)
+    assert all(isinstance(x.sharding, NamedSharding) for x in jax.tree_util.tree_leaves(state))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s):
+        grads = jax.tree_util.tree_map(lambda x: 2.0 * x, p)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    before = float(jnp.sum(params["w"] ** 2))
+    params, state = step(params, state)
+    params, state = step(params, state)
+    assert step._cache_size() == 1
+    assert float(jnp.sum(params["w"] ** 2)) < before     # it did descend

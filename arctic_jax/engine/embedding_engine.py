@@ -55,6 +55,15 @@ def truncate_embeddings(rows: np.ndarray, dimensions: int | None, normalize: boo
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def has_fp8_matmuls(device: Any) -> bool:
+    """Whether ``device`` multiplies FP8 matrices natively (NVIDIA compute capability 8.9+:
+    Ada, Hopper and later)."""
+    try:
+        return device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 8.9
+    except (TypeError, ValueError):
+        return False
+
+
 class EmbeddingEngine:
     """Embeds token-id sequences with an embedding model (``spec.task == "embed"``).
 
@@ -95,6 +104,10 @@ class EmbeddingEngine:
                 raise ConfigError(f"model {loaded_model.name!r} (architecture {spec.name!r}) has no "
                                   f"{config.quantization} quantization")
             weights = spec.quantize(weights, config.quantization)
+            device = jax.devices()[0]
+            if not has_fp8_matmuls(device):
+                log.warning("%s has no FP8 matrix units: the fp8 matmuls run in a wider type, with "
+                            "FP8's rounding and no speed gain", device.device_kind)
         self.weights = weights
         self.metrics = EmbeddingMetrics()
         self.shapes = program_shapes(self.limits.token_buckets, self.limits.seq_buckets,

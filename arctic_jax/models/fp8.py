@@ -43,10 +43,8 @@ def quantize_weight(w: jax.Array, contract: int = 1) -> Fp8Weight:
         raise ValueError(f"contract must leave at least one output dim of a {w.ndim}-d weight, "
                          f"got {contract}")
     k, out_shape = math.prod(w.shape[:contract]), tuple(w.shape[contract:])
-    m = w.reshape(k, math.prod(out_shape)).astype(jnp.float32).T            # [O, K]
-    scale = jnp.maximum(jnp.max(jnp.abs(m), axis=1), _TINY) / FP8_MAX       # [O]
-    values = jnp.clip(m / scale[:, None], -FP8_MAX, FP8_MAX).astype(FP8)
-    return Fp8Weight(values=values, scale=scale, out_shape=out_shape)
+    values, scale = quantize_rows(w.reshape(k, math.prod(out_shape)).T)     # rows: [O, K]
+    return Fp8Weight(values=values, scale=scale[:, 0], out_shape=out_shape)
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
