@@ -185,8 +185,13 @@ def add_embedding_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
+# The flags (argparse dests) add_embedding_only_args adds: an error where no embedding model runs.
+EMBEDDING_ONLY_FLAGS = ("seq_buckets", "quantization")
+
+
 def add_embedding_only_args(p: argparse.ArgumentParser) -> None:
-    """The embedding engine flags that ``add_model_args`` lacks (``serve`` takes both)."""
+    """The embedding engine flags that ``add_model_args`` lacks (``serve`` takes both):
+    ``EMBEDDING_ONLY_FLAGS``."""
     p.add_argument("--seq-buckets", type=int_list, default=None,
                    help="comma-separated batch sequence counts to compile (embedding models); "
                         "the largest is --max-num-seqs (default: powers of 8)")
@@ -194,8 +199,7 @@ def add_embedding_only_args(p: argparse.ArgumentParser) -> None:
                    help="embedding models: fp8 runs each layer's matmuls on FP8 (E4M3) weights "
                         "and activations, per-channel and per-token scales; close to the "
                         "bfloat16 vectors but not faster yet (BERT-base: 0.85x on an H100) "
-                        "(default: none, "
-                        "the --dtype weights)")
+                        "(default: none, the --dtype weights)")
 
 
 def embedding_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

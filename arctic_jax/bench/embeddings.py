@@ -28,6 +28,7 @@ from arctic_jax.bench.embed_workload import EmbedWorkload, PaddingStats, padding
 from arctic_jax.cli_args import (
     DEFAULT_EMBEDDING_MODEL,
     EMBEDDING_ENGINE_FLAGS,
+    EMBEDDING_ONLY_FLAGS,
     add_embedding_only_args,
     embedding_engine_kwargs,
 )
@@ -49,8 +50,8 @@ LLM_ONLY_FLAGS = ("request_rate", "num_requests", "output_len", "output_len_rang
                   "sequence_parallel_size", "enable_shift_parallel", "shift_parallel_threshold",
                   "parallel_mode")
 # Flags of this benchmark only (an error without --embeddings).
-EMBED_ONLY_FLAGS = ("num_inputs", "batch_size", "text", "seq_buckets", "quantization",
-                    "embed_modes", "client_processes")
+EMBED_ONLY_FLAGS = ("num_inputs", "batch_size", "text", *EMBEDDING_ONLY_FLAGS, "embed_modes",
+                    "client_processes")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

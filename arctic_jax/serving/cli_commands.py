@@ -29,6 +29,7 @@ from arctic_jax.cli_args import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     EMBEDDING_ENGINE_FLAGS,
+    EMBEDDING_ONLY_FLAGS,
     add_embedding_only_args,
     add_model_args,
     embedding_engine_kwargs,
@@ -120,7 +121,7 @@ def _load_llm(args: argparse.Namespace, state: Any) -> float:
     from arctic_jax.engine.replicas import build_engines, serving_front
     from arctic_jax.llm import LLM
 
-    for flag in ("seq_buckets", "max_embedding_inputs", "quantization"):
+    for flag in (*EMBEDDING_ONLY_FLAGS, "max_embedding_inputs"):
         if getattr(args, flag, None) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} applies to embedding models only; "
                              f"{args.model} is a text-generation model")
